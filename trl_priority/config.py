@@ -1,0 +1,100 @@
+"""`PrioritySFTConfig`: TRL's `SFTConfig` plus the settings that pick and parametrise a token priority."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from .priorities import get_priority
+
+
+@dataclass
+class PrioritySFTConfig(SFTConfig):
+    r"""
+    Configuration class for [`PrioritySFTTrainer`]: every [`~trl.SFTConfig`] parameter, plus the token priority.
+
+    With `priority` left unset, training is exactly TRL's `SFTTrainer`.
+
+    Parameters:
+        > Parameters that control the token priority
+
+        priority (`str` or `Callable`, *optional*):
+            The method that weights each target token's loss: a registered name (see
+            `trl_priority.available_priorities()` or `trl-priority list`), or a function of per-token statistics
+            (see `trl_priority.register_priority`). The loss is `Σ_t Φ_t · (−log π_θ(y_t)) / N`, with N the number of
+            supervised tokens TRL normalises by. `None` trains exactly as `SFTTrainer`.
+        priority_args (`dict[str, Any]` or `str`, *optional*):
+            Hyperparameters of the method, as documented in its docstring; unset ones take the paper's defaults. An
+            unknown key or an out-of-range value is an error that lists the valid ones. A JSON string is accepted on
+            the command line.
+
+        > Parameters that control the reference model
+
+        ref_model_name_or_path (`str`, *optional*):
+            Path or id of a frozen reference model, for methods that read reference statistics (`ref_logps`, ...).
+            It must share the policy's tokenizer. When unset and the method accepts the starting model as reference,
+            the reference is the policy as training starts: the base model with the LoRA adapter switched off, a
+            frozen copy of a starting adapter, or, for full fine-tuning, a frozen copy of the model.
+        ref_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments for loading `ref_model_name_or_path`. Defaults to `model_init_kwargs`.
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs"]
+
+    priority: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token-priority method: a registered name (`trl-priority list`) or a callable. None trains exactly "
+            "as TRL's SFTTrainer."
+        },
+    )
+    priority_args: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Hyperparameters of the priority method, e.g. '{\"ratio\": 0.6}'. See its docstring."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Frozen reference model for reference-based methods; must share the policy's tokenizer."},
+    )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for loading the reference model. Defaults to `model_init_kwargs`."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.priority is None:
+            if self.priority_args:
+                raise ValueError(
+                    f"`priority_args` {self.priority_args} were given but no `priority`. Set `priority` to one of the "
+                    "methods listed by `trl-priority list`."
+                )
+            return
+        # Fail here, before any model is loaded or anything is written, on a wrong name or argument.
+        method = get_priority(self.priority)
+        method.resolve_args(self.priority_args)
+        if self.loss_type != "nll":
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` and `priority={method.name!r}` both set the per-token loss. Leave "
+                "`loss_type` at 'nll' (for DFT, use `priority='dft'`)."
+            )
+        if self.label_smoothing_factor > 0:
+            raise ValueError(
+                "`label_smoothing_factor` needs the full logits and replaces the per-token loss that `priority` "
+                "weights. Set one of them."
+            )
+
+    @property
+    def priority_name(self) -> str | None:
+        """The method's name, also when `priority` is a callable."""
+        return None if self.priority is None else get_priority(self.priority).name
+
+    def to_dict(self) -> dict[str, Any]:
+        # A callable priority is not JSON-serialisable; loggers (TensorBoard, W&B) get its name.
+        d = super().to_dict()
+        if isinstance(d.get("priority"), Callable):
+            d["priority"] = self.priority_name
+        return d

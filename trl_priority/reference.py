@@ -1,0 +1,194 @@
+"""Where reference statistics come from.
+
+A method that reads `ref_*` statistics gets them from one `Reference`:
+
+| reference                          | when                                                                      |
+|------------------------------------|---------------------------------------------------------------------------|
+| `ModelReference`                   | a separate frozen model: `ref_model=` (instance or path), `ref_model_name_or_path`, or, for full fine-tuning, a frozen copy of the starting model |
+| `AdapterReference(None)`           | LoRA training from a `peft_config`: the same network with the adapter switched off, no second copy |
+| `AdapterReference("ref")`          | training an adapter that was already trained: a frozen copy of it, loaded next to it as adapter "ref" |
+| `CallbackReference`                | `ref_model=` any other callable: `fn(batch) -> log-probs` or a dict of statistics |
+
+Model references run under `torch.no_grad()` in eval mode and never receive gradients. Each returns the requested
+statistics keyed with their `ref_` prefix, shaped `(batch, seq_len - 1)` like the policy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import disable_dropout_in_model, use_adapter
+
+from .statistics import forward_statistics
+
+
+# Batch keys the reference forward never needs
+_POLICY_ONLY_KEYS = ("output_router_logits",)
+
+
+class Reference:
+    """Base class: `statistics(policy, inputs, names, args)` returns `{"ref_<name>": (B, T-1) tensor}`."""
+
+    description = "reference"
+
+    def statistics(
+        self, policy: torch.nn.Module, inputs: Mapping[str, Any], names: Sequence[str], args: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class ModelReference(Reference):
+    """A separate frozen model, already placed on the device (and sharded, under DeepSpeed ZeRO-3 or FSDP)."""
+
+    def __init__(self, model: torch.nn.Module, description: str = "separate frozen model"):
+        self.model = model
+        self.description = description
+
+    def statistics(self, policy, inputs, names, args):
+        inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
+        with torch.no_grad():
+            _, stats = forward_statistics(self.model, inputs, names, args)
+        return {f"ref_{name}": value for name, value in stats.items()}
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    # The reference is the model without dropout; the policy returns to train mode afterwards.
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class AdapterReference(Reference):
+    """The policy itself with its LoRA adapter switched off (`adapter_name=None`) or with a frozen adapter active."""
+
+    def __init__(self, adapter_name: str | None):
+        self.adapter_name = adapter_name
+        self.description = (
+            "base model with the adapter switched off"
+            if adapter_name is None
+            else f"frozen copy of the starting adapter (adapter '{adapter_name}')"
+        )
+
+    def statistics(self, policy, inputs, names, args):
+        peft_model = getattr(policy, "module", policy)
+        inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
+        with torch.no_grad(), use_adapter(peft_model, self.adapter_name), _eval_mode(policy):
+            _, stats = forward_statistics(policy, inputs, names, args)
+        return {f"ref_{name}": value for name, value in stats.items()}
+
+
+class CallbackReference(Reference):
+    """A user's function: `fn(batch)` returns reference log-probabilities, or a dict of reference statistics.
+
+    `batch` is the model's input dict (`input_ids`, `labels`, `attention_mask` or padding-free `position_ids`, ...)
+    on the training device. The return value is either a tensor of log-probabilities or a mapping with the statistics
+    the method reads, keyed with or without their `ref_` prefix (`{"logps": ..., "mass": ...}`); every tensor has
+    shape `(batch, seq_len - 1)`, where position t scores `labels[:, t + 1]` (TRL's fused-head layout), and finite
+    values wherever the label is supervised. Use it for references that live elsewhere: a larger teacher on another
+    device, a scoring server, precomputed values.
+    """
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any]):
+        self.fn = fn
+        self.description = f"callback {getattr(fn, '__name__', type(fn).__name__)}"
+
+    def statistics(self, policy, inputs, names, args):
+        batch = {k: v for k, v in inputs.items() if k not in (*_POLICY_ONLY_KEYS, "use_cache")}
+        mask = batch["labels"][:, 1:] != -100  # (B, T-1)
+        with torch.no_grad():
+            returned = self.fn(batch)
+        if isinstance(returned, torch.Tensor):
+            returned = {"logps": returned}
+        if not isinstance(returned, Mapping):
+            raise TypeError(
+                f"The reference callback returned {type(returned).__name__}; return a tensor of reference "
+                f"log-probabilities of shape {tuple(mask.shape)}, or a dict with the statistics {list(names)}."
+            )
+        returned = {(k[4:] if k.startswith("ref_") else k): v for k, v in returned.items()}
+        missing = [name for name in names if name not in returned]
+        if missing:
+            raise ValueError(
+                f"The reference callback returned {sorted(returned)}, but the method also needs {missing}. Return a "
+                f"dict with the keys {list(names)} (with or without the 'ref_' prefix)."
+            )
+        out = {}
+        for name in names:
+            value = returned[name]
+            if not isinstance(value, torch.Tensor) or value.shape != mask.shape:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(
+                    f"The reference callback's '{name}' has shape {shape}; expected {tuple(mask.shape)} = (batch, "
+                    "seq_len - 1), where position t scores labels[:, t + 1] like TRL's fused-head log_probs."
+                )
+            value = value.detach().to(device=mask.device, dtype=torch.float32)
+            if not torch.isfinite(value[mask]).all():
+                raise ValueError(
+                    f"The reference callback's '{name}' has non-finite values at supervised positions "
+                    f"({int((~torch.isfinite(value[mask])).sum())} of {int(mask.sum())})."
+                )
+            out[f"ref_{name}"] = torch.where(mask, value, 0.0)
+        return out
+
+
+def check_same_vocabulary(ref_model: torch.nn.Module, policy: torch.nn.Module, tokenizer=None, ref_tokenizer=None):
+    """Raise if the reference scores another vocabulary than the policy: its log-probs would not be comparable."""
+    ref_size = ref_model.get_output_embeddings().weight.shape[0]
+    policy_size = policy.get_output_embeddings().weight.shape[0]
+    if ref_size != policy_size:
+        raise ValueError(
+            f"The reference model's vocabulary has {ref_size} entries but the policy's has {policy_size}. A reference "
+            "must use the policy's tokenizer, since it scores the same token ids. Use a reference from the same model "
+            "family (same tokenizer), or compute its statistics yourself with a callback `ref_model=fn`."
+        )
+    if tokenizer is not None and ref_tokenizer is not None and ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            "The reference model's tokenizer maps tokens to other ids than the policy's. A reference must share the "
+            "policy's tokenizer; use one from the same model family, or a callback `ref_model=fn`."
+        )
+
+
+def freeze_and_place(model: torch.nn.Module, accelerator, is_deepspeed: bool, is_fsdp: bool) -> torch.nn.Module:
+    """Eval mode, no dropout, no gradients; then placed like TRL's DPO reference (sharded under ZeRO-3 / FSDP)."""
+    model.eval()
+    model.requires_grad_(False)
+    disable_dropout_in_model(model)
+    if is_deepspeed:
+        return prepare_deepspeed(model, accelerator)
+    if is_fsdp:
+        return prepare_fsdp(model, accelerator)
+    return accelerator.prepare_model(model, evaluation_mode=True)
+
+
+def add_frozen_adapter_copy(peft_model, source: str = "default", name: str = "ref") -> None:
+    """Load a frozen copy of adapter `source` next to it as adapter `name`, the starting point of training."""
+    peft_model.add_adapter(name, peft_model.peft_config[source])
+    for param_name, param in peft_model.named_parameters():
+        if f".{source}." in param_name:
+            copy = peft_model.get_parameter(param_name.replace(f".{source}.", f".{name}."))
+            copy.data.copy_(param.data)
+            copy.requires_grad_(False)
+    peft_model.set_adapter(source)
+
+
+def is_callback_reference(ref_model: Any) -> bool:
+    return callable(ref_model) and not isinstance(ref_model, torch.nn.Module | str)
+
+
+__all__ = [
+    "AdapterReference",
+    "CallbackReference",
+    "ModelReference",
+    "Reference",
+    "add_frozen_adapter_copy",
+    "check_same_vocabulary",
+    "freeze_and_place",
+    "is_callback_reference",
+]

@@ -1,0 +1,420 @@
+"""`PrioritySFTTrainer`: TRL's `SFTTrainer` with the per-token loss weighted by a priority Φ.
+
+The trainer is deliberately thin. For each batch it gathers per-token statistics (the policy's, from TRL's fused LM
+head; the reference's, from a `trl_priority.reference.Reference`; the data's, from per-token columns), hands them to
+the priority function, and forms the loss
+
+    L = Σ_t Φ_t · (−log π_θ(y_t | y_<t)) / N  (+ the method's declared loss terms)
+
+with N TRL's own denominator. It knows the registry, never a method: what a method needs is read from its signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id
+
+from . import statistics as stats_vocab
+from .config import PrioritySFTConfig
+from .data import TokenColumnCollator, prepare_token_columns
+from .objectives import weighted_nll
+from .priorities import get_priority
+from .reference import (
+    AdapterReference,
+    CallbackReference,
+    ModelReference,
+    Reference,
+    add_frozen_adapter_copy,
+    check_same_vocabulary,
+    freeze_and_place,
+    is_callback_reference,
+)
+from .statistics import causal_lm_of, forward_statistics
+
+
+logger = get_logger(__name__)
+
+
+class _ArgsOverride:
+    """A read-only view of the training arguments with a few attributes replaced."""
+
+    def __init__(self, args, **overrides):
+        self._args = args
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+class PrioritySFTTrainer(SFTTrainer):
+    """[`~trl.SFTTrainer`] whose loss weights every target token by a priority Φ.
+
+    Takes every argument of `SFTTrainer`, and the same datasets; `args` is a [`PrioritySFTConfig`], whose `priority`
+    picks the method. With `priority` unset it trains exactly as `SFTTrainer`.
+
+    Args:
+        ref_model (`str`, `PreTrainedModel` or `Callable`, *optional*):
+            Reference for methods that read reference statistics (`ref_logps`, ...): a path or a model (frozen, same
+            tokenizer as the policy), or a callable `fn(batch)` returning the reference log-probabilities `(batch,
+            seq_len - 1)` or a dict of reference statistics. When unset, `args.ref_model_name_or_path` is used, and
+            otherwise the starting model (the base under a LoRA adapter, a frozen copy of a starting adapter, or a
+            frozen copy of the model) for methods that accept it.
+
+    Example:
+    ```python
+    from trl_priority import PrioritySFTConfig, PrioritySFTTrainer
+
+    args = PrioritySFTConfig(output_dir="out", priority="prift_prob")
+    trainer = PrioritySFTTrainer(model="path/to/model", args=args, train_dataset=dataset, peft_config=LoraConfig())
+    trainer.train()
+    phi = trainer.token_priorities(batch)  # (batch, seq_len - 1), 0 where the label is ignored
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "trl-priority"]
+    _name = "PrioritySFT"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: PrioritySFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
+        formatting_func=None,
+        ref_model: str | PreTrainedModel | Callable | None = None,
+    ):
+        args = self._as_priority_config(args, model)
+        self.priority = None if args.priority is None else get_priority(args.priority)
+        self.priority_args = {} if self.priority is None else self.priority.resolve_args(args.priority_args)
+        self._token_columns: tuple[str, ...] = ()
+        self.reference: Reference | None = None
+        starting_model = None
+
+        if self.priority is not None:
+            self._check_compatible(args, compute_loss_func, ref_model, model)
+            if self.priority.trains_prompt_tokens:
+                # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
+                args.completion_only_loss = False
+            self._token_columns = tuple(
+                stats_vocab.DATA_STATISTICS[name].column for name in self._statistics_of("data")
+            )
+            uses_starting_model = (
+                self.priority.needs_reference
+                and ref_model is None
+                and args.ref_model_name_or_path is None
+                and peft_config is None
+            )
+            if uses_starting_model and is_peft_model(model):
+                # Training an adapter that was already trained: the reference is where it starts, not the bare base.
+                add_frozen_adapter_copy(model)
+            elif uses_starting_model and isinstance(model, torch.nn.Module):
+                # Full fine-tuning: freeze a copy now, before the fused head is patched in and training starts.
+                starting_model = copy.deepcopy(model)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
+
+        if self.priority is None:
+            return
+        if self._token_columns:
+            if self._is_vision_dataset:
+                raise ValueError(
+                    f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not support yet."
+                )
+            self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns, self.padding_free)
+        self.reference = self._build_reference(ref_model, starting_model, quantization_config)
+        summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
+        if self.reference is not None:
+            summary += f", reference: {self.reference.description}"
+        logger.info(summary, main_process_only=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_priority_config(args, model) -> PrioritySFTConfig:
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            return PrioritySFTConfig(f"{name.split('/')[-1] or 'model'}-PrioritySFT")
+        if isinstance(args, PrioritySFTConfig):
+            return args
+        # The fields themselves, not `to_dict()`, which masks every `*_token` value (hub_token, eos_token, ...)
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
+
+    def _check_compatible(self, args, compute_loss_func, ref_model, model) -> None:
+        name = self.priority.name
+        if compute_loss_func is not None:
+            raise ValueError(
+                f"`compute_loss_func` replaces the loss that priority '{name}' weights. Pass one of them; to add a "
+                "term to the loss, declare it as a `LossTerm` of a registered priority."
+            )
+        if ref_model is not None and ref_model is model:
+            raise ValueError(
+                "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
+                "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
+            )
+        if self.priority.trains_prompt_tokens and (args.completion_only_loss or args.assistant_only_loss):
+            raise ValueError(
+                f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
+                "`assistant_only_loss=True`. Leave both unset."
+            )
+        has_reference = ref_model is not None or args.ref_model_name_or_path is not None
+        if self.priority.needs_reference and self.priority.reference == "explicit" and not has_reference:
+            raise ValueError(
+                f"Priority '{name}' compares the policy with a reference trained for the purpose (see its docstring); "
+                "against the starting model its scores carry no signal at step 0. Pass `ref_model=` (a model, a path "
+                f"or a callback) or set `ref_model_name_or_path`. recipes/{name}.yaml shows how to train one first."
+            )
+        if not self.priority.needs_reference and has_reference:
+            warnings.warn(
+                f"Priority '{name}' reads no reference statistics; the reference model is ignored.", stacklevel=3
+            )
+
+    def _statistics_of(self, source: str) -> list[str]:
+        """Statistics of the priority and its loss terms that come from `source` ('policy', 'data', ...)."""
+        names = (*self.priority.statistics, *(s for term in self.priority.loss_terms for s in term.statistics))
+        return [name for name in dict.fromkeys(names) if stats_vocab.source_of(name) == source]
+
+    def _build_reference(self, ref_model, starting_model, quantization_config) -> Reference | None:
+        if not self.priority.needs_reference:
+            return None
+        if is_callback_reference(ref_model):
+            return CallbackReference(ref_model)
+        if ref_model is None and self.args.ref_model_name_or_path is not None:
+            ref_model = self.args.ref_model_name_or_path
+        ref_tokenizer = None
+        if isinstance(ref_model, str):
+            description = f"separate frozen model {ref_model}"
+            with contextlib.suppress(OSError, ValueError):  # a model folder without tokenizer files: size check only
+                ref_tokenizer = AutoTokenizer.from_pretrained(ref_model, trust_remote_code=self.args.trust_remote_code)
+            init_kwargs = self.args.ref_model_init_kwargs or self.args.model_init_kwargs
+            ref_model = self._load_like_policy(ref_model, init_kwargs, quantization_config)
+        elif ref_model is not None:
+            description = f"separate frozen model ({type(ref_model).__name__})"
+        elif is_peft_model(self.model):
+            return AdapterReference("ref" if "ref" in self.model.peft_config else None)
+        else:
+            description = "frozen copy of the starting model"
+            if starting_model is None:  # the policy was loaded from a path: load it again
+                path = get_config_model_id(self.model.config)
+                starting_model = self._load_like_policy(path, self.args.model_init_kwargs, quantization_config)
+            ref_model = starting_model
+        check_same_vocabulary(ref_model, causal_lm_of(self.model), self._tokenizer, ref_tokenizer)
+        add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
+        ref_model = freeze_and_place(ref_model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        return ModelReference(ref_model, description)
+
+    def _load_like_policy(self, path: str, init_kwargs, quantization_config) -> PreTrainedModel:
+        kwargs = dict(init_kwargs or {})
+        if quantization_config is not None:
+            kwargs.setdefault("quantization_config", quantization_config)
+        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            kwargs["device_map"] = None  # distributed training requires device_map=None ("auto" fails)
+        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        kwargs.setdefault("dtype", causal_lm_of(self.model).dtype)
+        return create_model_from_path(path, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if not self._token_columns:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        # TRL truncates and packs only `input_ids` and `labels`: let it tokenize and build the labels, then cut and
+        # pack the per-token columns together with them.
+        untruncated = _ArgsOverride(args, max_length=None, shuffle_dataset=False)
+        dataset = super()._prepare_dataset(
+            dataset, processing_class, untruncated, False, formatting_func, dataset_name
+        )
+        columns = get_dataset_column_names(dataset)
+        for name in self._statistics_of("data"):
+            column = stats_vocab.DATA_STATISTICS[name]
+            if column.column not in columns:
+                raise ValueError(
+                    f"Priority '{self.priority.name}' reads '{name}' from the column '{column.column}', which the "
+                    f"prepared {dataset_name} dataset lacks (it has {columns}): {column.hint}."
+                )
+        return prepare_token_columns(dataset, self._token_columns, args, packing, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # Keep the per-token columns through `remove_unused_columns`; the collator pads them.
+        missing = [column for column in self._token_columns if column not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Φ
+    # ------------------------------------------------------------------------------------------------------------
+    def _forward_with_priority(self, model, inputs: dict[str, Any]):
+        """Run the policy, gather every statistic the method reads, and compute Φ.
+
+        Returns `(outputs, phi, statistics)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), `phi` and
+        the statistics are `(B, T-1)` tensors without gradient.
+        """
+        columns = {column: inputs.pop(column) for column in self._token_columns}  # not model inputs
+        outputs, statistics = forward_statistics(model, inputs, self._statistics_of("policy"), self.priority_args)
+        statistics["mask"] = outputs.label_mask
+        if self.reference is not None:
+            names = self.priority.reference_statistics
+            statistics.update(self.reference.statistics(model, inputs, names, self.priority_args))
+        for name in self._statistics_of("data"):
+            column = columns[stats_vocab.DATA_STATISTICS[name].column]
+            statistics[name] = column[:, 1:].to(outputs.label_mask.device)  # (B, T-1): scores labels[:, t + 1]
+        phi = self.priority(statistics, self.priority_args)
+        return outputs, phi, statistics
+
+    @torch.no_grad()
+    def token_priorities(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Dataset) -> torch.Tensor:
+        """Φ for every target token of a batch, as the trainer would weight it now.
+
+        Args:
+            batch: a collated batch (as yielded by the trainer's data loader), or prepared dataset rows (a list of
+                examples or a `Dataset` slice such as `trainer.train_dataset.select(range(4))`), collated here.
+
+        Returns:
+            `(batch, seq_len - 1)` float tensor: position t is the weight of `labels[:, t + 1]`, like TRL's fused-head
+            `log_probs`; 0 where the label is ignored. The model runs in eval mode, without gradient.
+        """
+        if isinstance(batch, Dataset):
+            batch = list(batch)
+        if not isinstance(batch, Mapping):
+            batch = self.data_collator(list(batch))
+        inputs = self._prepare_inputs(dict(batch))
+        if self.priority is None:
+            return (inputs["labels"][:, 1:] != -100).float()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            _, phi, _ = self._forward_with_priority(self.model, inputs)
+        finally:
+            self.model.train(was_training)
+        return phi
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.priority is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        # As in `SFTTrainer.compute_loss`: no KV cache, and MoE router logits for the aux loss
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+
+        outputs, phi, statistics = self._forward_with_priority(model, inputs)
+        num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = weighted_nll(outputs.log_probs, phi, num_items)
+
+        # Declared extra terms, generically: positional statistics (logps and entropy with gradient), hyperparameters
+        term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
+        term_values = {}
+        for term in self.priority.loss_terms:
+            per_token = term.fn(
+                *(term_inputs[name] for name in term.statistics),
+                **{name: self.priority_args[name] for name in term.hyperparameters},
+            )  # (B, T-1)
+            term_loss = self.priority_args[term.weight] * per_token.sum() / torch.as_tensor(num_items).clamp(min=1)
+            term_values[f"loss/{term.name}"] = term_loss.detach()
+            loss = loss + term_loss
+
+        # From here as in `SFTTrainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP
+        # averages the gradients, and the MoE aux loss is averaged over the accumulation steps
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+
+        self._log_token_metrics(mode, inputs, outputs, phi, term_values)
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass, as in `SFTTrainer`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_token_metrics(self, mode: str, inputs, outputs, phi: torch.Tensor, term_values: dict) -> None:
+        """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own."""
+        mask = outputs.label_mask
+        # One gather for every per-batch sum, averaged over the log window by `SFTTrainer.log` like TRL's own
+        sums = torch.stack(
+            [
+                mask.sum().float(),
+                outputs.entropy.detach().sum(),
+                outputs.is_top1.sum().float(),
+                -outputs.log_probs.detach().sum(),
+                phi.sum(),
+                (phi > 0).sum().float(),
+                (phi < 0).sum().float(),
+                phi.abs().sum(),
+            ]
+        )
+        num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = (
+            self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        )
+        metrics = self._metrics[mode]
+
+        def per_token(value: float) -> float:
+            return value / num_valid if num_valid > 0 else 0.0
+
+        metrics["entropy"].append(per_token(entropy))
+        metrics["mean_token_accuracy"].append(per_token(correct))
+        metrics["nll"].append(per_token(nll))
+        metrics["priority/mean"].append(per_token(phi_sum))
+        metrics["priority/kept_fraction"].append(per_token(kept))
+        metrics["priority/negative_fraction"].append(per_token(negative))
+        metrics["priority/effective_tokens"].append(effective)
+        for name, value in term_values.items():
+            metrics[name].append(self.accelerator.gather_for_metrics(value[None]).mean().item())
+
+        if mode == "train":
+            # Padding-free batches have no attention mask: every position of the packed row is a token
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
