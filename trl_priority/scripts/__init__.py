@@ -1,0 +1,1 @@
+"""Training scripts launched by the `trl-priority` CLI through `accelerate launch`."""

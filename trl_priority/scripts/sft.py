@@ -1,0 +1,89 @@
+"""Train with a token priority from a TRL-style YAML recipe.
+
+Launched by `trl-priority sft --config recipes/<method>.yaml` through `accelerate launch`; runnable directly too:
+
+    python -m trl_priority.scripts.sft --config recipes/quickstart.yaml
+
+It is TRL's `trl sft` script (same `ScriptArguments`, `ModelConfig` and dataset options) with
+`PrioritySFTTrainer`, `PrioritySFTConfig` and the `builtin:` model and datasets of `trl_priority.builtin`.
+"""
+
+from __future__ import annotations
+
+from accelerate import PartialState
+from datasets import load_dataset
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin
+
+
+def load_data(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, training_args: PrioritySFTConfig):
+    """`(train_dataset, eval_dataset)` from a dataset mixture, a `builtin:` dataset or `load_dataset` by name."""
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name is None:
+        raise ValueError("Set `dataset_name` (e.g. `builtin:gsm8k`, or a dataset path) or a `datasets` mixture.")
+    elif script_args.dataset_name.startswith(builtin.PREFIX):
+        train = builtin.load_dataset(script_args.dataset_name)
+        if training_args.eval_strategy == "no":
+            return train, None
+        split = train.train_test_split(test_size=0.1, seed=training_args.seed)
+        return split["train"], split["test"]
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    train = dataset[script_args.dataset_train_split]
+    evaluate = training_args.eval_strategy != "no"
+    return train, dataset[script_args.dataset_test_split] if evaluate else None
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    # Built-in assets are prepared once, by the main process, before the others read them
+    with PartialState().main_process_first():
+        model_path = builtin.resolve_model(model_args.model_name_or_path)
+        training_args.ref_model_name_or_path = builtin.resolve_model(training_args.ref_model_name_or_path)
+        train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args)
+
+    trainer = PrioritySFTTrainer(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()
+    return trainer
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    return TrlParser((ScriptArguments, PrioritySFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+
+
+if __name__ == "__main__":
+    parser = make_parser()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
+    main(script_args, training_args, model_args, dataset_args)
