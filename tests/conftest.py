@@ -1,0 +1,161 @@
+"""The one place that makes tiny tokenizers, models and datasets for the tests. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+
+# No hub, ever: a test that tries to download fails at once instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from trl_priority import PrioritySFTConfig  # noqa: E402
+
+
+QUESTIONS = [
+    ("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7 apples.\n#### 7"),
+    ("A box holds 6 pens. How many pens in 2 boxes?", "6 * 2 = 12 pens.\n#### 12"),
+    ("Sam had 10 cards and gave away 3. How many are left?", "10 - 3 = 7 cards.\n#### 7"),
+    ("Each bag has 5 beads. How many beads in 4 bags?", "5 * 4 = 20 beads.\n#### 20"),
+    ("Ann reads 8 pages a day for 3 days. How many pages?", "8 * 3 = 24 pages.\n#### 24"),
+    ("There are 9 birds and 2 fly away. How many stay?", "9 - 2 = 7 birds.\n#### 7"),
+    ("A cake costs $12 and a pie $5. What is the total?", "12 + 5 = $17.\n#### 17"),
+    ("Half of 18 children play. How many play?", "18 / 2 = 9 children.\n#### 9"),
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ message['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (about 300 tokens) trained in-process on the test sentences."""
+    corpus = [text for pair in QUESTIONS for text in pair] * 4
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _tiny_llama(vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """`make_model(seed=0, vocab_size=None)`: a fresh 2-layer Llama (about 30k parameters), float32."""
+
+    def make(seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
+        return _tiny_llama(vocab_size or len(tokenizer), seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+    return make
+
+
+@pytest.fixture
+def model_dir(tmp_path, make_model, tokenizer):
+    """`model_dir(seed=0)`: the tiny model and its tokenizer saved as a model folder; returns the path."""
+
+    def save(seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True) -> str:
+        path = tmp_path / f"tiny-llama-{seed}-{vocab_size or len(tokenizer)}"
+        make_model(seed, vocab_size).save_pretrained(path)
+        if with_tokenizer:
+            tokenizer.save_pretrained(path)
+        return str(path)
+
+    return save
+
+
+@pytest.fixture
+def datasets_():
+    """Factories for every dataset format SFTTrainer accepts, built from `QUESTIONS`."""
+
+    class Factory:
+        @staticmethod
+        def prompt_completion(n: int = 8) -> Dataset:
+            rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+            return Dataset.from_dict({"prompt": [q + " " for q, _ in rows], "completion": [a for _, a in rows]})
+
+        @staticmethod
+        def conversational_prompt_completion(n: int = 8) -> Dataset:
+            rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+            return Dataset.from_dict(
+                {
+                    "prompt": [[{"role": "user", "content": q}] for q, _ in rows],
+                    "completion": [[{"role": "assistant", "content": a}] for _, a in rows],
+                }
+            )
+
+        @staticmethod
+        def messages(n: int = 8) -> Dataset:
+            rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+            return Dataset.from_dict(
+                {"messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]}
+            )
+
+        @staticmethod
+        def text(n: int = 8) -> Dataset:
+            rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+            return Dataset.from_dict({"text": [q + " " + a for q, a in rows]})
+
+    return Factory
+
+
+@pytest.fixture
+def make_args(tmp_path):
+    """`make_args(**overrides)`: a `PrioritySFTConfig` for fast, deterministic CPU runs of a few steps."""
+
+    def make(**overrides) -> PrioritySFTConfig:
+        defaults = dict(
+            output_dir=str(tmp_path / "out"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-3,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            seed=0,
+            max_length=64,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        defaults.update(overrides)
+        return PrioritySFTConfig(**defaults)
+
+    return make

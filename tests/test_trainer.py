@@ -1,0 +1,229 @@
+"""PrioritySFTTrainer end to end on a tiny model: exactness against TRL, accumulation, learning, errors, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from trl_priority import PriorityError, PrioritySFTTrainer, available_priorities, get_priority
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps a copy of every parameter gradient just before each optimizer step (after clipping)."""
+
+    def __init__(self):
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.steps.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def train(trainer_cls, args, model, dataset, tokenizer, **kwargs):
+    recorder = GradientRecorder()
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[recorder], **kwargs
+    )
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return trainer, losses, recorder.steps
+
+
+def sft_config(priority_args, **overrides) -> SFTConfig:
+    """A plain TRL SFTConfig with the same settings as a PrioritySFTConfig."""
+    values = {f.name: getattr(priority_args, f.name) for f in dataclasses.fields(SFTConfig) if f.init}
+    return SFTConfig(**{**values, **overrides})
+
+
+# Methods that need something beyond the defaults to have signal on an untrained tiny model
+TEST_ARGS = {"profit": {"tau": 0.001}}
+
+
+def extra_kwargs(method, make_model):
+    return {"ref_model": make_model(seed=1)} if get_priority(method).reference == "explicit" else {}
+
+
+@pytest.mark.parametrize("method", [None, "sft"])
+def test_sft_and_unset_priority_reproduce_sft_trainer_exactly(method, make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.prompt_completion(8)
+    args = make_args(priority=method, max_steps=3)
+    _, expected_losses, expected_grads = train(SFTTrainer, sft_config(args), make_model(), dataset, tokenizer)
+    trainer, losses, grads = train(PrioritySFTTrainer, args, make_model(), dataset, tokenizer)
+
+    assert losses == expected_losses  # bitwise, not approximately
+    assert len(grads) == len(expected_grads) == 3
+    for step, expected in zip(grads, expected_grads):
+        assert step.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(step[name], expected[name]), name
+
+
+def test_dft_matches_trl_loss_type_dft_exactly(make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.conversational_prompt_completion(8)
+    args = make_args(priority="dft", max_steps=3)
+    trl_args = sft_config(args, loss_type="dft")
+    _, expected_losses, expected_grads = train(SFTTrainer, trl_args, make_model(), dataset, tokenizer)
+    _, losses, grads = train(PrioritySFTTrainer, args, make_model(), dataset, tokenizer)
+
+    assert losses == expected_losses
+    for step, expected in zip(grads, expected_grads):
+        for name in expected:
+            assert torch.equal(step[name], expected[name]), name
+
+
+@pytest.mark.parametrize("method", ["sft", "dft", "prift_prob"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_accumulation_matches_a_larger_batch(method, lora, make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.prompt_completion(4)
+    peft = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])} if lora else {}
+    accumulated = make_args(priority=method, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    single = make_args(priority=method, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    _, losses_ga, grads_ga = train(PrioritySFTTrainer, accumulated, make_model(), dataset, tokenizer, **peft)
+    _, losses_one, grads_one = train(PrioritySFTTrainer, single, make_model(), dataset, tokenizer, **peft)
+
+    assert losses_ga == pytest.approx(losses_one, rel=1e-5)
+    assert grads_ga[0].keys() == grads_one[0].keys()
+    for name in grads_one[0]:
+        torch.testing.assert_close(grads_ga[0][name], grads_one[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", available_priorities())
+@pytest.mark.parametrize("lora", [False, True])
+def test_every_method_trains_and_lowers_the_nll_of_a_repeated_batch(
+    method, lora, make_model, tokenizer, datasets_, make_args
+):
+    dataset = datasets_.prompt_completion(4)
+    peft = {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")} if lora else {}
+    args = make_args(
+        priority=method,
+        priority_args=TEST_ARGS.get(method),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2 if lora else 5e-3,
+        eval_strategy="no",
+    )
+    trainer = PrioritySFTTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        **peft,
+        **extra_kwargs(method, make_model),
+    )
+    before = trainer.evaluate(dataset)["eval_nll"]
+    trainer.train()
+    after = trainer.evaluate(dataset)["eval_nll"]
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 10 and all(math.isfinite(loss) for loss in losses)
+    assert after < before - 0.05, f"{method}: NLL {before:.4f} -> {after:.4f}"
+
+
+def test_all_zero_priority_gives_a_finite_zero_loss_and_no_update(make_model, tokenizer, datasets_, make_args):
+    # ProFit keeps p > tau: with tau = 1 no token is ever kept
+    args = make_args(priority="profit", priority_args={"tau": 1.0}, max_steps=2)
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, losses, grads = train(PrioritySFTTrainer, args, model, datasets_.prompt_completion(4), tokenizer)
+
+    assert losses == [0.0, 0.0]
+    assert all(torch.count_nonzero(g) == 0 for step in grads for g in step.values())
+    # AdamW without gradient signal and without weight decay leaves every weight where it was
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert logs[0]["priority/kept_fraction"] == 0.0 and logs[0]["priority/effective_tokens"] == 0.0
+
+
+def test_non_finite_priority_is_an_error_naming_the_method(make_model, tokenizer, datasets_, make_args):
+    def exploding_priority(logps, mask):
+        return torch.where(logps < -1, torch.inf, 1.0) * mask
+
+    args = make_args(priority=exploding_priority)
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=datasets_.prompt_completion(4), processing_class=tokenizer
+    )
+    with pytest.raises(PriorityError, match="exploding_priority.*non-finite"):
+        trainer.train()
+
+
+def test_metrics_are_logged_and_match_phi(make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.prompt_completion(4)
+    args = make_args(priority="profit", priority_args={"tau": 0.0031}, max_steps=1, per_device_train_batch_size=4)
+    trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    phi = trainer.token_priorities(batch)
+    mask = batch["labels"][:, 1:] != -100
+    trainer.train()
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+
+    assert set(phi.unique().tolist()) <= {0.0, 1.0}
+    assert 0 < log["priority/kept_fraction"] < 1  # the threshold splits the tokens of an untrained model
+    assert log["priority/kept_fraction"] == pytest.approx((phi[mask] > 0).float().mean().item())
+    assert log["priority/mean"] == pytest.approx(phi[mask].mean().item())
+    assert log["priority/effective_tokens"] == pytest.approx(phi.abs().sum().item())
+    assert log["priority/negative_fraction"] == 0.0
+    for key in ("entropy", "mean_token_accuracy", "num_tokens", "nll"):
+        assert key in log
+
+
+def test_token_priorities_layout_and_input_forms(make_model, tokenizer, datasets_, make_args):
+    args = make_args(priority="dft")
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=datasets_.prompt_completion(4), processing_class=tokenizer
+    )
+    rows = trainer.train_dataset.select(range(3))
+    batch = trainer.data_collator(list(rows))
+    phi = trainer.token_priorities(batch)
+
+    assert phi.shape == (3, batch["input_ids"].shape[1] - 1)
+    assert not phi.requires_grad
+    mask = batch["labels"][:, 1:] != -100
+    assert torch.all(phi[~mask] == 0) and torch.all(phi[mask] > 0)
+    # Φ_t = p(labels[:, t + 1]): recompute from the full logits of the same model
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logprobs = logits[:, :-1].log_softmax(-1)
+    labels = batch["labels"][:, 1:].clamp(min=0)
+    expected = logprobs.gather(-1, labels[..., None]).squeeze(-1).exp() * mask
+    torch.testing.assert_close(phi, expected, rtol=1e-5, atol=1e-6)
+    # Dataset rows and a list of rows give the same Φ as the collated batch
+    torch.testing.assert_close(trainer.token_priorities(rows), phi)
+    torch.testing.assert_close(trainer.token_priorities(list(rows)), phi)
+
+
+@pytest.mark.parametrize("dataset_kind", ["text", "messages", "conversational_prompt_completion"])
+def test_dataset_formats_train(dataset_kind, make_model, tokenizer, datasets_, make_args):
+    args = make_args(priority="dft", assistant_only_loss=dataset_kind == "messages")
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=getattr(datasets_, dataset_kind)(4), processing_class=tokenizer
+    )
+    trainer.train()
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_packing_and_padding_free_train(make_model, tokenizer, datasets_, make_args):
+    args = make_args(priority="prift_prob", packing=True, max_length=64)
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=datasets_.prompt_completion(8), processing_class=tokenizer
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch and batch["input_ids"].shape[0] == 1  # padding-free: one packed row
+    trainer.train()
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_incompatible_settings_fail_before_training(make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.prompt_completion(4)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        PrioritySFTTrainer(
+            model=make_model(),
+            args=make_args(priority="dft"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
+        )
