@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -127,7 +128,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 and args.ref_model_name_or_path is None
                 and peft_config is None
             )
-            if uses_starting_model and is_peft_model(model):
+            if uses_starting_model and isinstance(model, torch.nn.Module) and is_peft_model(model):
                 # Training an adapter that was already trained: the reference is where it starts, not the bare base.
                 add_frozen_adapter_copy(model)
             elif uses_starting_model and isinstance(model, torch.nn.Module):
@@ -252,6 +253,19 @@ class PrioritySFTTrainer(SFTTrainer):
         kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         kwargs.setdefault("dtype", causal_lm_of(self.model).dtype)
         return create_model_from_path(path, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # The frozen "ref" adapter is set-up, not a result: save only the trained adapter. A resumed run rebuilds the
+        # copy from the starting adapter it is given again.
+        peft_model = self.accelerator.unwrap_model(self.model)
+        if not (isinstance(self.reference, AdapterReference) and self.reference.adapter_name is not None):
+            return super()._save(output_dir, state_dict)
+        trained = [name for name in peft_model.peft_config if name != self.reference.adapter_name]
+        peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, selected_adapters=trained)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del peft_model.save_pretrained  # back to the class method
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if not self._token_columns:
