@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,27 +65,34 @@ class PrioritySFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
+        # the error to show, before any model is loaded or anything is written.
+        if isinstance(self.priority_args, str):
+            if not self.priority_args.lstrip().startswith("{"):
+                raise ValueError(
+                    f"`priority_args` must be a dict or a JSON object string, got {self.priority_args!r}."
+                )
+            self.priority_args = json.loads(self.priority_args)
         if self.priority is None:
             if self.priority_args:
                 raise ValueError(
                     f"`priority_args` {self.priority_args} were given but no `priority`. Set `priority` to one of the "
                     "methods listed by `trl-priority list`."
                 )
-            return
-        # Fail here, before any model is loaded or anything is written, on a wrong name or argument.
-        method = get_priority(self.priority)
-        method.resolve_args(self.priority_args)
-        if self.loss_type != "nll":
-            raise ValueError(
-                f"`loss_type={self.loss_type!r}` and `priority={method.name!r}` both set the per-token loss. Leave "
-                "`loss_type` at 'nll' (for DFT, use `priority='dft'`)."
-            )
-        if self.label_smoothing_factor > 0:
-            raise ValueError(
-                "`label_smoothing_factor` needs the full logits and replaces the per-token loss that `priority` "
-                "weights. Set one of them."
-            )
+        else:
+            method = get_priority(self.priority)
+            method.resolve_args(self.priority_args)
+            if self.loss_type != "nll":
+                raise ValueError(
+                    f"`loss_type={self.loss_type!r}` and `priority={method.name!r}` both set the per-token loss. Leave "
+                    "`loss_type` at 'nll' (for DFT, use `priority='dft'`)."
+                )
+            if self.label_smoothing_factor > 0:
+                raise ValueError(
+                    "`label_smoothing_factor` needs the full logits and replaces the per-token loss that `priority` "
+                    "weights. Set one of them."
+                )
+        super().__post_init__()
 
     @property
     def priority_name(self) -> str | None:
@@ -95,6 +102,6 @@ class PrioritySFTConfig(SFTConfig):
     def to_dict(self) -> dict[str, Any]:
         # A callable priority is not JSON-serialisable; loggers (TensorBoard, W&B) get its name.
         d = super().to_dict()
-        if isinstance(d.get("priority"), Callable):
+        if callable(d.get("priority")):
             d["priority"] = self.priority_name
         return d

@@ -153,6 +153,11 @@ class PrioritySFTTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
+        if isinstance(self.train_dataset, Dataset) and len(self.train_dataset) == 0:
+            raise ValueError(
+                f"No training example is left after preparation: every one was dropped as fully masked, usually "
+                f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
+            )
         if self.priority is None:
             return
         if self._token_columns:
