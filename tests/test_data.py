@@ -72,7 +72,9 @@ def test_wit_columns_survive_packing(strategy, make_model, tokenizer, datasets_,
     unpacked = wit_trainer(make_model, tokenizer, dataset, make_args, max_length=None)
     prompt, response = expected_counts(unpacked.train_dataset[:])
 
-    packed = wit_trainer(make_model, tokenizer, dataset, make_args, packing=True, packing_strategy=strategy, max_length=128)
+    packed = wit_trainer(
+        make_model, tokenizer, dataset, make_args, packing=True, packing_strategy=strategy, max_length=128
+    )
     columns = packed.train_dataset.column_names
     assert "completion_mask" in columns and len(packed.train_dataset) < 8
     for row in packed.train_dataset:
@@ -95,9 +97,7 @@ def test_token_columns_are_truncated_with_the_tokens(make_model, tokenizer, data
 
 
 def test_misaligned_token_column_names_the_example(make_model, tokenizer, make_args):
-    dataset = Dataset.from_dict(
-        {"input_ids": [[5, 6, 7, 8], [5, 6, 7]], "completion_mask": [[0, 0, 1, 1], [0, 1]]}
-    )
+    dataset = Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [5, 6, 7]], "completion_mask": [[0, 0, 1, 1], [0, 1]]})
     with pytest.raises(ValueError, match="Example 1: column 'completion_mask' has 2 values but the example has 3"):
         wit_trainer(make_model, tokenizer, dataset, make_args)
 
