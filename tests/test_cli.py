@@ -99,3 +99,31 @@ def test_sft_command_launches_through_accelerate(tmp_path, model_dir):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "launched" / "adapter_model.safetensors").is_file()
+
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_readme_method_table_lists_every_method():
+    for name in available_priorities():
+        assert f"| `{name}` |" in README, name
+
+
+def test_readme_custom_priority_example_runs(tokenizer, make_model, datasets_, make_args):
+    import torch
+
+    from trl_priority import PrioritySFTTrainer
+    from trl_priority.priorities import registry
+
+    block = README.split("## Your own priority")[1].split("```python")[1].split("```")[0]
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+        args = make_args(priority="confident_and_uncertain", priority_args={"min_prob": 0.001})
+        trainer = PrioritySFTTrainer(
+            model=make_model(), args=args, train_dataset=datasets_.prompt_completion(4), processing_class=tokenizer
+        )
+        trainer.train()
+        phi = trainer.token_priorities(trainer.train_dataset.select(range(2)))
+        assert set(phi.unique().tolist()) <= {0.0, 1.0} and phi.dtype == torch.float32
+    finally:
+        registry._REGISTRY.pop("confident_and_uncertain", None)
