@@ -227,3 +227,16 @@ def test_incompatible_settings_fail_before_training(make_model, tokenizer, datas
             processing_class=tokenizer,
             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
         )
+
+
+@pytest.mark.parametrize("method", ["eaft", "prift_mass"])  # distribution statistics, from the policy and the reference
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_losses(method, lora, make_model, tokenizer, datasets_, make_args):
+    # TRL turns gradient checkpointing on by default; the hidden-state capture and the reference must not care
+    peft = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")} if lora else {}
+    runs = []
+    for checkpointing in (True, False):
+        args = make_args(priority=method, gradient_checkpointing=checkpointing, max_steps=2)
+        _, losses, _ = train(PrioritySFTTrainer, args, make_model(), datasets_.prompt_completion(4), tokenizer, **peft)
+        runs.append(losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-6)
