@@ -229,7 +229,9 @@ def test_incompatible_settings_fail_before_training(make_model, tokenizer, datas
         )
 
 
-@pytest.mark.parametrize("method", ["eaft", "prift_mass"])  # distribution statistics, from the policy and the reference
+@pytest.mark.parametrize(
+    "method", ["eaft", "prift_mass"]
+)  # distribution statistics, from the policy and the reference
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_gives_the_same_losses(method, lora, make_model, tokenizer, datasets_, make_args):
     # TRL turns gradient checkpointing on by default; the hidden-state capture and the reference must not care
@@ -240,3 +242,29 @@ def test_gradient_checkpointing_gives_the_same_losses(method, lora, make_model, 
         _, losses, _ = train(PrioritySFTTrainer, args, make_model(), datasets_.prompt_completion(4), tokenizer, **peft)
         runs.append(losses)
     assert runs[0] == pytest.approx(runs[1], rel=1e-6)
+
+
+def test_metrics_reach_tensorboard_and_checkpoints_resume(tmp_path, make_model, tokenizer, datasets_, make_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = make_args(
+        priority="prift_prob",
+        max_steps=4,
+        report_to="tensorboard",
+        save_strategy="steps",
+        save_steps=2,
+    )
+    dataset = datasets_.prompt_completion(8)
+    trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/priority/mean", "train/priority/kept_fraction", "train/nll", "train/loss"} <= tags
+    assert len(events.Scalars("train/priority/effective_tokens")) == 4
+
+    # A checkpoint written mid-run resumes to the same final loss
+    resumed = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    final = [log["loss"] for log in trainer.state.log_history if "loss" in log][-1]
+    assert [log["loss"] for log in resumed.state.log_history if "loss" in log][-1] == pytest.approx(final, rel=1e-5)
