@@ -1,0 +1,92 @@
+"""Statistics: chunked full-distribution statistics against the model's own full logits; the forward helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+from trl_priority import statistics as stats
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        return LlamaForCausalLM(config)
+    # Gemma 2 scales and soft-caps its logits: the chunked projection must do the same
+    config = Gemma2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=5.0,
+    )  # fmt: skip
+    return Gemma2ForCausalLM(config).eval()
+
+
+def batch():
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 50, (2, 9), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :3] = -100  # a prompt
+    labels[1, 7:] = -100  # padding
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def full_logits_statistics(model, inputs, k):
+    """The same statistics from the model's own (batch, seq, vocab) logits."""
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+    logprobs = logits.float().log_softmax(-1)  # (B, T-1, V)
+    labels = inputs["labels"][:, 1:]
+    mask = labels != -100
+    flat_logprobs, flat_labels = logprobs[mask], labels[mask]
+    out = {}
+    for name, kwargs in (("mass", {}), ("topk_entropy", {"k": k})):
+        full = torch.zeros(mask.shape)
+        full[mask] = getattr(stats, name)(flat_logprobs, flat_labels, **kwargs)
+        out[name] = full
+    logps = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
+    entropy = -(logprobs.exp() * logprobs).sum(-1) * mask
+    return out | {"logps": logps, "entropy": entropy}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("chunk_elements", [stats.CHUNK_ELEMENTS, 60])  # 60: one position per chunk
+def test_forward_statistics_match_the_full_logits(kind, chunk_elements, monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", chunk_elements)
+    model = tiny(kind)
+    inputs = batch()
+    expected = full_logits_statistics(model, inputs, k=5)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    with torch.no_grad():
+        outputs, got = stats.forward_statistics(model, inputs, ["logps", "entropy", "mass", "topk_entropy"], {"k": 5})
+    assert set(got) == {"logps", "entropy", "mass", "topk_entropy"}
+    for name, value in got.items():
+        assert value.shape == (2, 8) and not value.requires_grad
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.equal(outputs.label_mask, inputs["labels"][:, 1:] != -100)
+
+
+def test_forward_statistics_run_the_model_once_and_keep_the_loss_gradient():
+    model = tiny("llama")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    calls = []
+    model.model.register_forward_hook(lambda *args: calls.append(1))
+    outputs, got = stats.forward_statistics(model, batch(), ["logps", "mass"], {})
+    assert len(calls) == 1  # the distribution statistic reused the captured hidden states
+    assert outputs.log_probs.requires_grad and not got["logps"].requires_grad
+    assert len(model.model._forward_hooks) == 1  # only the counter: the capture hook was removed
+
+
+def test_vocabulary_of_statistics():
+    assert stats.source_of("mask") == "labels"
+    assert stats.source_of("logps") == stats.source_of("mass") == "policy"
+    assert stats.source_of("ref_topk_entropy") == "reference"
+    assert stats.source_of("response_mask") == "data"
+    assert stats.source_of("ref_response_mask") is None and stats.source_of("temperature") is None
+    assert stats.hyperparameters_of("ref_topk_entropy") == ("k",) and stats.hyperparameters_of("logps") == ()
