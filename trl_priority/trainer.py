@@ -119,9 +119,10 @@ class PrioritySFTTrainer(SFTTrainer):
             if self.priority.trains_prompt_tokens:
                 # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
                 args.completion_only_loss = False
-            self._token_columns = tuple(
-                stats_vocab.DATA_STATISTICS[name].column for name in self._statistics_of("data")
-            )
+            # What the method reads, by source: decided once from its signature
+            self._policy_statistics = self._statistics_of("policy")
+            self._data_statistics = self._statistics_of("data")
+            self._token_columns = tuple(stats_vocab.DATA_STATISTICS[name].column for name in self._data_statistics)
             uses_starting_model = (
                 self.priority.needs_reference
                 and ref_model is None
@@ -163,7 +164,8 @@ class PrioritySFTTrainer(SFTTrainer):
         if self._token_columns:
             if self._is_vision_dataset:
                 raise ValueError(
-                    f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not support yet."
+                    f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not "
+                    "support yet."
                 )
             self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns, self.padding_free)
         self.reference = self._build_reference(ref_model, starting_model, quantization_config)
@@ -262,9 +264,9 @@ class PrioritySFTTrainer(SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         # The frozen "ref" adapter is set-up, not a result: save only the trained adapter. A resumed run rebuilds the
         # copy from the starting adapter it is given again.
-        peft_model = self.accelerator.unwrap_model(self.model)
         if not (isinstance(self.reference, AdapterReference) and self.reference.adapter_name is not None):
             return super()._save(output_dir, state_dict)
+        peft_model = self.accelerator.unwrap_model(self.model)
         trained = [name for name in peft_model.peft_config if name != self.reference.adapter_name]
         peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, selected_adapters=trained)
         try:
@@ -282,7 +284,7 @@ class PrioritySFTTrainer(SFTTrainer):
             dataset, processing_class, untruncated, False, formatting_func, dataset_name
         )
         columns = get_dataset_column_names(dataset)
-        for name in self._statistics_of("data"):
+        for name in self._data_statistics:
             column = stats_vocab.DATA_STATISTICS[name]
             if column.column not in columns:
                 raise ValueError(
@@ -307,12 +309,14 @@ class PrioritySFTTrainer(SFTTrainer):
         the statistics are `(B, T-1)` tensors without gradient.
         """
         columns = {column: inputs.pop(column) for column in self._token_columns}  # not model inputs
-        outputs, statistics = forward_statistics(model, inputs, self._statistics_of("policy"), self.priority_args)
-        statistics["mask"] = outputs.label_mask
+        # The reference runs first, so that its transient memory never adds to the policy's saved activations
+        reference_statistics = {}
         if self.reference is not None:
             names = self.priority.reference_statistics
-            statistics.update(self.reference.statistics(model, inputs, names, self.priority_args))
-        for name in self._statistics_of("data"):
+            reference_statistics = self.reference.statistics(model, inputs, names, self.priority_args)
+        outputs, statistics = forward_statistics(model, inputs, self._policy_statistics, self.priority_args)
+        statistics.update(reference_statistics, mask=outputs.label_mask)
+        for name in self._data_statistics:
             column = columns[stats_vocab.DATA_STATISTICS[name].column]
             statistics[name] = column[:, 1:].to(outputs.label_mask.device)  # (B, T-1): scores labels[:, t + 1]
         phi = self.priority(statistics, self.priority_args)
