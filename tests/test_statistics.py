@@ -57,19 +57,24 @@ def full_logits_statistics(model, inputs, k):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 @pytest.mark.parametrize("chunk_elements", [stats.CHUNK_ELEMENTS, 60])  # 60: one position per chunk
-def test_forward_statistics_match_the_full_logits(kind, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("keep_outputs", [True, False])  # policy (fused head + capture) or reference (backbone only)
+def test_forward_statistics_match_the_full_logits(kind, chunk_elements, keep_outputs, monkeypatch):
     monkeypatch.setattr(stats, "CHUNK_ELEMENTS", chunk_elements)
     model = tiny(kind)
     inputs = batch()
     expected = full_logits_statistics(model, inputs, k=5)
     add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    names = ["logps", "entropy", "mass", "topk_entropy"]
     with torch.no_grad():
-        outputs, got = stats.forward_statistics(model, inputs, ["logps", "entropy", "mass", "topk_entropy"], {"k": 5})
-    assert set(got) == {"logps", "entropy", "mass", "topk_entropy"}
+        outputs, got = stats.forward_statistics(model, inputs, names, {"k": 5}, keep_outputs=keep_outputs)
+    assert set(got) == set(names)
     for name, value in got.items():
         assert value.shape == (2, 8) and not value.requires_grad
         torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert torch.equal(outputs.label_mask, inputs["labels"][:, 1:] != -100)
+    if keep_outputs:
+        assert torch.equal(outputs.label_mask, inputs["labels"][:, 1:] != -100)
+    else:
+        assert outputs is None
 
 
 def test_forward_statistics_run_the_model_once_and_keep_the_loss_gradient():

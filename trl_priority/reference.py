@@ -51,7 +51,7 @@ class ModelReference(Reference):
     def statistics(self, policy, inputs, names, args):
         inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
         with torch.no_grad():
-            _, stats = forward_statistics(self.model, inputs, names, args)
+            _, stats = forward_statistics(self.model, inputs, names, args, keep_outputs=False)
         return {f"ref_{name}": value for name, value in stats.items()}
 
 
@@ -81,7 +81,7 @@ class AdapterReference(Reference):
         peft_model = getattr(policy, "module", policy)
         inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
         with torch.no_grad(), use_adapter(peft_model, self.adapter_name), _eval_mode(policy):
-            _, stats = forward_statistics(policy, inputs, names, args)
+            _, stats = forward_statistics(policy, inputs, names, args, keep_outputs=False)
         return {f"ref_{name}": value for name, value in stats.items()}
 
 

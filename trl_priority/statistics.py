@@ -98,6 +98,12 @@ DATA_STATISTICS: dict[str, DataStatistic] = {
 
 POLICY_STATISTICS = (*FUSED_STATISTICS, *DISTRIBUTION_STATISTICS)
 
+# The fused statistics computed from a chunk instead, when the chunks are projected anyway (see `forward_statistics`)
+_FUSED_FROM_CHUNK = {
+    "logps": DistributionStatistic(lambda logprobs, labels: logprobs.gather(1, labels[:, None]).squeeze(1)),
+    "entropy": DistributionStatistic(lambda logprobs, labels: -(logprobs.exp() * logprobs).sum(-1)),
+}
+
 
 def source_of(name: str) -> str | None:
     """'labels', 'policy', 'reference' or 'data'; None for a name that is no statistic."""
@@ -177,7 +183,7 @@ def distribution_statistics(
         hidden: `(B, T, H)` final hidden states of the backbone.
         labels: `(B, T)` labels, -100 where ignored.
         causal_lm: the model whose LM head projects `hidden` (unwrapped from PEFT / DDP).
-        names: distribution statistics to compute (no `ref_` prefix).
+        names: distribution statistics to compute (no `ref_` prefix); `logps` and `entropy` are accepted too.
         args: the priority's resolved hyperparameters; each statistic takes the ones it declares.
     """
     names = list(names)
@@ -188,7 +194,7 @@ def distribution_statistics(
     values = {name: torch.empty(rows_labels.shape, dtype=torch.float32, device=hidden.device) for name in names}
     for rows, logprobs in next_token_logprobs(rows_hidden, causal_lm):
         for name in names:
-            stat = DISTRIBUTION_STATISTICS[name]
+            stat = DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name]
             kwargs = {hp: args[hp] for hp in stat.hyperparameters}
             values[name][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs)
     out = {}
@@ -231,15 +237,24 @@ def forward_statistics(
     inputs: Mapping[str, Any],
     names: Iterable[str],
     args: Mapping[str, Any],
+    keep_outputs: bool = True,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run `model` with TRL's fused LM head and return `(outputs, statistics)`.
 
     `names` are policy statistics (no prefix) wanted from this model; `outputs` keeps the gradient of `log_probs`
     for the loss, while every returned statistic is detached. Used for the policy and for model references alike.
+
+    With `keep_outputs=False` (a reference, which needs no loss) and a distribution statistic among `names`, the
+    backbone runs alone and one chunked projection serves every statistic: through the fused head, the supervised
+    positions would be projected twice. `outputs` is then None.
     """
     names = list(dict.fromkeys(names))
     distribution = [name for name in names if name in DISTRIBUTION_STATISTICS]
     causal_lm = causal_lm_of(model)
+    if distribution and not keep_outputs:
+        backbone_inputs = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+        hidden = causal_lm.base_model(**backbone_inputs).last_hidden_state  # (B, T, H)
+        return None, distribution_statistics(hidden, inputs["labels"], causal_lm, names, args)
     capture = capture_final_hidden_state(causal_lm) if distribution else nullcontext({})
     with capture as captured:
         outputs = model(**inputs, fused_lm_head=True)
