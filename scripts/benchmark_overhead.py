@@ -11,7 +11,8 @@ peak memory (CUDA allocator peak on a GPU; on the CPU, the peak resident-set gro
 The model is a Llama-shaped config with random weights and SmolLM2's vocabulary size (49,152): the LM head is where a
 priority's costs appear. Data are random token ids with a prompt and a completion. Reference methods use their
 default reference: the base with the adapter off (LoRA) or a frozen copy of the starting model (full fine-tuning);
-`rho1` is given a separate frozen model.
+`rho1` is given a separate frozen model (`rho1` and full fine-tuning `prift_*` therefore hold a second copy of the
+weights, which the memory ratio includes).
 """
 
 from __future__ import annotations
@@ -125,16 +126,17 @@ def run_once(method, lora, model, dataset, tokenizer, cli, output_dir):
         if get_priority(method).reference == "explicit":
             kwargs["ref_model"] = copy.deepcopy(model)
     timer = StepTimer()
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[timer],
-        **kwargs,
-    )
+    # Memory from before the trainer is built, so that a frozen reference copy counts
     with PeakMemory() as memory:
+        trainer = trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[timer],
+            **kwargs,
+        )
         trainer.train()
     return statistics.median(timer.times[1:]), memory.value
 
