@@ -82,7 +82,8 @@ def test_list_shows_every_method(capsys):
         assert row["method"] in out and row["paper"] in out
     assert {row["method"] for row in describe_priorities()} == set(available_priorities())
     rho1 = next(row for row in describe_priorities() if row["method"] == "rho1")
-    assert rho1["regime"] == "hard" and rho1["source"] == "reference" and "explicit" in rho1["needs"]
+    assert rho1["regime"] == "hard" and rho1["source"] == "reference" and rho1["needs"] == "trained reference"
+    assert rho1["defaults"] == "ratio=0.6"
 
 
 def test_sft_command_launches_through_accelerate(tmp_path, model_dir):

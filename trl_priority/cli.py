@@ -25,27 +25,19 @@ def describe_priorities() -> list[dict[str, str]]:
         priority = get_priority(name)
         needs = []
         if priority.needs_reference:
-            needs.append(
-                "reference (explicit)" if priority.reference == "explicit" else "reference (default: starting model)"
-            )
-        if any(
-            stats_vocab.source_of(s) == "policy" and s in stats_vocab.DISTRIBUTION_STATISTICS
-            for s in priority.statistics
-        ):
+            needs.append("trained reference" if priority.reference == "explicit" else "reference (starting model)")
+        if any(stat.removeprefix("ref_") in stats_vocab.DISTRIBUTION_STATISTICS for stat in priority.statistics):
             needs.append("full distribution (chunked)")
-        needs += [
-            f"column {stats_vocab.DATA_STATISTICS[s].column}"
-            for s in priority.statistics
-            if s in stats_vocab.DATA_STATISTICS
-        ]
-        if any(s.startswith("ref_") and s[4:] in stats_vocab.DISTRIBUTION_STATISTICS for s in priority.statistics):
-            needs.append("reference full distribution (chunked)")
+        data = [stats_vocab.DATA_STATISTICS[s].column for s in priority.statistics if s in stats_vocab.DATA_STATISTICS]
+        needs += [f"column {column}" for column in data]
+        defaults = ", ".join(f"{hp.name}={hp.default}" for hp in priority.hyperparameters.values())
         rows.append(
             {
                 "method": name,
                 "regime": priority.regime,
                 "source": priority.source,
                 "needs": ", ".join(needs) or "-",
+                "defaults": defaults or "-",
                 "paper": priority.paper,
             }
         )
@@ -54,14 +46,11 @@ def describe_priorities() -> list[dict[str, str]]:
 
 def _print_list() -> int:
     rows = describe_priorities()
-    columns = ["method", "regime", "source", "needs", "paper"]
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]}
-    print("  ".join(c.ljust(widths.get(c, 0)) for c in columns))
-    for row in rows:
-        print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns))
-    print(
-        "\nHyperparameters: see each method's docstring, e.g. `python -c \"import trl_priority as t; help(t.get_priority('rho1').fn)\"`."
-    )
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns[:-1]}  # the paper runs to the end
+    for row in [dict(zip(columns, columns)), *rows]:
+        print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip())
+    print("\nEach method's docstring gives its formula and choices: help(trl_priority.get_priority('<method>').fn)")
     return 0
 
 
