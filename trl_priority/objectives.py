@@ -9,6 +9,7 @@ behind the user's back; a method that wants another normaliser says so in its ow
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,12 +52,12 @@ class LossTerm:
     fn: Callable[..., torch.Tensor]
     weight: str
 
-    @property
+    @functools.cached_property
     def statistics(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
         return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
-    @property
+    @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
         return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)

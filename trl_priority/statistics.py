@@ -25,6 +25,7 @@ statistic is one entry in `DATA_STATISTICS` (the column is then carried through 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
@@ -65,7 +66,7 @@ def topk_entropy(logprobs: torch.Tensor, labels: torch.Tensor, *, k: int) -> tor
 class DistributionStatistic:
     fn: Callable[..., torch.Tensor]
 
-    @property
+    @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
         params = inspect.signature(self.fn).parameters.values()
         return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
@@ -192,11 +193,11 @@ def distribution_statistics(
     rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
     rows_labels = shifted[mask]  # (N,)
     values = {name: torch.empty(rows_labels.shape, dtype=torch.float32, device=hidden.device) for name in names}
+    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in names}
+    kwargs = {name: {hp: args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
     for rows, logprobs in next_token_logprobs(rows_hidden, causal_lm):
-        for name in names:
-            stat = DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name]
-            kwargs = {hp: args[hp] for hp in stat.hyperparameters}
-            values[name][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs)
+        for name, stat in stats.items():
+            values[name][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs[name])
     out = {}
     for name in names:
         full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)

@@ -120,8 +120,8 @@ class PrioritySFTTrainer(SFTTrainer):
                 # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
                 args.completion_only_loss = False
             # What the method reads, by source: decided once from its signature
-            self._policy_statistics = self._statistics_of("policy")
-            self._data_statistics = self._statistics_of("data")
+            self._policy_statistics = self.priority.statistics_from("policy")
+            self._data_statistics = self.priority.statistics_from("data")
             self._token_columns = tuple(stats_vocab.DATA_STATISTICS[name].column for name in self._data_statistics)
             uses_starting_model = (
                 self.priority.needs_reference
@@ -216,11 +216,6 @@ class PrioritySFTTrainer(SFTTrainer):
             warnings.warn(
                 f"Priority '{name}' reads no reference statistics; the reference model is ignored.", stacklevel=3
             )
-
-    def _statistics_of(self, source: str) -> list[str]:
-        """Statistics of the priority and its loss terms that come from `source` ('policy', 'data', ...)."""
-        names = (*self.priority.statistics, *(s for term in self.priority.loss_terms for s in term.statistics))
-        return [name for name in dict.fromkeys(names) if stats_vocab.source_of(name) == source]
 
     def _build_reference(self, ref_model, starting_model, quantization_config) -> Reference | None:
         if not self.priority.needs_reference:

@@ -19,6 +19,7 @@ rejects an unknown or out-of-range hyperparameter before the model is even loade
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import math
 import typing
@@ -170,11 +171,15 @@ class Priority:
     def signed(self) -> bool:
         return self.regime == "signed"
 
-    @property
+    def statistics_from(self, source: str) -> tuple[str, ...]:
+        """The statistics that the priority and its loss terms read from `source` ('policy', 'reference', 'data')."""
+        names = self.statistics + tuple(name for term in self.loss_terms for name in term.statistics)
+        return tuple(name for name in dict.fromkeys(names) if stats_vocab.source_of(name) == source)
+
+    @functools.cached_property
     def reference_statistics(self) -> tuple[str, ...]:
         """The reference statistics the method reads, without their `ref_` prefix (e.g. `("logps",)`)."""
-        names = self.statistics + tuple(name for term in self.loss_terms for name in term.statistics)
-        return tuple(dict.fromkeys(name[4:] for name in names if stats_vocab.source_of(name) == "reference"))
+        return tuple(name.removeprefix("ref_") for name in self.statistics_from("reference"))
 
     @property
     def needs_reference(self) -> bool:
