@@ -56,8 +56,8 @@ class ModelReference(Reference):
 
 
 @contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    # The reference is the model without dropout; the policy returns to train mode afterwards.
+def eval_mode(module: torch.nn.Module):
+    """Run a block with `module` in eval mode (no dropout), then restore its previous mode."""
     was_training = module.training
     module.eval()
     try:
@@ -80,7 +80,7 @@ class AdapterReference(Reference):
     def statistics(self, policy, inputs, names, args):
         peft_model = getattr(policy, "module", policy)
         inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
-        with torch.no_grad(), use_adapter(peft_model, self.adapter_name), _eval_mode(policy):
+        with torch.no_grad(), use_adapter(peft_model, self.adapter_name), eval_mode(policy):
             _, stats = forward_statistics(policy, inputs, names, args, keep_outputs=False)
         return {f"ref_{name}": value for name, value in stats.items()}
 
@@ -189,6 +189,7 @@ __all__ = [
     "Reference",
     "add_frozen_adapter_copy",
     "check_same_vocabulary",
+    "eval_mode",
     "freeze_and_place",
     "is_callback_reference",
 ]

@@ -40,6 +40,7 @@ from .reference import (
     Reference,
     add_frozen_adapter_copy,
     check_same_vocabulary,
+    eval_mode,
     freeze_and_place,
     is_callback_reference,
 )
@@ -336,12 +337,8 @@ class PrioritySFTTrainer(SFTTrainer):
         inputs = self._prepare_inputs(dict(batch))
         if self.priority is None:
             return (inputs["labels"][:, 1:] != -100).float()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             _, phi, _ = self._forward_with_priority(self.model, inputs)
-        finally:
-            self.model.train(was_training)
         return phi
 
     # ------------------------------------------------------------------------------------------------------------
