@@ -135,6 +135,21 @@ def datasets_():
     return Factory
 
 
+def _full_logits_label_logps(model, batch) -> torch.Tensor:
+    """log p(labels[:, t + 1]) from the model's full logits, 0 where ignored: an oracle independent of the fused head."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.where(labels != -100, logps, 0.0)
+
+
+@pytest.fixture
+def label_logps():
+    """`label_logps(model, batch)`: per-target log-probabilities `(B, T-1)` from the model's full logits."""
+    return _full_logits_label_logps
+
+
 @pytest.fixture
 def make_args(tmp_path):
     """`make_args(**overrides)`: a `PrioritySFTConfig` for fast, deterministic CPU runs of a few steps."""

@@ -17,15 +17,6 @@ from trl_priority.reference import AdapterReference, CallbackReference, ModelRef
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 
 
-def reference_logps(model, batch) -> torch.Tensor:
-    """log p_ref(labels[:, t + 1]) from the model's full logits: an independent computation."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logps = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return torch.where(labels != -100, logps, 0.0)
-
-
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -42,7 +33,7 @@ def first_batch(trainer):
     return next(iter(trainer.get_train_dataloader()))
 
 
-def test_separate_model_instance_is_frozen_and_unchanged(make_model, tokenizer, datasets_, make_args):
+def test_separate_model_instance_is_frozen_and_unchanged(label_logps, make_model, tokenizer, datasets_, make_args):
     ref = make_model(seed=1)
     independent = copy.deepcopy(ref)
     expected_weights = state(ref)
@@ -51,7 +42,7 @@ def test_separate_model_instance_is_frozen_and_unchanged(make_model, tokenizer, 
 
     batch = first_batch(trainer)
     phi = trainer.token_priorities(batch)
-    torch.testing.assert_close(phi, reference_logps(independent, batch).exp() * (batch["labels"][:, 1:] != -100))
+    torch.testing.assert_close(phi, label_logps(independent, batch).exp() * (batch["labels"][:, 1:] != -100))
 
     trainer.train()
     ref_after = trainer.reference.model
@@ -59,12 +50,12 @@ def test_separate_model_instance_is_frozen_and_unchanged(make_model, tokenizer, 
     assert all(torch.equal(v, expected_weights[k]) for k, v in state(ref_after).items())
 
 
-def test_reference_from_a_path(model_dir, make_model, tokenizer, datasets_, make_args):
+def test_reference_from_a_path(label_logps, model_dir, make_model, tokenizer, datasets_, make_args):
     path = model_dir(seed=1)
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, args={"ref_model_name_or_path": path})
     assert isinstance(trainer.reference, ModelReference) and path in trainer.reference.description
     batch = first_batch(trainer)
-    expected = reference_logps(make_model(seed=1), batch).exp() * (batch["labels"][:, 1:] != -100)
+    expected = label_logps(make_model(seed=1), batch).exp() * (batch["labels"][:, 1:] != -100)
     torch.testing.assert_close(trainer.token_priorities(batch), expected)
     # The same path given as `ref_model=`
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref_model=path)
@@ -101,7 +92,7 @@ def test_reference_with_another_tokenizer_of_the_same_size_is_an_error(
         make_trainer(make_model, tokenizer, datasets_, make_args, ref_model=str(path))
 
 
-def test_lora_reference_is_the_base_with_the_adapter_off(make_model, tokenizer, datasets_, make_args):
+def test_lora_reference_is_the_base_with_the_adapter_off(label_logps, make_model, tokenizer, datasets_, make_args):
     base = make_model()
     base_weights = state(base)
     trainer = make_trainer(
@@ -116,11 +107,11 @@ def test_lora_reference_is_the_base_with_the_adapter_off(make_model, tokenizer, 
     assert isinstance(trainer.reference, AdapterReference) and trainer.reference.adapter_name is None
     batch = first_batch(trainer)
     phi = trainer.token_priorities(batch)
-    expected = reference_logps(make_model(), batch).exp() * (batch["labels"][:, 1:] != -100)
+    expected = label_logps(make_model(), batch).exp() * (batch["labels"][:, 1:] != -100)
     torch.testing.assert_close(phi, expected)
     # ... and not the policy with its adapter on
     with torch.no_grad():
-        policy_phi = reference_logps(trainer.model, batch).exp() * (batch["labels"][:, 1:] != -100)
+        policy_phi = label_logps(trainer.model, batch).exp() * (batch["labels"][:, 1:] != -100)
     assert not torch.allclose(phi, policy_phi)
 
     trainer.train()
@@ -134,7 +125,7 @@ def test_lora_reference_is_the_base_with_the_adapter_off(make_model, tokenizer, 
 
 
 def test_starting_adapter_reference_is_a_frozen_copy_not_the_bare_base(
-    tmp_path, make_model, tokenizer, datasets_, make_args
+    label_logps, tmp_path, make_model, tokenizer, datasets_, make_args
 ):
     policy = get_peft_model(make_model(), LoraConfig(**LORA, init_lora_weights=False))  # an already-trained adapter
     starting = copy.deepcopy(policy)
@@ -145,8 +136,8 @@ def test_starting_adapter_reference_is_a_frozen_copy_not_the_bare_base(
     phi = trainer.token_priorities(batch)
     mask = batch["labels"][:, 1:] != -100
     # At the start the reference is the policy itself, not the base model
-    torch.testing.assert_close(phi, reference_logps(starting, batch).exp() * mask)
-    assert not torch.allclose(phi, reference_logps(make_model(), batch).exp() * mask)
+    torch.testing.assert_close(phi, label_logps(starting, batch).exp() * mask)
+    assert not torch.allclose(phi, label_logps(make_model(), batch).exp() * mask)
 
     ref_before = {k: v.clone() for k, v in trainer.model.named_parameters() if ".ref." in k}
     default_before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if ".default." in k}
@@ -175,39 +166,39 @@ def test_full_fine_tuning_reference_is_a_frozen_copy_of_the_start(make_model, to
 
 
 def test_full_fine_tuning_from_a_path_reloads_the_starting_model(
-    model_dir, tokenizer, datasets_, make_args, make_model
+    label_logps, model_dir, tokenizer, datasets_, make_args, make_model
 ):
     path = model_dir(seed=3)
     trainer = PrioritySFTTrainer(
         model=path, args=make_args(priority="prift_prob"), train_dataset=datasets_.prompt_completion(4)
     )
     batch = first_batch(trainer)
-    expected = reference_logps(make_model(seed=3), batch).exp() * (batch["labels"][:, 1:] != -100)
+    expected = label_logps(make_model(seed=3), batch).exp() * (batch["labels"][:, 1:] != -100)
     torch.testing.assert_close(trainer.token_priorities(batch), expected)
 
 
-def test_callback_reference(make_model, tokenizer, datasets_, make_args):
+def test_callback_reference(label_logps, make_model, tokenizer, datasets_, make_args):
     teacher = make_model(seed=2)
     calls = []
 
     def teacher_logps(batch):
         calls.append(sorted(batch))
-        return reference_logps(teacher, batch)
+        return label_logps(teacher, batch)
 
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref_model=teacher_logps)
     assert isinstance(trainer.reference, CallbackReference)
     batch = first_batch(trainer)
     mask = batch["labels"][:, 1:] != -100
-    torch.testing.assert_close(trainer.token_priorities(batch), reference_logps(teacher, batch).exp() * mask)
+    torch.testing.assert_close(trainer.token_priorities(batch), label_logps(teacher, batch).exp() * mask)
     assert "input_ids" in calls[0] and "labels" in calls[0]
     trainer.train()
 
     # A dict with a prefixed key also works, for methods needing several statistics
     def dict_callback(batch):
-        return {"ref_logps": reference_logps(teacher, batch)}
+        return {"ref_logps": label_logps(teacher, batch)}
 
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref_model=dict_callback)
-    torch.testing.assert_close(trainer.token_priorities(batch), reference_logps(teacher, batch).exp() * mask)
+    torch.testing.assert_close(trainer.token_priorities(batch), label_logps(teacher, batch).exp() * mask)
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ def test_metrics_are_logged_and_match_phi(make_model, tokenizer, datasets_, make
         assert key in log
 
 
-def test_token_priorities_layout_and_input_forms(make_model, tokenizer, datasets_, make_args):
+def test_token_priorities_layout_and_input_forms(label_logps, make_model, tokenizer, datasets_, make_args):
     args = make_args(priority="dft")
     trainer = PrioritySFTTrainer(
         model=make_model(), args=args, train_dataset=datasets_.prompt_completion(4), processing_class=tokenizer
@@ -185,11 +185,7 @@ def test_token_priorities_layout_and_input_forms(make_model, tokenizer, datasets
     mask = batch["labels"][:, 1:] != -100
     assert torch.all(phi[~mask] == 0) and torch.all(phi[mask] > 0)
     # Φ_t = p(labels[:, t + 1]): recompute from the full logits of the same model
-    with torch.no_grad():
-        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logprobs = logits[:, :-1].log_softmax(-1)
-    labels = batch["labels"][:, 1:].clamp(min=0)
-    expected = logprobs.gather(-1, labels[..., None]).squeeze(-1).exp() * mask
+    expected = label_logps(trainer.model, batch).exp() * mask
     torch.testing.assert_close(phi, expected, rtol=1e-5, atol=1e-6)
     # Dataset rows and a list of rows give the same Φ as the collated batch
     torch.testing.assert_close(trainer.token_priorities(rows), phi)
