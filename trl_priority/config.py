@@ -30,6 +30,10 @@ class PrioritySFTConfig(SFTConfig):
             Hyperparameters of the method, as documented in its docstring; unset ones take the paper's defaults. An
             unknown key or an out-of-range value is an error that lists the valid ones. A JSON string is accepted on
             the command line.
+        negative_loss (`str`, *optional*, defaults to `"unlikelihood"`):
+            The loss on tokens a signed method gives a negative Φ (tokens to unlearn): `"unlikelihood"`, |Φ|·(−log(1 −
+            p)), bounded below by 0 and vanishing once the token is unlikely; or `"ascent"`, |Φ|·log p, plain gradient
+            ascent on the NLL, unbounded (what some papers write; ask for it explicitly). Each token counts once in N.
 
         > Parameters that control the reference model
 
@@ -39,7 +43,11 @@ class PrioritySFTConfig(SFTConfig):
             the reference is the policy as training starts: the base model with the LoRA adapter switched off, a
             frozen copy of a starting adapter, or, for full fine-tuning, a frozen copy of the model.
         ref_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
-            Keyword arguments for loading `ref_model_name_or_path`. Defaults to `model_init_kwargs`.
+            Keyword arguments for loading `ref_model_name_or_path`. Defaults to `model_init_kwargs`; the reference
+            also inherits the policy's `attn_implementation` and dtype unless these set them.
+        precomputed_ref_columns (`bool`, *optional*, defaults to `False`):
+            Read the reference statistics (`ref_logps`, ...) from dataset columns `ref_<name>`, one value per token of
+            `input_ids` (the value at i scores token i), instead of running a reference model: no reference forward.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs"]
@@ -55,6 +63,14 @@ class PrioritySFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Hyperparameters of the priority method, e.g. '{\"ratio\": 0.6}'. See its docstring."},
     )
+    negative_loss: str = field(
+        default="unlikelihood",
+        metadata={
+            "help": "Loss on tokens with a negative priority: 'unlikelihood' (bounded, default) or 'ascent' (plain "
+            "gradient ascent on the NLL, unbounded).",
+            "choices": ["unlikelihood", "ascent"],
+        },
+    )
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Frozen reference model for reference-based methods; must share the policy's tokenizer."},
@@ -63,16 +79,32 @@ class PrioritySFTConfig(SFTConfig):
         default=None,
         metadata={"help": "Keyword arguments for loading the reference model. Defaults to `model_init_kwargs`."},
     )
+    precomputed_ref_columns: bool = field(
+        default=False,
+        metadata={"help": "Read reference statistics from dataset columns `ref_<name>` instead of a reference model."},
+    )
 
     def __post_init__(self):
         # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
         # the error to show, before any model is loaded or anything is written.
         if isinstance(self.priority_args, str):
-            if not self.priority_args.lstrip().startswith("{"):
+            try:
+                self.priority_args = json.loads(self.priority_args)
+            except json.JSONDecodeError as error:
                 raise ValueError(
-                    f"`priority_args` must be a dict or a JSON object string, got {self.priority_args!r}."
-                )
-            self.priority_args = json.loads(self.priority_args)
+                    f"`priority_args` is not valid JSON ({error.msg} at character {error.pos}): {self.priority_args!r}. "
+                    """Write a JSON object, e.g. '{"ratio": 0.6}'."""
+                ) from None
+        if self.priority_args is not None and not isinstance(self.priority_args, dict):
+            raise ValueError(
+                f"`priority_args` must be a mapping of hyperparameter names to values (a dict, or a JSON object on the "
+                f"command line), got {type(self.priority_args).__name__} {self.priority_args!r}."
+            )
+        if self.negative_loss not in ("unlikelihood", "ascent"):
+            raise ValueError(
+                f"`negative_loss={self.negative_loss!r}` is not one of 'unlikelihood' (bounded, the default) or "
+                "'ascent' (plain gradient ascent on the NLL)."
+            )
         if self.priority is None:
             if self.priority_args:
                 raise ValueError(

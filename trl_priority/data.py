@@ -1,59 +1,140 @@
-"""Per-token data columns that travel with the tokens: truncated, packed and padded exactly like `labels`.
+"""Data columns that travel with the tokens: truncated, packed and padded exactly like `labels`.
 
 TRL's `SFTTrainer` prepares `input_ids` and `labels` and drops every other column before the model sees a batch; its
-truncation and packing touch only those two. A priority that reads a data statistic (`response_mask`, and later
-per-token weights or spans) needs its column aligned token for token, so:
+truncation and packing touch only those two. A priority that reads a data statistic (`response_mask`, a per-example
+noise score, labelled spans, precomputed reference values) needs its column aligned token for token, so:
 
-1. `prepare_token_columns` truncates and packs the token columns together with `input_ids` and `labels` (TRL's own
+1. `prepare_token_columns` turns every column into one value per token, by its level
+   (`trl_priority.statistics.DataStatistic`): a per-example number is broadcast to the example's tokens, character
+   spans over the completion are mapped to the tokens that overlap them, a per-token list is checked for length and
+   finite values; then it truncates and packs those columns together with `input_ids` and `labels` (TRL's own
    `pack_dataset` packs every list column of a row the same way);
-2. `TokenColumnCollator` pads them to the batch like the input ids (0 on padding), or concatenates them under
-   padding-free;
+2. `TokenColumnCollator` pads them to the batch like the input ids (with each statistic's padding value), or
+   concatenates them under padding-free;
 3. the trainer pops them from the batch before the forward pass and shifts them by one, so that position t scores
    `labels[:, t + 1]` like every other statistic.
+
+A bad column is an error that names the example: missing, a list of the wrong length, a non-finite value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 from trl import pack_dataset
 
+from .statistics import DataStatistic
 
-def _check_aligned(example: dict[str, Any], columns: Sequence[str], index: int) -> None:
-    length = len(example["input_ids"])
-    for column in columns:
-        if len(example[column]) != length:
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float | bool) and math.isfinite(float(value))
+
+
+def _completion_positions(example: Mapping[str, Any]) -> list[int]:
+    """Token positions of the completion: from `completion_mask` when TRL kept it, else the supervised labels."""
+    if "completion_mask" in example:
+        return [i for i, bit in enumerate(example["completion_mask"]) if bit]
+    return [i for i, label in enumerate(example["labels"]) if label != -100]
+
+
+def span_values(example: Mapping[str, Any], spans: Any, tokenizer, padding: float, index: int, column: str):
+    """One value per token: a span's value on the completion tokens that overlap `[start, end)`, else `padding`.
+
+    Offsets are characters of the completion text as the model sees it (the decoded completion tokens; for a
+    conversational dataset the assistant message's content comes first, so offsets into the content hold).
+    """
+    if not isinstance(spans, list | tuple):
+        raise ValueError(
+            f"Example {index}: column '{column}' must be a list of [start, end] or [start, end, value] character "
+            f"spans over the completion, got {type(spans).__name__}."
+        )
+    ids = example["input_ids"]
+    completion = _completion_positions(example)
+    ends = [len(tokenizer.decode([ids[i] for i in completion[: j + 1]])) for j in range(len(completion))]
+    starts = [0, *ends[:-1]]
+    values = [padding] * len(ids)
+    for span in spans:
+        ok = isinstance(span, list | tuple) and len(span) in (2, 3) and all(_finite_number(v) for v in span)
+        if not ok or span[0] > span[1]:
             raise ValueError(
-                f"Example {index}: column '{column}' has {len(example[column])} values but the example has {length} "
-                f"tokens. A per-token column needs exactly one value per token of `input_ids`."
+                f"Example {index}: column '{column}' has the span {span!r}; a span is [start, end] or [start, end, "
+                "value] with finite numbers and start <= end (character offsets into the completion)."
             )
+        start, end = span[0], span[1]
+        value = float(span[2]) if len(span) == 3 else 1.0
+        for j, position in enumerate(completion):
+            if starts[j] < end and ends[j] > start:
+                values[position] = value
+    return values
+
+
+def expand_columns(
+    example: dict[str, Any], index: int, specs: Mapping[str, DataStatistic], tokenizer=None
+) -> dict[str, list]:
+    """Every column of `specs` as one value per token of `example["input_ids"]`, or an error naming the example."""
+    length = len(example["input_ids"])
+    out = {}
+    for column, spec in specs.items():
+        if column == "token_position" and spec.generated:
+            out[column] = list(range(length))
+            continue
+        if column not in example or example[column] is None:
+            raise ValueError(f"Example {index} has no value in the column '{column}': {spec.hint}.")
+        value = example[column]
+        if spec.level == "example":
+            if not _finite_number(value):
+                raise ValueError(
+                    f"Example {index}: column '{column}' holds one number per example, got {value!r}; it must be a "
+                    "finite number."
+                )
+            out[column] = [float(value)] * length
+        elif spec.level == "span":
+            out[column] = span_values(example, value, tokenizer, spec.padding, index, column)
+        else:
+            if not isinstance(value, list | tuple) or len(value) != length:
+                size = len(value) if isinstance(value, list | tuple) else type(value).__name__
+                raise ValueError(
+                    f"Example {index}: column '{column}' has {size} values but the example has {length} tokens. A "
+                    "per-token column needs exactly one value per token of `input_ids`."
+                )
+            if not all(_finite_number(v) for v in value):
+                bad = next(i for i, v in enumerate(value) if not _finite_number(v))
+                raise ValueError(
+                    f"Example {index}: column '{column}' has the non-finite or non-numeric value {value[bad]!r} at "
+                    f"token {bad}."
+                )
+            out[column] = list(value)
+    return out
 
 
 def prepare_token_columns(
     dataset: Dataset | IterableDataset,
-    columns: Sequence[str],
+    specs: Mapping[str, DataStatistic],
     args,
     packing: bool,
     dataset_name: str,
+    tokenizer=None,
 ) -> Dataset | IterableDataset:
-    """Truncate (or pack) `input_ids`, `labels` and the token `columns` together, as TRL does for the first two.
+    """Expand the columns of `specs` to one value per token, then truncate (or pack) them with the tokens.
 
     `dataset` is tokenized with labels, neither truncated nor packed. Mirrors the truncation and packing steps of
     `SFTTrainer._prepare_dataset`, applied to the extra columns too.
     """
+    columns = list(specs)
     map_kwargs: dict[str, Any] = {}
     if isinstance(dataset, Dataset):  # `IterableDataset.map` takes neither `num_proc` nor `desc`
         map_kwargs["num_proc"] = args.dataset_num_proc
     names = ["input_ids", "labels", *columns]
 
     if isinstance(dataset, Dataset):
-        map_kwargs["desc"] = f"Checking per-token columns of {dataset_name} dataset"
+        map_kwargs["desc"] = f"Aligning per-token columns of {dataset_name} dataset"
     dataset = dataset.map(
-        lambda example, index: _check_aligned(example, columns, index) or {}, with_indices=True, **map_kwargs
+        expand_columns, with_indices=True, fn_kwargs={"specs": dict(specs), "tokenizer": tokenizer}, **map_kwargs
     )
 
     if args.max_length is not None and not packing:
@@ -82,7 +163,7 @@ def prepare_token_columns(
 
 @dataclass
 class TokenColumnCollator:
-    """Wrap a collator so that per-token columns come out padded like `input_ids` (0 on padding).
+    """Wrap a collator so that per-token columns come out padded like `input_ids`.
 
     Under padding-free the base collator concatenates the examples into one row; the columns are concatenated the
     same way. The result has the shape of `batch["input_ids"]`, `(B, T)`.
@@ -91,6 +172,7 @@ class TokenColumnCollator:
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     columns: tuple[str, ...]
     padding_free: bool
+    padding: Mapping[str, float] = field(default_factory=dict)  # column -> value on padding (default 0)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         values = {column: [torch.as_tensor(example[column]) for example in examples] for column in self.columns}
@@ -99,7 +181,8 @@ class TokenColumnCollator:
         for column, rows in values.items():
             if self.padding_free:
                 rows = [torch.cat(rows)]
-            out = torch.zeros(shape, dtype=rows[0].dtype if rows[0].is_floating_point() else torch.long)
+            dtype = rows[0].dtype if rows[0].is_floating_point() else torch.long
+            out = torch.full(shape, self.padding.get(column, 0.0), dtype=dtype)
             for i, row in enumerate(rows):
                 out[i, : row.numel()] = row
             batch[column] = out

@@ -8,9 +8,12 @@ A method that reads `ref_*` statistics gets them from one `Reference`:
 | `AdapterReference(None)`           | LoRA training from a `peft_config`: the same network with the adapter switched off, no second copy |
 | `AdapterReference("ref")`          | training an adapter that was already trained: a frozen copy of it, loaded next to it as adapter "ref" |
 | `CallbackReference`                | `ref_model=` any other callable: `fn(batch) -> log-probs` or a dict of statistics |
+| `ColumnReference`                  | `precomputed_ref_columns=True`: the statistics are dataset columns `ref_<name>`, no forward at all |
 
 Model references run under `torch.no_grad()` in eval mode and never receive gradients. Each returns the requested
-statistics keyed with their `ref_` prefix, shaped `(batch, seq_len - 1)` like the policy's.
+statistics keyed with their `ref_` prefix, shaped `(batch, seq_len - 1)` like the policy's, and, for methods whose loss
+reads the reference's whole distribution, its final hidden states with the model that projects them (model
+references only).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import torch
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
-from .statistics import forward_statistics
+from .statistics import (
+    DistributionRequest,
+    ReferenceDistribution,
+    causal_lm_of,
+    forward_statistics,
+    vocab_size_of,
+)
 
 
 # Batch keys the reference forward never needs
@@ -31,14 +40,31 @@ _POLICY_ONLY_KEYS = ("output_router_logits",)
 
 
 class Reference:
-    """Base class: `statistics(policy, inputs, names, args)` returns `{"ref_<name>": (B, T-1) tensor}`."""
+    """Base class: `statistics(policy, inputs, names, args, columns, distribution)` returns
+    `({"ref_<name>": (B, T-1) tensor}, ReferenceDistribution | None)`."""
 
     description = "reference"
 
     def statistics(
-        self, policy: torch.nn.Module, inputs: Mapping[str, Any], names: Sequence[str], args: Mapping[str, Any]
-    ) -> dict[str, torch.Tensor]:
+        self,
+        policy: torch.nn.Module,
+        inputs: Mapping[str, Any],
+        names: Sequence[str],
+        args: Mapping[str, Any],
+        columns: Mapping[str, torch.Tensor] | None = None,
+        distribution: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], ReferenceDistribution | None]:
         raise NotImplementedError
+
+
+def _model_statistics(model, head_owner, inputs, names, args, distribution):
+    """A model reference's statistics (and, when asked, its hidden states for distribution terms)."""
+    inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
+    request = DistributionRequest(args=args, backbone_only=distribution)
+    with torch.no_grad():
+        _, stats = forward_statistics(model, inputs, names, args, keep_outputs=False, request=request)
+    hidden = ReferenceDistribution(request.hidden, causal_lm_of(head_owner)) if distribution else None
+    return {f"ref_{name}": value for name, value in stats.items()}, hidden
 
 
 class ModelReference(Reference):
@@ -48,11 +74,8 @@ class ModelReference(Reference):
         self.model = model
         self.description = description
 
-    def statistics(self, policy, inputs, names, args):
-        inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
-        with torch.no_grad():
-            _, stats = forward_statistics(self.model, inputs, names, args, keep_outputs=False)
-        return {f"ref_{name}": value for name, value in stats.items()}
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
+        return _model_statistics(self.model, self.model, inputs, names, args, distribution)
 
 
 @contextlib.contextmanager
@@ -77,12 +100,10 @@ class AdapterReference(Reference):
             else f"frozen copy of the starting adapter (adapter '{adapter_name}')"
         )
 
-    def statistics(self, policy, inputs, names, args):
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
         peft_model = getattr(policy, "module", policy)
-        inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
         with torch.no_grad(), use_adapter(peft_model, self.adapter_name), eval_mode(policy):
-            _, stats = forward_statistics(policy, inputs, names, args, keep_outputs=False)
-        return {f"ref_{name}": value for name, value in stats.items()}
+            return _model_statistics(policy, policy, inputs, names, args, distribution)
 
 
 class CallbackReference(Reference):
@@ -100,7 +121,7 @@ class CallbackReference(Reference):
         self.fn = fn
         self.description = f"callback {getattr(fn, '__name__', type(fn).__name__)}"
 
-    def statistics(self, policy, inputs, names, args):
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
         batch = {k: v for k, v in inputs.items() if k not in (*_POLICY_ONLY_KEYS, "use_cache")}
         mask = batch["labels"][:, 1:] != -100  # (B, T-1)
         with torch.no_grad():
@@ -135,13 +156,42 @@ class CallbackReference(Reference):
                     f"({int((~torch.isfinite(value[mask])).sum())} of {int(mask.sum())})."
                 )
             out[f"ref_{name}"] = torch.where(mask, value, 0.0)
-        return out
+        return out, None
+
+
+class ColumnReference(Reference):
+    """Reference statistics read from dataset columns `ref_<name>`, computed once beforehand: no forward at all.
+
+    Each column holds one value per token of `input_ids`: the value at index i scores token i given the tokens before
+    it (so index 0, which nothing predicts, is ignored), exactly like TRL's per-token `log_probs` shifted by one. The
+    columns travel with the tokens through truncation, padding, padding-free and packing (`trl_priority.data`).
+    """
+
+    description = "precomputed dataset columns"
+
+    @staticmethod
+    def hint(name: str) -> str:
+        return (
+            f"`precomputed_ref_columns=True` reads the reference's '{name}' from a column 'ref_{name}' with one value "
+            f"per token of `input_ids` (the value at i scores token i); compute it once with the reference model, "
+            "or unset `precomputed_ref_columns` to run the reference online"
+        )
+
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
+        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+        out = {}
+        for name in names:
+            value = columns[f"ref_{name}"][:, 1:].to(device=mask.device, dtype=torch.float32)  # (B, T-1)
+            if not torch.isfinite(value[mask]).all():
+                raise ValueError(f"The column 'ref_{name}' has non-finite values at supervised positions.")
+            out[f"ref_{name}"] = torch.where(mask, value, 0.0)
+        return out, None
 
 
 def check_same_vocabulary(ref_model: torch.nn.Module, policy: torch.nn.Module, tokenizer=None, ref_tokenizer=None):
     """Raise if the reference scores another vocabulary than the policy: its log-probs would not be comparable."""
-    ref_size = ref_model.get_output_embeddings().weight.shape[0]
-    policy_size = policy.get_output_embeddings().weight.shape[0]
+    ref_size = vocab_size_of(causal_lm_of(ref_model))
+    policy_size = vocab_size_of(causal_lm_of(policy))
     if ref_size != policy_size:
         raise ValueError(
             f"The reference model's vocabulary has {ref_size} entries but the policy's has {policy_size}. A reference "
@@ -185,6 +235,7 @@ def is_callback_reference(ref_model: Any) -> bool:
 __all__ = [
     "AdapterReference",
     "CallbackReference",
+    "ColumnReference",
     "ModelReference",
     "Reference",
     "add_frozen_adapter_copy",

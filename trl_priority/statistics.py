@@ -1,7 +1,7 @@
 """The per-token statistics a priority may read, and how they are computed.
 
-Every statistic is a tensor of shape `(batch, seq_len - 1)` aligned like TRL's fused-head `log_probs`: position t
-scores the label `labels[:, t + 1]`. Priorities name the statistics they need as positional parameters:
+Every per-token statistic is a tensor of shape `(batch, seq_len - 1)` aligned like TRL's fused-head `log_probs`:
+position t scores the label `labels[:, t + 1]`. Priorities name the statistics they need as positional parameters:
 
 | name              | source    | meaning                                                                          |
 |-------------------|-----------|----------------------------------------------------------------------------------|
@@ -11,28 +11,43 @@ scores the label `labels[:, t + 1]`. Priorities name the statistics they need as
 | `mass`            | policy    | Σ_v π(v)·1[π(v) < π(y_t)] + π(y_t): probability mass at or below the label       |
 | `topk_entropy`    | policy    | entropy of the top-k renormalised next-token distribution (hyperparameter `k`)   |
 | `ref_<name>`      | reference | any policy statistic above, under the frozen reference                           |
-| `response_mask`   | data      | the token belongs to the response (completion), not the prompt                   |
+| data statistics   | data      | per-token, per-example or span columns of the dataset (`DATA_STATISTICS`, open)  |
+| `progress`        | trainer   | fraction of training done, a scalar in [0, 1] (global_step / max_steps)          |
+| `state`           | trainer   | the method's `TokenState`: per-token history kept across steps and checkpoints   |
+| `selected`        | trainer   | bool: the token is in the method's top-fraction selection (see `TopFraction`)    |
 
 `logps` and `entropy` come from TRL's fused LM head, which never builds the `(batch, seq, vocab)` logits. The
-*distribution* statistics (`mass`, `topk_entropy`) need the whole next-token distribution: they are computed
-from the final hidden states, projected through the LM head a few hundred positions at a time, and only for the
-supervised positions, so memory grows with `chunk × vocab`, never `batch × seq × vocab`.
+*distribution* statistics (`mass`, `topk_entropy`) and the differentiable *distribution terms* of a method's objective
+(`trl_priority.objectives.DistributionTerm`: a KL anchor, a soft-target cross-entropy) need the whole next-token
+distribution. They are computed inside the model's own forward (`add_distribution_head`), where ZeRO-3 and FSDP have
+gathered the LM head, from the final hidden states projected a few hundred supervised positions at a time in float32,
+so memory grows with `chunk × vocab`, never `batch × seq × vocab`.
 
-Adding a distribution statistic is one function registered in `DISTRIBUTION_STATISTICS`; adding a data column
-statistic is one entry in `DATA_STATISTICS` (the column is then carried through padding, padding-free and packing by
-`trl_priority.data`).
+Adding a distribution statistic is one function registered in `DISTRIBUTION_STATISTICS`; adding a data statistic is
+one `register_data_statistic` call (the column is then carried through truncation, padding, padding-free and packing
+by `trl_priority.data`).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+try:  # TRL's own fp32-accumulating projection helpers (trl>=1.16; the pin in pyproject keeps them)
+    from trl.kernels.chunked_logprob import _addmm_fp32
+except ImportError:  # pragma: no cover
+
+    def _addmm_fp32(acc, a, b):
+        acc.addmm_(a.float(), b.float())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -80,47 +95,114 @@ DISTRIBUTION_STATISTICS: dict[str, DistributionStatistic] = {
 # Statistic name -> field of TRL's `FusedCausalLMOutput`
 FUSED_STATISTICS = {"logps": "log_probs", "entropy": "entropy"}
 
-
-@dataclass(frozen=True)
-class DataStatistic:
-    """A per-token column of the prepared dataset, shifted to score labels like `logps`."""
-
-    column: str
-    hint: str  # how a dataset gets this column, shown when it is missing
-
-
-DATA_STATISTICS: dict[str, DataStatistic] = {
-    "response_mask": DataStatistic(
-        column="completion_mask",
-        hint="TRL builds it from prompt-completion datasets (columns 'prompt' and 'completion', standard or "
-        "conversational), or give a tokenized dataset a 'completion_mask' column (1 on response tokens)",
-    ),
-}
-
-POLICY_STATISTICS = (*FUSED_STATISTICS, *DISTRIBUTION_STATISTICS)
-
-# The fused statistics computed from a chunk instead, when the chunks are projected anyway (see `forward_statistics`)
+# The fused statistics computed from a chunk instead, when the chunks are projected anyway
 _FUSED_FROM_CHUNK = {
     "logps": DistributionStatistic(lambda logprobs, labels: logprobs.gather(1, labels[:, None]).squeeze(1)),
     "entropy": DistributionStatistic(lambda logprobs, labels: -(logprobs.exp() * logprobs).sum(-1)),
 }
 
+POLICY_STATISTICS = (*FUSED_STATISTICS, *DISTRIBUTION_STATISTICS)
 
-def source_of(name: str) -> str | None:
-    """'labels', 'policy', 'reference' or 'data'; None for a name that is no statistic."""
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data statistics: an open registry, like the priorities.
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataStatistic:
+    """A column of the dataset read as a per-token statistic, aligned like `logps` (shifted by one).
+
+    Attributes:
+        column: the dataset column.
+        level: "token" (a list with one value per token of `input_ids`), "example" (one number per example,
+            broadcast to all of its tokens before truncation and packing) or "span" (a list of `[start, end]` or
+            `[start, end, value]` character offsets into the completion text; the tokens that overlap a span get its
+            value, default 1).
+        padding: the value on tokens outside the example (padding), and, for spans, on tokens outside every span.
+        hint: how a dataset gets this column, shown when it is missing.
+        generated: the trainer makes the column itself (the per-token identity), the dataset need not have it.
+    """
+
+    column: str
+    level: Literal["token", "example", "span"] = "token"
+    padding: float = 0.0
+    hint: str = ""
+    generated: bool = False
+
+
+DATA_STATISTICS: dict[str, DataStatistic] = {}
+
+# Statistics the trainer provides: training progress, the method's state, its selection
+TRAINER_STATISTICS = ("progress", "state", "selected")
+
+
+def _source_of_builtin(name: str) -> str | None:
     if name == "mask":
         return "labels"
     if name in POLICY_STATISTICS:
         return "policy"
     if name.startswith("ref_") and name[4:] in POLICY_STATISTICS:
         return "reference"
-    if name in DATA_STATISTICS:
-        return "data"
+    if name in TRAINER_STATISTICS:
+        return "trainer"
     return None
 
 
+
+
+def register_data_statistic(
+    name: str,
+    *,
+    column: str | None = None,
+    level: Literal["token", "example", "span"] = "token",
+    padding: float = 0.0,
+    hint: str = "",
+    overwrite: bool = False,
+) -> DataStatistic:
+    """Make a dataset column readable by priorities as the statistic `name` (the column defaults to `name`).
+
+    ```python
+    register_data_statistic("difficulty", level="example")  # a number per example, broadcast to its tokens
+    @register_priority(regime="soft")
+    def easy_first(difficulty, mask, *, gamma: float = 1.0):
+        return torch.exp(-gamma * difficulty) * mask
+    ```
+    """
+    if level not in ("token", "example", "span"):
+        raise ValueError(f"Data statistic '{name}': level {level!r} is not one of 'token', 'example', 'span'.")
+    if (name in DATA_STATISTICS or _source_of_builtin(name) is not None) and not overwrite:
+        raise ValueError(f"A statistic named '{name}' already exists; pass `overwrite=True` to replace it.")
+    statistic = DataStatistic(column or name, level, float(padding), hint or f"add a '{column or name}' column")
+    DATA_STATISTICS[name] = statistic
+    return statistic
+
+
+register_data_statistic(
+    "response_mask",
+    column="completion_mask",
+    hint="TRL builds it from prompt-completion datasets (columns 'prompt' and 'completion', standard or "
+    "conversational), or give a tokenized dataset a 'completion_mask' column (1 on response tokens)",
+)
+# The per-token identity, made by the trainer: which example a token comes from and where it stood in it. It survives
+# shuffling, padding, padding-free and packing, so stateful methods key their history by it.
+DATA_STATISTICS["example_index"] = DataStatistic("example_index", "example", -1.0, generated=True)
+DATA_STATISTICS["token_position"] = DataStatistic("token_position", "token", -1.0, generated=True)
+
+def source_of(name: str) -> str | None:
+    """'labels', 'policy', 'reference', 'data' or 'trainer'; None for a name that is no statistic."""
+    builtin = _source_of_builtin(name)
+    if builtin is not None:
+        return builtin
+    return "data" if name in DATA_STATISTICS else None
+
+
 def known_statistics() -> list[str]:
-    return ["mask", *POLICY_STATISTICS, *(f"ref_{name}" for name in POLICY_STATISTICS), *DATA_STATISTICS]
+    return [
+        "mask",
+        *POLICY_STATISTICS,
+        *(f"ref_{name}" for name in POLICY_STATISTICS),
+        *DATA_STATISTICS,
+        *TRAINER_STATISTICS,
+    ]
 
 
 def hyperparameters_of(name: str) -> tuple[str, ...]:
@@ -130,10 +212,27 @@ def hyperparameters_of(name: str) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Computing them
+# The LM head, also when sharded
 # ------------------------------------------------------------------------------------------------------------------
-# Positions × vocabulary entries per LM-head chunk: 2^24 float32 logits = 64 MiB, e.g. 341 positions of a 49k vocab.
-CHUNK_ELEMENTS = 2**24
+def causal_lm_of(model) -> torch.nn.Module:
+    """The `PreTrainedModel` that carries the LM head, under DDP/FSDP wrappers and PEFT."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def vocab_size_of(causal_lm) -> int:
+    """Rows of the LM head, read so that it also holds when the weight is sharded.
+
+    Under DeepSpeed ZeRO-3 the local weight has 0 elements and the full shape is `ds_shape`; an FSDP2 DTensor reports
+    its global shape; an FSDP1 flat parameter keeps `out_features` on the module.
+    """
+    head = causal_lm.get_output_embeddings()
+    weight = head.weight
+    if hasattr(weight, "ds_shape"):
+        return int(weight.ds_shape[0])
+    if weight.dim() == 2 and weight.numel() > 0:
+        return int(weight.shape[0])
+    return int(getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size)
 
 
 def _logit_transform(config) -> tuple[float, float | None]:
@@ -151,86 +250,246 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else scale), getattr(text_config, "final_logit_softcapping", None)
 
 
-def next_token_logprobs(
-    hidden: torch.Tensor, causal_lm, chunk_rows: int | None = None
-) -> Iterable[tuple[slice, torch.Tensor]]:
-    """Yield `(rows, logprobs)` over chunks of positions: `logprobs` is `(n, V)` float32 for `hidden[rows]`.
+@dataclass
+class _Head:
+    """An LM head ready to project: full weight (gathered), bias, logit transform and compute dtype."""
 
-    `hidden` is `(N, H)`: final hidden states at N positions. No gradient flows.
-    """
-    lm_head = causal_lm.get_output_embeddings()
-    scale, softcap = _logit_transform(causal_lm.config)
-    vocab = lm_head.weight.shape[0]
-    chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
-    for start in range(0, hidden.size(0), chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        logits = lm_head(hidden[rows].to(lm_head.weight.dtype)).float() * scale  # (n, V)
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        yield rows, logits.log_softmax(-1)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    scale: float
+    softcap: float | None
 
+    def logits_fp32(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`(n, V)` float32 raw logits of `hidden` `(n, H)`: products in `dtype`, accumulated in float32.
 
-@torch.no_grad()
-def distribution_statistics(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    causal_lm,
-    names: Iterable[str],
-    args: Mapping[str, Any],
-) -> dict[str, torch.Tensor]:
-    """Compute distribution statistics at the supervised positions, chunk by chunk.
+        Rounding the logits to bf16 before the softmax would cost about 1e-2 in log-probability; TRL's chunked kernel
+        keeps them in float32 the same way.
+        """
+        hidden = hidden.to(dtype)
+        weight = self.weight.to(dtype)
+        if hidden.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = torch.mm(hidden.float(), weight.float().t())
+        if self.bias is not None:
+            logits = logits + self.bias.float()
+        return logits
 
-    Args:
-        hidden: `(B, T, H)` final hidden states of the backbone.
-        labels: `(B, T)` labels, -100 where ignored.
-        causal_lm: the model whose LM head projects `hidden` (unwrapped from PEFT / DDP).
-        names: distribution statistics to compute (no `ref_` prefix); `logps` and `entropy` are accepted too.
-        args: the priority's resolved hyperparameters; each statistic takes the ones it declares.
-    """
-    names = list(names)
-    shifted = labels[:, 1:]  # (B, T-1)
-    mask = shifted != -100  # (B, T-1)
-    rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
-    rows_labels = shifted[mask]  # (N,)
-    values = {name: torch.empty(rows_labels.shape, dtype=torch.float32, device=hidden.device) for name in names}
-    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in names}
-    kwargs = {name: {hp: args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
-    for rows, logprobs in next_token_logprobs(rows_hidden, causal_lm):
-        for name, stat in stats.items():
-            values[name][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs[name])
-    out = {}
-    for name in names:
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
-        full[mask] = values[name]
-        out[name] = full
-    return out
-
-
-def causal_lm_of(model) -> torch.nn.Module:
-    """The `PreTrainedModel` that carries the LM head, under DDP/FSDP wrappers and PEFT."""
-    model = getattr(model, "module", model)  # DDP / DeepSpeed engine
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
 
 
 @contextmanager
-def capture_final_hidden_state(causal_lm):
-    """Record the backbone's final hidden states during a forward, without changing it.
+def gathered_head(causal_lm):
+    """The LM head of `causal_lm`, whole, for the duration of the block (ZeRO-3 gathered, FSDP2 DTensor made full)."""
+    head = causal_lm.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    with maybe_gather_lm_head_ctx(weight, bias):
+        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: differentiable all-gather, as TRL's fused head does
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        scale, softcap = _logit_transform(causal_lm.config)
+        yield _Head(weight, bias, scale, softcap)
 
-    TRL's fused head calls the backbone (`causal_lm.base_model`) and then projects only the supervised positions; a
-    forward hook on the backbone lets the distribution statistics reuse those hidden states instead of running a
-    second forward pass.
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+
+
+# Positions × vocabulary entries per LM-head chunk: 2^24 float32 logits = 64 MiB, e.g. 341 positions of a 49k vocab.
+CHUNK_ELEMENTS = 2**24
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The request a forward carries, and the chunked pass that serves it
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReferenceDistribution:
+    """The reference's final hidden states and the model whose LM head projects them, for distribution terms."""
+
+    hidden: torch.Tensor  # (B, T, H_ref), no gradient
+    causal_lm: torch.nn.Module
+
+
+@dataclass
+class DistributionRequest:
+    """What a forward computes besides TRL's fused log-probabilities; the forward writes its results here.
+
+    Passed to the model as the keyword `distribution_request`; the results come back in the request itself, not in
+    the model output, so no wrapper (DDP, FSDP, accelerate's fp32 output conversion) can drop them.
     """
-    captured: dict[str, torch.Tensor] = {}
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        captured["hidden"] = hidden.detach()
+    statistics: tuple[str, ...] = ()  # no-gradient distribution statistics (and `logps` / `entropy` for a reference)
+    args: Mapping[str, Any] = field(default_factory=dict)
+    terms: tuple[Any, ...] = ()  # `DistributionTerm`s: differentiable, summed over the supervised positions
+    term_weights: tuple[float, ...] = ()
+    term_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (B, T-1) per-token inputs of the terms
+    reference: ReferenceDistribution | None = None
+    backbone_only: bool = False  # a reference: run the backbone alone, no fused head
+    chunk_elements: int = CHUNK_ELEMENTS
+    # Results
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # statistic -> (B, T-1), no gradient
+    term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
+    term_total: torch.Tensor | None = None  # Σ_terms w · Σ_t term_t, with gradient
+    hidden: torch.Tensor | None = None  # the final hidden states, when `backbone_only`
 
-    handle = causal_lm.base_model.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
+
+class _ChunkedTerms(torch.autograd.Function):
+    """Σ_terms w_i · Σ_rows term_i(log_softmax(h W^T)) with gradient to `h` and `W`, chunk by chunk.
+
+    As in Liger-Kernel's chunked losses and TRL's chunked kernels, the gradient is computed during the forward, one
+    chunk of positions at a time, and stored: the backward only scales it, so it never projects again (nor needs the
+    LM head gathered again under ZeRO-3). Inside a chunk, the term's own gradient with respect to the logits comes from
+    autograd, so a term is a plain function of `(n, V)` log-probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_hidden, weight, bias, run):  # run: a closure over the chunk loop
+        total, grad_hidden, grad_weight, grad_bias = run(rows_hidden, weight, bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (rows_hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+
+        def scaled(grad, has, dtype):
+            return (grad * grad_total.float()).to(dtype) if has else None
+
+        grads = (grad_hidden, grad_weight, grad_bias)
+        return (*(scaled(g, h, d) for g, h, d in zip(grads, ctx.has, ctx.dtypes)), None)
+
+
+def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, request: DistributionRequest) -> None:
+    """Compute the request's statistics and terms at the supervised positions of `hidden` `(B, T, H)`."""
+    shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
+    mask = shifted != -100  # (B, T-1)
+    rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
+    rows_labels = shifted[mask]  # (N,)
+    num_rows = rows_labels.numel()
+    names = list(request.statistics)
+    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in names}
+    stat_kwargs = {name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
+    values = {name: hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}
+    terms = request.terms
+    term_values = {term.name: hidden.new_zeros(num_rows, dtype=torch.float32) for term in terms}
+    term_rows = {name: value.to(hidden.device)[mask] for name, value in request.term_inputs.items()}  # (N,) each
+    dtype = _compute_dtype(hidden)
+
+    ref_context = nullcontext(None)
+    if request.reference is not None:
+        ref_context = gathered_head(request.reference.causal_lm)
+    with gathered_head(causal_lm) as head, ref_context as ref_head:
+        vocab = head.weight.shape[0]
+        chunk_rows = max(1, request.chunk_elements // vocab)
+        ref_rows_hidden = None
+        if ref_head is not None:
+            ref_rows_hidden = request.reference.hidden[:, :-1][mask].to(hidden.device)  # (N, H_ref)
+            ref_dtype = _compute_dtype(request.reference.hidden)
+
+        def chunks():
+            for start in range(0, num_rows, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                with torch.no_grad():
+                    raw = head.logits_fp32(rows_hidden[rows].detach(), dtype)  # (n, V) float32
+                    ref_logprobs = None
+                    if ref_head is not None:
+                        ref_raw = ref_head.logits_fp32(ref_rows_hidden[rows], ref_dtype)
+                        ref_logprobs = ref_head.transform(ref_raw).log_softmax(-1)  # (n, V)
+                yield rows, raw, ref_logprobs
+
+        def run(rows_hidden_, weight, bias):
+            needs_grad = rows_hidden_.requires_grad or weight.requires_grad
+            grad_hidden = torch.zeros_like(rows_hidden_, dtype=torch.float32) if rows_hidden_.requires_grad else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+            total = rows_hidden_.new_zeros((), dtype=torch.float32)
+            for rows, raw, ref_logprobs in chunks():
+                with torch.enable_grad():
+                    raw = raw.requires_grad_(needs_grad)
+                    logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
+                    with torch.no_grad():
+                        for name, stat in stats.items():
+                            values[name][rows] = stat.fn(logprobs.detach(), rows_labels[rows], **stat_kwargs[name])
+                    chunk_total = raw.new_zeros(())
+                    for term, term_weight in zip(terms, request.term_weights):
+                        per_row = term(logprobs, rows_labels[rows], ref_logprobs, term_rows, rows, request.args)
+                        term_values[term.name][rows] = per_row.detach().float()
+                        chunk_total = chunk_total + term_weight * per_row.sum()
+                if terms and needs_grad:
+                    (grad_raw,) = torch.autograd.grad(chunk_total, raw)  # (n, V) float32
+                    grad_raw = grad_raw.to(dtype)
+                    h = rows_hidden_[rows].detach().to(dtype)
+                    if grad_hidden is not None:
+                        _addmm_fp32(grad_hidden[rows], grad_raw, head.weight.detach().to(dtype))
+                    if grad_weight is not None:
+                        _addmm_fp32(grad_weight, grad_raw.t(), h)
+                    if grad_bias is not None:
+                        grad_bias += grad_raw.sum(0, dtype=torch.float32)
+                total = total + chunk_total.detach()
+            return total, grad_hidden, grad_weight, grad_bias
+
+        if terms:
+            request.term_total = _ChunkedTerms.apply(rows_hidden, head.weight, head.bias, run)
+        else:
+            with torch.no_grad():
+                run(rows_hidden.detach(), head.weight.detach(), None)
+
+    for name, rows_value in {**values, **term_values}.items():
+        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
+        full[mask] = rows_value
+        (request.values if name in values else request.term_values)[name] = full
+
+
+def add_distribution_head(causal_lm) -> None:
+    """Let `causal_lm`'s forward serve a `DistributionRequest`, after TRL's `add_fused_lm_head` patched it.
+
+    `model(**inputs, fused_lm_head=True, distribution_request=request)` then also computes the request's statistics
+    and terms from the final hidden states, inside the model's own forward: the place where DeepSpeed ZeRO-3 and FSDP
+    have the parameters gathered and accelerate's autocast is active, as for TRL's fused head. With
+    `request.backbone_only` the fused head is skipped (a reference needs no loss). Idempotent.
+    """
+    if getattr(causal_lm, "_trl_priority_distribution_head", False):
+        return
+    fused_forward = causal_lm.forward
+
+    @functools.wraps(fused_forward)
+    def forward(self, *args, distribution_request: DistributionRequest | None = None, **kwargs):
+        if distribution_request is None:
+            return fused_forward(*args, **kwargs)
+        request = distribution_request
+        labels = kwargs.get("labels")
+        if request.backbone_only:
+            backbone_kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("labels", "fused_lm_head", "num_items_in_batch")
+            }
+            backbone_kwargs["use_cache"] = False
+            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state  # (B, T, H)
+            request.hidden = hidden
+            if request.statistics or request.terms:
+                _distribution_pass(hidden, labels, self, request)
+            return None
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module, hook_args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        handle = self.base_model.register_forward_hook(hook)
+        try:
+            outputs = fused_forward(*args, **kwargs)
+        finally:
+            handle.remove()
+        _distribution_pass(captured["hidden"], labels, self, request)
+        return outputs
+
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+    causal_lm._trl_priority_distribution_head = True
 
 
 def forward_statistics(
@@ -239,26 +498,32 @@ def forward_statistics(
     names: Iterable[str],
     args: Mapping[str, Any],
     keep_outputs: bool = True,
+    request: DistributionRequest | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """Run `model` with TRL's fused LM head and return `(outputs, statistics)`.
 
     `names` are policy statistics (no prefix) wanted from this model; `outputs` keeps the gradient of `log_probs`
-    for the loss, while every returned statistic is detached. Used for the policy and for model references alike.
+    for the loss, while every returned statistic is detached. Used for the policy and for model references alike; the
+    model's causal LM must carry `add_distribution_head`.
 
     With `keep_outputs=False` (a reference, which needs no loss) and a distribution statistic among `names`, the
-    backbone runs alone and one chunked projection serves every statistic: through the fused head, the supervised
-    positions would be projected twice. `outputs` is then None.
+    backbone runs alone and one chunked projection serves every statistic. `outputs` is then None.
+    `request` may carry distribution terms (with gradient); its statistics are filled in here.
     """
     names = list(dict.fromkeys(names))
     distribution = [name for name in names if name in DISTRIBUTION_STATISTICS]
+    request = request or DistributionRequest(args=args)
     causal_lm = causal_lm_of(model)
-    if distribution and not keep_outputs:
-        backbone_inputs = {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
-        hidden = causal_lm.base_model(**backbone_inputs).last_hidden_state  # (B, T, H)
-        return None, distribution_statistics(hidden, inputs["labels"], causal_lm, names, args)
-    capture = capture_final_hidden_state(causal_lm) if distribution else nullcontext({})
-    with capture as captured:
-        outputs = model(**inputs, fused_lm_head=True)
+    if not getattr(causal_lm, "_trl_priority_distribution_head", False):
+        add_distribution_head(causal_lm)
+    if not keep_outputs and (distribution or request.backbone_only):
+        request.statistics = tuple(names)
+        request.backbone_only = True
+        model(**inputs, fused_lm_head=True, distribution_request=request)
+        return None, dict(request.values)
+    request.statistics = tuple(distribution)
+    needs_pass = bool(distribution or request.terms)
+    outputs = model(**inputs, fused_lm_head=True, **({"distribution_request": request} if needs_pass else {}))
     statistics = {}
     for name in names:
         if name in FUSED_STATISTICS:
@@ -268,6 +533,23 @@ def forward_statistics(
                     f"The fused LM head of {type(causal_lm).__name__} does not compute '{FUSED_STATISTICS[name]}'."
                 )
             statistics[name] = value.detach().float()
-    if distribution:
-        statistics.update(distribution_statistics(captured["hidden"], inputs["labels"], causal_lm, distribution, args))
+    statistics.update(request.values)
     return outputs, statistics
+
+
+def distribution_statistics(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    causal_lm,
+    names: Iterable[str],
+    args: Mapping[str, Any],
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> dict[str, torch.Tensor]:
+    """Distribution statistics of final hidden states `(B, T, H)` at the supervised positions, chunk by chunk.
+
+    The functional core of the forward's pass, for tests and tools; training computes the same inside the forward.
+    """
+    request = DistributionRequest(statistics=tuple(names), args=args, chunk_elements=chunk_elements)
+    with torch.no_grad():
+        _distribution_pass(hidden, labels, causal_lm, request)
+    return request.values

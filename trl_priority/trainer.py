@@ -1,12 +1,13 @@
 """`PrioritySFTTrainer`: TRL's `SFTTrainer` with the per-token loss weighted by a priority Φ.
 
 The trainer is deliberately thin. For each batch it gathers per-token statistics (the policy's, from TRL's fused LM
-head; the reference's, from a `trl_priority.reference.Reference`; the data's, from per-token columns), hands them to
-the priority function, and forms the loss
+head; the reference's, from a `trl_priority.reference.Reference`; the data's, from per-token columns; the trainer's
+own: training progress, the method's state, its selection), hands them to the priority function, and forms the loss
 
-    L = Σ_t Φ_t · (−log π_θ(y_t | y_<t)) / N  (+ the method's declared loss terms)
+    L = [Σ_{Φ≥0} Φ_t · (−log π_θ(y_t | y_<t)) + Σ_{Φ<0} |Φ_t| · U(π_θ(y_t))] / N  (+ the method's declared terms)
 
-with N TRL's own denominator. It knows the registry, never a method: what a method needs is read from its signature.
+with N TRL's own denominator (`trl_priority.objectives`). It knows the registry, never a method: what a method needs
+is read from what it declares (its signature, its selection, its loss terms).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,16 +28,22 @@ from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, get_config_model_id
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    create_model_from_path,
+    get_config_model_id,
+    global_then_local_main_first,
+)
 
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
-from .objectives import weighted_nll
+from .objectives import priority_loss
 from .priorities import get_priority
 from .reference import (
     AdapterReference,
     CallbackReference,
+    ColumnReference,
     ModelReference,
     Reference,
     add_frozen_adapter_copy,
@@ -44,7 +52,9 @@ from .reference import (
     freeze_and_place,
     is_callback_reference,
 )
-from .statistics import causal_lm_of, forward_statistics
+from .selection import select_in_batch, select_over_step
+from .state import TokenState
+from .statistics import DataStatistic, DistributionRequest, add_distribution_head, causal_lm_of, forward_statistics
 
 
 logger = get_logger(__name__)
@@ -111,21 +121,35 @@ class PrioritySFTTrainer(SFTTrainer):
         args = self._as_priority_config(args, model)
         self.priority = None if args.priority is None else get_priority(args.priority)
         self.priority_args = {} if self.priority is None else self.priority.resolve_args(args.priority_args)
-        self._token_columns: tuple[str, ...] = ()
+        self._column_specs: dict[str, DataStatistic] = {}
         self.reference: Reference | None = None
+        self.priority_state: TokenState | None = None
+        self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
         starting_model = None
 
         if self.priority is not None:
+            self._uses_reference = self.priority.reference_used(self.priority_args)
             self._check_compatible(args, compute_loss_func, ref_model, model)
-            if self.priority.trains_prompt_tokens:
+            if self.priority.trains_prompt(self.priority_args):
                 # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
                 args.completion_only_loss = False
-            # What the method reads, by source: decided once from its signature
+            # What the method reads, by source: decided once from what it declares
             self._policy_statistics = self.priority.statistics_from("policy")
             self._data_statistics = self.priority.statistics_from("data")
-            self._token_columns = tuple(stats_vocab.DATA_STATISTICS[name].column for name in self._data_statistics)
+            trainer_statistics = self.priority.statistics_from("trainer")
+            if "state" in trainer_statistics:
+                self.priority_state = TokenState()
+            for name in self._data_statistics + (("example_index", "token_position") if self.priority_state else ()):
+                spec = stats_vocab.DATA_STATISTICS[name]
+                self._column_specs[spec.column] = spec
+            if self._uses_reference and args.precomputed_ref_columns:
+                for name in self.priority.reference_statistics:
+                    self._column_specs[f"ref_{name}"] = DataStatistic(
+                        f"ref_{name}", "token", 0.0, hint=ColumnReference.hint(name)
+                    )
             uses_starting_model = (
-                self.priority.needs_reference
+                self._uses_reference
+                and not args.precomputed_ref_columns
                 and ref_model is None
                 and args.ref_model_name_or_path is None
                 and peft_config is None
@@ -162,13 +186,16 @@ class PrioritySFTTrainer(SFTTrainer):
             )
         if self.priority is None:
             return
+        self._check_parallelism()
+        add_distribution_head(causal_lm_of(self.model))
         if self._token_columns:
             if self._is_vision_dataset:
                 raise ValueError(
                     f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not "
                     "support yet."
                 )
-            self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns, self.padding_free)
+            padding = {column: spec.padding for column, spec in self._column_specs.items()}
+            self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns, self.padding_free, padding)
         self.reference = self._build_reference(ref_model, starting_model, quantization_config)
         summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
         if self.reference is not None:
@@ -178,13 +205,19 @@ class PrioritySFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Set-up
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def _token_columns(self) -> tuple[str, ...]:
+        return tuple(self._column_specs)
+
     @staticmethod
     def _as_priority_config(args, model) -> PrioritySFTConfig:
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             return PrioritySFTConfig(f"{name.split('/')[-1] or 'model'}-PrioritySFT")
         if isinstance(args, PrioritySFTConfig):
-            return args
+            # A copy: the trainer adjusts a few settings for the method (completion_only_loss for WIT), and the
+            # user's config must stay as they wrote it
+            return copy.copy(args)
         # The fields themselves, not `to_dict()`, which masks every `*_token` value (hub_token, eos_token, ...)
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
@@ -201,26 +234,47 @@ class PrioritySFTTrainer(SFTTrainer):
                 "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
                 "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
             )
-        if self.priority.trains_prompt_tokens and (args.completion_only_loss or args.assistant_only_loss):
+        if self.priority.trains_prompt(self.priority_args) and (args.completion_only_loss or args.assistant_only_loss):
             raise ValueError(
                 f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
                 "`assistant_only_loss=True`. Leave both unset."
             )
-        has_reference = ref_model is not None or args.ref_model_name_or_path is not None
-        if self.priority.needs_reference and self.priority.reference == "explicit" and not has_reference:
+        has_reference = ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
+        if self._uses_reference and self.priority.needs_reference_distribution:
+            if args.precomputed_ref_columns or is_callback_reference(ref_model):
+                raise ValueError(
+                    f"Priority '{name}' reads the reference's whole next-token distribution (a loss term over the "
+                    "vocabulary), which neither precomputed columns nor a callback can provide. Use a reference model "
+                    "(`ref_model=`, `ref_model_name_or_path`, or none for the starting model)."
+                )
+        if self._uses_reference and self.priority.reference == "explicit" and not has_reference:
             raise ValueError(
                 f"Priority '{name}' compares the policy with a reference trained for the purpose (see its docstring); "
                 "against the starting model its scores carry no signal at step 0. Pass `ref_model=` (a model, a path "
                 f"or a callback) or set `ref_model_name_or_path`. recipes/{name}.yaml shows how to train one first."
             )
-        if not self.priority.needs_reference and has_reference:
+        if not self._uses_reference and has_reference:
             warnings.warn(
-                f"Priority '{name}' reads no reference statistics; the reference model is ignored.", stacklevel=3
+                f"Priority '{name}' with {self.priority_args} reads no reference statistics; the reference is ignored.",
+                stacklevel=3,
+            )
+
+    def _check_parallelism(self) -> None:
+        # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
+        # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
+        config = self.accelerator.parallelism_config
+        if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)):
+            raise ValueError(
+                f"Priority '{self.priority.name}' does not support context or sequence parallelism (`cp_size` / "
+                "`sp_size` > 1): its per-token statistics are aligned on whole sequences. Disable it in the "
+                "accelerate config, or leave `priority` unset to train as SFTTrainer does."
             )
 
     def _build_reference(self, ref_model, starting_model, quantization_config) -> Reference | None:
-        if not self.priority.needs_reference:
+        if not self._uses_reference:
             return None
+        if self.args.precomputed_ref_columns:
+            return ColumnReference()
         if is_callback_reference(ref_model):
             return CallbackReference(ref_model)
         if ref_model is None and self.args.ref_model_name_or_path is not None:
@@ -244,6 +298,7 @@ class PrioritySFTTrainer(SFTTrainer):
             ref_model = starting_model
         check_same_vocabulary(ref_model, causal_lm_of(self.model), self._tokenizer, ref_tokenizer)
         add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
+        add_distribution_head(ref_model)
         ref_model = freeze_and_place(ref_model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
         return ModelReference(ref_model, description)
 
@@ -253,8 +308,13 @@ class PrioritySFTTrainer(SFTTrainer):
             kwargs.setdefault("quantization_config", quantization_config)
         if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             kwargs["device_map"] = None  # distributed training requires device_map=None ("auto" fails)
+        policy = causal_lm_of(self.model)
         kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        kwargs.setdefault("dtype", causal_lm_of(self.model).dtype)
+        kwargs.setdefault("dtype", policy.dtype)
+        # The reference attends as the policy does (sdpa, flash-attention, ...), so both see the same numerics
+        attn_implementation = getattr(policy.config, "_attn_implementation", None)
+        if attn_implementation is not None:
+            kwargs.setdefault("attn_implementation", attn_implementation)
         return create_model_from_path(path, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -273,6 +333,10 @@ class PrioritySFTTrainer(SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if not self._token_columns:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if "example_index" in self._column_specs:
+            # The per-token identity of stateful methods: the example's index in the dataset as given
+            with global_then_local_main_first():
+                dataset = dataset.map(lambda _, index: {"example_index": index}, with_indices=True)
         # TRL truncates and packs only `input_ids` and `labels`: let it tokenize and build the labels, then cut and
         # pack the per-token columns together with them.
         untruncated = _ArgsOverride(args, max_length=None, shuffle_dataset=False)
@@ -280,14 +344,15 @@ class PrioritySFTTrainer(SFTTrainer):
             dataset, processing_class, untruncated, False, formatting_func, dataset_name
         )
         columns = get_dataset_column_names(dataset)
-        for name in self._data_statistics:
-            column = stats_vocab.DATA_STATISTICS[name]
-            if column.column not in columns:
+        for column, spec in self._column_specs.items():
+            if column not in columns and not spec.generated:
                 raise ValueError(
-                    f"Priority '{self.priority.name}' reads '{name}' from the column '{column.column}', which the "
-                    f"prepared {dataset_name} dataset lacks (it has {columns}): {column.hint}."
+                    f"Priority '{self.priority.name}' reads the column '{column}', which the prepared {dataset_name} "
+                    f"dataset lacks (it has {columns}): {spec.hint}."
                 )
-        return prepare_token_columns(dataset, self._token_columns, args, packing, dataset_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        with global_then_local_main_first():
+            return prepare_token_columns(dataset, self._column_specs, args, packing, dataset_name, tokenizer)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -298,25 +363,109 @@ class PrioritySFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Φ
     # ------------------------------------------------------------------------------------------------------------
-    def _forward_with_priority(self, model, inputs: dict[str, Any]):
-        """Run the policy, gather every statistic the method reads, and compute Φ.
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, global_step / max_steps: 0 at the first step, read from the trainer state (so a
+        resumed run continues where it stopped)."""
+        max_steps = getattr(self.state, "max_steps", 0) or 0
+        return min(1.0, self.state.global_step / max_steps) if max_steps > 0 else 0.0
 
-        Returns `(outputs, phi, statistics)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), `phi` and
-        the statistics are `(B, T-1)` tensors without gradient.
+    def _gather_statistics(self, model, inputs: dict[str, Any], training: bool, ahead=None):
+        """Run the reference (unless `ahead` carries its statistics) and the policy; return everything Φ reads.
+
+        Returns `(outputs, statistics, request)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), the
+        statistics are `(B, T-1)` tensors without gradient (plus `progress` and `state`), `request` holds the
+        distribution terms (with gradient) the forward computed.
         """
         columns = {column: inputs.pop(column) for column in self._token_columns}  # not model inputs
+        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
         # The reference runs first, so that its transient memory never adds to the policy's saved activations
-        reference_statistics = {}
-        if self.reference is not None:
-            names = self.priority.reference_statistics
-            reference_statistics = self.reference.statistics(model, inputs, names, self.priority_args)
-        outputs, statistics = forward_statistics(model, inputs, self._policy_statistics, self.priority_args)
-        statistics.update(reference_statistics, mask=outputs.label_mask)
+        reference_statistics, reference_distribution = {}, None
+        if ahead is not None and ahead.get("reference") is not None:
+            reference_statistics = ahead["reference"]
+        elif self.reference is not None:
+            reference_statistics, reference_distribution = self.reference.statistics(
+                model,
+                inputs,
+                self.priority.reference_statistics,
+                self.priority_args,
+                columns=columns,
+                distribution=self.priority.needs_reference_distribution,
+            )
+        elif self.priority.needs_reference:  # this configuration reads no reference: its `ref_*` are None
+            reference_statistics = {f"ref_{name}": None for name in self.priority.reference_statistics}
+        statistics = dict(reference_statistics, mask=mask)
         for name in self._data_statistics:
             column = columns[stats_vocab.DATA_STATISTICS[name].column]
-            statistics[name] = column[:, 1:].to(outputs.label_mask.device)  # (B, T-1): scores labels[:, t + 1]
-        phi = self.priority(statistics, self.priority_args)
-        return outputs, phi, statistics
+            statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
+        statistics["progress"] = torch.tensor(self.progress, device=mask.device)
+        if self.priority_state is not None:
+            identity = columns["example_index"][:, 1:].to(mask.device), columns["token_position"][:, 1:].to(mask.device)
+            statistics["state"] = self.priority_state.bind(*identity, writable=training)
+
+        terms = self.priority.distribution_terms
+        request = DistributionRequest(
+            args=self.priority_args,
+            terms=terms,
+            term_weights=tuple(1.0 if t.weight is None else float(self.priority_args[t.weight]) for t in terms),
+            term_inputs={name: statistics[name] for term in terms for name in term.statistics},
+            reference=reference_distribution,
+        )
+        outputs, policy_statistics = forward_statistics(
+            model, inputs, self._policy_statistics, self.priority_args, request=request
+        )
+        statistics.update(policy_statistics)
+        return outputs, statistics, request
+
+    def _priority_of(self, statistics: dict[str, Any], selected: torch.Tensor | None = None) -> torch.Tensor:
+        """Φ from the gathered statistics: the method's selection first (over this micro-batch unless given)."""
+        selection = self.priority.selection
+        if selection is not None:
+            if selected is None:
+                scores = selection.scores(statistics, self.priority_args)
+                fraction = selection.kept_fraction(self.priority_args, self.progress)
+                selected = select_in_batch(scores, statistics["mask"], fraction)
+            statistics["selected"] = selected
+        return self.priority(statistics, self.priority_args)
+
+    def _forward_with_priority(self, model, inputs: dict[str, Any], training: bool = False, ahead=None):
+        """Run the policy, gather every statistic the method reads, and compute Φ.
+
+        Returns `(outputs, phi, statistics, request)`; `phi` is `(B, T-1)` without gradient.
+        """
+        outputs, statistics, request = self._gather_statistics(model, inputs, training, ahead)
+        phi = self._priority_of(statistics, None if ahead is None else ahead["selected"])
+        if self.priority_state is not None and training:
+            self.priority_state.sync(self.accelerator)
+        return outputs, phi, statistics, request
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the micro-batches of an optimizer step (as `Trainer` does), and select over all of them when the
+        method's selection is step-wide: every micro-batch is scored ahead, without gradient, and the top fraction of
+        every process's supervised tokens is kept."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._pending_selections.clear()
+        selection = None if self.priority is None else self.priority.selection
+        if selection is not None and selection.scope_of(self.priority_args) == "step" and batch_samples:
+            self._pending_selections.extend(self._select_over_step(batch_samples))
+        return batch_samples, num_items_in_batch
+
+    @torch.no_grad()
+    def _select_over_step(self, batch_samples) -> list[dict[str, Any]]:
+        selection = self.priority.selection
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        scores, masks, references = [], [], []
+        with eval_mode(model):
+            for batch in batch_samples:
+                inputs = self._prepare_inputs(dict(batch))
+                inputs["use_cache"] = False
+                _, statistics, _ = self._gather_statistics(model, inputs, training=False)
+                scores.append(selection.scores(statistics, self.priority_args))
+                masks.append(statistics["mask"])
+                references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
+        fraction = selection.kept_fraction(self.priority_args, self.progress)
+        selected = select_over_step(scores, masks, fraction, self.accelerator)
+        return [{"selected": s, "reference": r} for s, r in zip(selected, references)]
 
     @torch.no_grad()
     def token_priorities(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Dataset) -> torch.Tensor:
@@ -328,7 +477,8 @@ class PrioritySFTTrainer(SFTTrainer):
 
         Returns:
             `(batch, seq_len - 1)` float tensor: position t is the weight of `labels[:, t + 1]`, like TRL's fused-head
-            `log_probs`; 0 where the label is ignored. The model runs in eval mode, without gradient.
+            `log_probs`; 0 where the label is ignored. The model runs in eval mode, without gradient; a step-wide
+            selection is made over this batch alone, and a stateful method's history is read, not written.
         """
         if isinstance(batch, Dataset):
             batch = list(batch)
@@ -338,7 +488,7 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.priority is None:
             return (inputs["labels"][:, 1:] != -100).float()
         with eval_mode(self.model):
-            _, phi, _ = self._forward_with_priority(self.model, inputs)
+            _, phi, _, _ = self._forward_with_priority(self.model, inputs)
         return phi
 
     # ------------------------------------------------------------------------------------------------------------
@@ -347,27 +497,43 @@ class PrioritySFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.priority is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mode = "train" if self.model.training else "eval"
+        if "shift_labels" in inputs:
+            raise ValueError(
+                "The batch carries pre-shifted `shift_labels` (context or sequence parallelism), which priorities do "
+                "not support: their statistics are aligned on whole sequences."
+            )
+        training = self.model.training
+        mode = "train" if training else "eval"
         # As in `SFTTrainer.compute_loss`: no KV cache, and MoE router logits for the aux loss
         inputs["use_cache"] = False
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
 
-        outputs, phi, statistics = self._forward_with_priority(model, inputs)
+        ahead = self._pending_selections.popleft() if training and self._pending_selections else None
+        outputs, phi, statistics, request = self._forward_with_priority(model, inputs, training, ahead)
+        if ahead is not None and ahead["selected"].shape != phi.shape:
+            raise RuntimeError("A step-wide selection does not match its micro-batch; please report this.")
         num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = weighted_nll(outputs.log_probs, phi, num_items)
+        denominator = torch.as_tensor(num_items).clamp(min=1)
+        loss = priority_loss(outputs.log_probs, phi, num_items, self.args.negative_loss)
 
-        # Declared extra terms, generically: positional statistics (logps and entropy with gradient), hyperparameters
+        # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
         term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
         term_values = {}
-        for term in self.priority.loss_terms:
+        for term in self.priority.token_terms:
             per_token = term.fn(
                 *(term_inputs[name] for name in term.statistics),
                 **{name: self.priority_args[name] for name in term.hyperparameters},
             )  # (B, T-1)
-            term_loss = self.priority_args[term.weight] * per_token.sum() / torch.as_tensor(num_items).clamp(min=1)
+            weight = 1.0 if term.weight is None else self.priority_args[term.weight]
+            term_loss = weight * per_token.sum() / denominator
             term_values[f"loss/{term.name}"] = term_loss.detach()
             loss = loss + term_loss
+        # Distribution terms, computed inside the forward: their weighted sum over the supervised positions
+        if request.term_total is not None:
+            loss = loss + request.term_total / denominator
+            for term, weight in zip(self.priority.distribution_terms, request.term_weights):
+                term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
 
         # From here as in `SFTTrainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP
         # averages the gradients, and the MoE aux loss is averaged over the accumulation steps
@@ -377,7 +543,7 @@ class PrioritySFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
-        self._log_token_metrics(mode, inputs, outputs, phi, term_values)
+        self._log_token_metrics(mode, inputs, outputs, phi, term_values, step_normalised=num_items_in_batch is not None)
 
         if return_outputs:
             warnings.warn(
@@ -389,7 +555,9 @@ class PrioritySFTTrainer(SFTTrainer):
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         return (loss, outputs) if return_outputs else loss
 
-    def _log_token_metrics(self, mode: str, inputs, outputs, phi: torch.Tensor, term_values: dict) -> None:
+    def _log_token_metrics(
+        self, mode: str, inputs, outputs, phi: torch.Tensor, term_values: dict, step_normalised: bool
+    ) -> None:
         """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own."""
         mask = outputs.label_mask
         # One gather for every per-batch sum, averaged over the log window by `SFTTrainer.log` like TRL's own
@@ -403,11 +571,11 @@ class PrioritySFTTrainer(SFTTrainer):
                 (phi > 0).sum().float(),
                 (phi < 0).sum().float(),
                 phi.abs().sum(),
+                *(value.float() for value in term_values.values()),
             ]
         )
-        num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = (
-            self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
-        )
+        gathered = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # summed over processes
+        num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = gathered[:8].tolist()
         metrics = self._metrics[mode]
 
         def per_token(value: float) -> float:
@@ -420,8 +588,16 @@ class PrioritySFTTrainer(SFTTrainer):
         metrics["priority/kept_fraction"].append(per_token(kept))
         metrics["priority/negative_fraction"].append(per_token(negative))
         metrics["priority/effective_tokens"].append(effective)
-        for name, value in term_values.items():
-            metrics[name].append(self.accelerator.gather_for_metrics(value[None]).mean().item())
+        # A term's value for the step: each micro-batch's part (divided by the step's N) summed over processes and
+        # accumulation steps. The log averages the appended values over the micro-steps of its window, so each
+        # micro-step appends its part times the accumulation steps. Without a step-wide N (evaluation), each
+        # process's value is already a mean: average them.
+        for name, value in zip(term_values, gathered[8:].tolist()):
+            if step_normalised:
+                value = value * self.current_gradient_accumulation_steps
+            else:
+                value = value / self.accelerator.num_processes
+            metrics[name].append(value)
 
         if mode == "train":
             # Padding-free batches have no attention mask: every position of the packed row is a token
@@ -433,3 +609,17 @@ class PrioritySFTTrainer(SFTTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The method's state, in checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        # Next to the optimizer state, before `trainer_state.json` marks the checkpoint complete
+        if self.priority_state is not None and self.args.should_save:
+            self.priority_state.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.priority_state is not None:
+            self.priority_state.load(checkpoint)

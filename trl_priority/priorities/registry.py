@@ -149,9 +149,15 @@ class Priority:
             "starting_model" (a frozen copy of the model as training starts, or the LoRA base with the adapter off) or
             "explicit" (the method is meaningless against the starting model, so a reference must be given).
         trains_prompt_tokens: the method puts weight on prompt tokens too, so they keep their labels during data
-            preparation, and the `response_mask` statistic tells the two apart.
-        loss_terms: extra terms added to Φ·NLL (see `trl_priority.objectives.LossTerm`), each scaled by one of the
-            method's hyperparameters.
+            preparation, and the `response_mask` statistic tells them apart. A function of the resolved
+            hyperparameters when it depends on them (WIT with `prompt_weight=0` trains the completion only).
+        loss_terms: extra terms added to the Φ-weighted loss (`trl_priority.objectives.LossTerm` per token,
+            `DistributionTerm` over the whole next-token distribution), each scaled by one of its hyperparameters.
+        selection: a `TopFraction`: the method's Φ reads the statistic `selected`, the top fraction of tokens by a
+            score, chosen over the micro-batch or over the whole optimizer step (every micro-batch, every process).
+        uses_reference: a function of the resolved hyperparameters saying whether this configuration reads the
+            reference at all (Target-SFT with a uniform prior does not); by default, whenever `ref_*` is declared.
+            When it says no, the `ref_*` statistics are passed as None.
         validate: checks that involve several hyperparameters at once (e.g. a lower below an upper threshold);
             raises `PriorityError`.
     """
@@ -163,18 +169,52 @@ class Priority:
     regime: Regime
     paper: str
     reference: Literal["starting_model", "explicit"] = "starting_model"
-    trains_prompt_tokens: bool = False
+    trains_prompt_tokens: bool | Callable[[dict[str, Any]], bool] = False
     loss_terms: tuple[Any, ...] = field(default=())
+    selection: Any = None
+    uses_reference: Callable[[dict[str, Any]], bool] | None = None
     validate: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def signed(self) -> bool:
         return self.regime == "signed"
 
+    def trains_prompt(self, args: Mapping[str, Any]) -> bool:
+        """Whether prompt tokens keep their labels, for these resolved hyperparameters."""
+        flag = self.trains_prompt_tokens
+        return bool(flag(dict(args)) if callable(flag) else flag)
+
+    @functools.cached_property
+    def all_statistics(self) -> tuple[str, ...]:
+        """Every statistic read by the function, its selection score and its loss terms (not `priority`)."""
+        names = list(self.statistics)
+        if self.selection is not None:
+            names += self.selection.statistics
+        for term in self.loss_terms:
+            names += term.statistics
+        return tuple(name for name in dict.fromkeys(names) if name != "priority")
+
     def statistics_from(self, source: str) -> tuple[str, ...]:
-        """The statistics that the priority and its loss terms read from `source` ('policy', 'reference', 'data')."""
-        names = self.statistics + tuple(name for term in self.loss_terms for name in term.statistics)
-        return tuple(name for name in dict.fromkeys(names) if stats_vocab.source_of(name) == source)
+        """The statistics that the priority, its selection and its loss terms read from `source` ('policy',
+        'reference', 'data', 'trainer')."""
+        return tuple(name for name in self.all_statistics if stats_vocab.source_of(name) == source)
+
+    @property
+    def distribution_terms(self) -> tuple[Any, ...]:
+        return tuple(term for term in self.loss_terms if hasattr(term, "needs_reference_distribution"))
+
+    @property
+    def token_terms(self) -> tuple[Any, ...]:
+        return tuple(term for term in self.loss_terms if not hasattr(term, "needs_reference_distribution"))
+
+    @property
+    def needs_reference_distribution(self) -> bool:
+        return any(term.needs_reference_distribution for term in self.distribution_terms)
+
+    def reference_used(self, args: Mapping[str, Any]) -> bool:
+        """Whether this configuration reads the reference (its statistics or its distribution)."""
+        declared = self.needs_reference
+        return declared if self.uses_reference is None else declared and bool(self.uses_reference(dict(args)))
 
     @functools.cached_property
     def reference_statistics(self) -> tuple[str, ...]:
@@ -183,13 +223,13 @@ class Priority:
 
     @property
     def needs_reference(self) -> bool:
-        return bool(self.reference_statistics)
+        return bool(self.reference_statistics) or self.needs_reference_distribution
 
     @property
     def source(self) -> str:
         """Where Φ comes from: "reference", "external" (labels in the data) or "intrinsic" (the policy itself)."""
-        sources = {stats_vocab.source_of(name) for name in self.statistics}
-        if "reference" in sources:
+        sources = {stats_vocab.source_of(name) for name in self.all_statistics}
+        if "reference" in sources or self.needs_reference_distribution:
             return "reference"
         if "data" in sources:
             return "external"
@@ -202,6 +242,11 @@ class Priority:
 
     def resolve_args(self, priority_args: Mapping[str, Any] | None) -> dict[str, Any]:
         """Return the full hyperparameter dict: defaults overridden by `priority_args`, each value checked."""
+        if priority_args is not None and not isinstance(priority_args, Mapping):
+            raise PriorityError(
+                f"priority_args for '{self.name}' must be a mapping (a dict, or a JSON object on the command line), "
+                f"got {type(priority_args).__name__} {priority_args!r}."
+            )
         priority_args = dict(priority_args or {})
         unknown = sorted(set(priority_args) - set(self.hyperparameters))
         if unknown:
@@ -223,8 +268,11 @@ class Priority:
                 f"Priority '{self.name}' needs statistics {missing}, but only {sorted(statistics)} were given."
             )
         mask = statistics["mask"]
+        # Priorities get copies: a function that edits a statistic in place must not change the loss or the metrics
+        inputs = (statistics[name] for name in self.statistics)
+        inputs = [value.clone() if isinstance(value, torch.Tensor) else value for value in inputs]
         with torch.no_grad():
-            phi = self.fn(*(statistics[name] for name in self.statistics), **args)
+            phi = self.fn(*inputs, **args)
         if not isinstance(phi, torch.Tensor) or phi.shape != mask.shape:
             shape = tuple(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__
             raise PriorityError(
@@ -279,9 +327,23 @@ def _make_priority(fn: Callable, name: str, regime: Regime, paper: str, **option
                     f"Priority '{name}': statistic '{stat}' is computed with the hyperparameter '{needed}'; declare "
                     f"it as a keyword-only parameter of the priority."
                 )
+    selection = options.get("selection")
+    if selection is not None:
+        if "selected" not in positional:
+            raise PriorityError(f"Priority '{name}' declares a selection, so it must read the `selected` statistic.")
+        unknown = [stat for stat in selection.statistics if stats_vocab.source_of(stat) is None]
+        named = [hp for hp in (selection.fraction, selection.scope) if isinstance(hp, str)]
+        missing = [hp for hp in named if hp not in hyperparameters]
+        if unknown or missing:
+            raise PriorityError(
+                f"Priority '{name}': its selection score reads unknown statistics {unknown} or names hyperparameters "
+                f"{missing} that the priority does not declare."
+            )
+    elif "selected" in positional:
+        raise PriorityError(f"Priority '{name}' reads `selected` but declares no `selection=TopFraction(...)`.")
     for term in options.get("loss_terms", ()):
         unknown = [stat for stat in term.statistics if stat != "priority" and stats_vocab.source_of(stat) is None]
-        missing = [hp for hp in (term.weight, *term.hyperparameters) if hp not in hyperparameters]
+        missing = [hp for hp in (term.weight, *term.hyperparameters) if hp is not None and hp not in hyperparameters]
         if unknown or missing:
             raise PriorityError(
                 f"Priority '{name}': loss term '{term.name}' reads unknown statistics {unknown} or hyperparameters "
@@ -297,8 +359,10 @@ def register_priority(
     regime: Regime = "soft",
     paper: str = "",
     reference: Literal["starting_model", "explicit"] = "starting_model",
-    trains_prompt_tokens: bool = False,
+    trains_prompt_tokens: bool | Callable[[dict[str, Any]], bool] = False,
     loss_terms: tuple[Any, ...] = (),
+    selection: Any = None,
+    uses_reference: Callable[[dict[str, Any]], bool] | None = None,
     validate: Callable[[dict[str, Any]], None] | None = None,
     overwrite: bool = False,
 ):
@@ -329,6 +393,8 @@ def register_priority(
             reference=reference,
             trains_prompt_tokens=trains_prompt_tokens,
             loss_terms=tuple(loss_terms),
+            selection=selection,
+            uses_reference=uses_reference,
             validate=validate,
         )
         return fn
