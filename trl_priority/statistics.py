@@ -147,8 +147,6 @@ def _source_of_builtin(name: str) -> str | None:
     return None
 
 
-
-
 def register_data_statistic(
     name: str,
     *,
@@ -186,6 +184,7 @@ register_data_statistic(
 # shuffling, padding, padding-free and packing, so stateful methods key their history by it.
 DATA_STATISTICS["example_index"] = DataStatistic("example_index", "example", -1.0, generated=True)
 DATA_STATISTICS["token_position"] = DataStatistic("token_position", "token", -1.0, generated=True)
+
 
 def source_of(name: str) -> str | None:
     """'labels', 'policy', 'reference', 'data' or 'trainer'; None for a name that is no statistic."""
@@ -408,7 +407,9 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
             needs_grad = rows_hidden_.requires_grad or weight.requires_grad
             grad_hidden = torch.zeros_like(rows_hidden_, dtype=torch.float32) if rows_hidden_.requires_grad else None
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+            grad_bias = (
+                torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
+            )
             total = rows_hidden_.new_zeros((), dtype=torch.float32)
             for rows, raw, ref_logprobs in chunks():
                 with torch.enable_grad():

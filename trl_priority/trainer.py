@@ -195,7 +195,9 @@ class PrioritySFTTrainer(SFTTrainer):
                     "support yet."
                 )
             padding = {column: spec.padding for column, spec in self._column_specs.items()}
-            self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns, self.padding_free, padding)
+            self.data_collator = TokenColumnCollator(
+                self.data_collator, self._token_columns, self.padding_free, padding
+            )
         self.reference = self._build_reference(ref_model, starting_model, quantization_config)
         summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
         if self.reference is not None:
@@ -239,7 +241,9 @@ class PrioritySFTTrainer(SFTTrainer):
                 f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
                 "`assistant_only_loss=True`. Leave both unset."
             )
-        has_reference = ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
+        has_reference = (
+            ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
+        )
         if self._uses_reference and self.priority.needs_reference_distribution:
             if args.precomputed_ref_columns or is_callback_reference(ref_model):
                 raise ValueError(
@@ -400,7 +404,10 @@ class PrioritySFTTrainer(SFTTrainer):
             statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
         statistics["progress"] = torch.tensor(self.progress, device=mask.device)
         if self.priority_state is not None:
-            identity = columns["example_index"][:, 1:].to(mask.device), columns["token_position"][:, 1:].to(mask.device)
+            identity = (
+                columns["example_index"][:, 1:].to(mask.device),
+                columns["token_position"][:, 1:].to(mask.device),
+            )
             statistics["state"] = self.priority_state.bind(*identity, writable=training)
 
         terms = self.priority.distribution_terms
@@ -543,7 +550,9 @@ class PrioritySFTTrainer(SFTTrainer):
             steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
 
-        self._log_token_metrics(mode, inputs, outputs, phi, term_values, step_normalised=num_items_in_batch is not None)
+        self._log_token_metrics(
+            mode, inputs, outputs, phi, term_values, step_normalised=num_items_in_batch is not None
+        )
 
         if return_outputs:
             warnings.warn(

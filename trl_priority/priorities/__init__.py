@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from . import external, intrinsic, reference  # noqa: F401  (registration side effects)
+from . import distribution, dynamics, external, intrinsic, reference, signed  # noqa: F401  (registration side effects)
 from .registry import (
     Fraction,
     Hyperparameter,

@@ -7,48 +7,52 @@ separate frozen model, the LoRA base with the adapter switched off, or a user's 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from ..selection import TopFraction
 from .registry import Fraction, Probability, register_priority
+
+
+def excess_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_Δ(t) = L_θ(t) − L_ref(t) = ref_logps_t − logps_t: how much worse the policy does than the reference."""
+    return (ref_logps - logps) * mask  # (B, T-1)
 
 
 @register_priority(
     regime="hard",
     paper="Lin et al. 2024, Rho-1: Not All Tokens Are What You Need, arXiv 2404.07965 (NeurIPS 2024)",
     reference="explicit",
+    selection=TopFraction(excess_loss, fraction="ratio", scope="scope"),
 )
 def rho1(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    selected: torch.Tensor,
     mask: torch.Tensor,
     *,
     ratio: Fraction = 0.6,
+    scope: Literal["step", "micro_batch"] = "step",
 ) -> torch.Tensor:
     """Rho-1 (Selective Language Modeling): train on the tokens with the highest excess loss over a reference.
 
     Paper: Lin et al. 2024, "Rho-1: Not All Tokens Are What You Need", arXiv 2404.07965, Eq. 3-5.
 
-        L_Δ(t) = L_θ(t) − L_ref(t) = ref_logps_t − logps_t        (excess loss)
+        L_Δ(t) = L_θ(t) − L_ref(t) = ref_logps_t − logps_t        (excess loss, `excess_loss`)
         Φ_t    = 1[t is among the top k = round(ratio · n) supervised tokens of the batch by L_Δ]
 
     The reference is a model trained on curated, high-quality data; against the starting model every excess loss is
     0 at step 0, so this method requires an explicit reference (`ref_model=` or `ref_model_name_or_path`).
     `ratio` = 0.6 is the paper's value for its 1.1B model (0.7 for 7B).
 
-    Choices (the paper released no training code): selection is over the supervised tokens of the micro-batch on
-    each process; k = round(ratio · n), at least 1, and exactly k tokens are kept, ties broken by position. The paper
-    divides the loss by the kept count k; here it is divided by all supervised tokens, like every method, so the
-    paper's learning rate corresponds to `learning_rate / ratio` here.
+    Choices (the paper released no training code): the batch is the optimizer step's (`scope="step"`, the default):
+    every micro-batch of the step on every process is scored first (without gradient, in eval mode), and the top k of
+    all their supervised tokens are kept, so the selection does not depend on gradient accumulation or the number of
+    GPUs; `scope="micro_batch"` selects within each micro-batch on each process, without the scoring pass. k =
+    round(ratio · n), at least 1, exactly k tokens kept, ties broken by position. The paper divides the loss by the
+    kept count k; here it is divided by all supervised tokens, like every method: a constant factor 1/ratio, which
+    AdamW's update does not see (it normalises the gradient's scale away), so the paper's learning rate applies as is.
     """
-    excess = torch.where(mask, ref_logps - logps, -torch.inf).flatten()  # (B·(T-1),)
-    num_supervised = int(mask.sum())
-    phi = torch.zeros_like(excess)
-    if num_supervised > 0:
-        k = max(1, int(ratio * num_supervised + 0.5))
-        # A stable sort, unlike topk, breaks ties by position, so the selection is reproducible
-        order = excess.sort(descending=True, stable=True).indices
-        phi[order[:k]] = 1.0
-    return phi.view(mask.shape)  # (B, T-1)
+    return selected.float() * mask  # (B, T-1)
 
 
 @register_priority(
