@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -69,3 +71,59 @@ def test_loss_terms_are_checked_at_registration():
             return mask.float()
 
     assert "no_weight" not in registry._REGISTRY
+
+
+def test_signed_loss_by_hand():
+    from trl_priority.objectives import priority_loss
+
+    p = torch.tensor([[0.5, 0.25, 0.9, 1.0]])
+    logps = p.log()
+    phi = torch.tensor([[1.0, -2.0, -0.5, 0.0]])
+    # +1·(−ln 0.5) + 2·(−ln 0.75) + 0.5·(−ln 0.1), each token counted once in N = 4
+    expected = (-math.log(0.5) - 2 * math.log(0.75) - 0.5 * math.log(0.1)) / 4
+    assert priority_loss(logps, phi, 4).item() == pytest.approx(expected, rel=1e-6)
+    # plain ascent: −Σ|Φ|·(−log p) on the negatives
+    ascent = (-math.log(0.5) + 2 * math.log(0.25) + 0.5 * math.log(0.9)) / 4
+    assert priority_loss(logps, phi, 4, "ascent").item() == pytest.approx(ascent, rel=1e-6)
+
+
+def test_unlikelihood_is_bounded_and_its_push_vanishes():
+    from trl_priority.objectives import priority_loss
+
+    logps = torch.tensor([[-1e-9, -0.1, -5.0, -50.0]], requires_grad=True)
+    phi = -torch.ones(1, 4)
+    loss = priority_loss(logps, phi, 4)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() >= 0  # even at p = 1
+    # d/dlogp [−log(1 − p)] = p / (1 − p): it pushes hard on a likely token and not at all on an unlikely one
+    assert logps.grad[0, 3].abs() < 1e-20 and logps.grad[0, 1] > logps.grad[0, 2] > 0
+    # whereas ascent keeps pushing every negative token with the same force, and is unbounded below
+    logps.grad = None
+    priority_loss(logps, phi, 4, "ascent").backward()
+    assert torch.allclose(logps.grad, torch.full_like(logps, 0.25))
+
+
+def test_loss_term_metric_is_the_step_value_under_accumulation(
+    entropy_bonus_priority, make_model, tokenizer, datasets_, make_args
+):
+    dataset = datasets_.prompt_completion(4)
+    args = make_args(
+        priority=entropy_bonus_priority,
+        priority_args={"beta": 0.25},
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+    )
+    trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
+    # The true value for the step, from the untrained model over all 4 examples at once
+    start = make_model()
+    from trl.trainer.utils import add_fused_lm_head
+
+    add_fused_lm_head(start, outputs=("log_probs", "entropy"))
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    with torch.no_grad():
+        outputs = start(**batch, fused_lm_head=True)
+    expected = 0.25 * -(outputs.entropy * outputs.label_mask).sum() / outputs.label_mask.sum()
+    trainer.train()
+    logged = next(log for log in trainer.state.log_history if "loss/entropy_bonus" in log)
+    assert logged["loss/entropy_bonus"] == pytest.approx(expected.item(), rel=1e-4)

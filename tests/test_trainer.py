@@ -92,21 +92,29 @@ def test_gradient_accumulation_matches_a_larger_batch(method, lora, make_model, 
         torch.testing.assert_close(grads_ga[0][name], grads_one[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def with_every_data_column(dataset):
+    """The dataset plus a value for every registered example-level data statistic (alternating 0 and 1)."""
+    from trl_priority.statistics import DATA_STATISTICS
+
+    for name, spec in DATA_STATISTICS.items():
+        if spec.level == "example" and not spec.generated and spec.column not in dataset.column_names:
+            dataset = dataset.add_column(spec.column, [float(i % 2) for i in range(len(dataset))])
+    return dataset
+
+
 @pytest.mark.parametrize("method", available_priorities())
 @pytest.mark.parametrize("lora", [False, True])
-def test_every_method_trains_and_lowers_the_nll_of_a_repeated_batch(
-    method, lora, make_model, tokenizer, datasets_, make_args
+def test_every_method_loss_is_its_objective_on_the_full_logits(
+    method, lora, make_model, tokenizer, datasets_, make_args, label_logps
 ):
-    dataset = datasets_.prompt_completion(4)
+    """For every registered method: the loss the trainer optimises equals the objective written from its definition,
+    [Σ_{Φ≥0} Φ·(−log p) + Σ_{Φ<0} |Φ|·U(p)] / N plus its declared terms, with log p from the model's own full logits
+    (not the fused head the trainer uses) and Φ as `token_priorities` reports it; and it carries a gradient."""
+    from trl_priority.objectives import unlikelihood
+
+    dataset = with_every_data_column(datasets_.prompt_completion(4))
     peft = {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")} if lora else {}
-    args = make_args(
-        priority=method,
-        priority_args=TEST_ARGS.get(method),
-        max_steps=10,
-        per_device_train_batch_size=4,
-        learning_rate=2e-2 if lora else 5e-3,
-        eval_strategy="no",
-    )
+    args = make_args(priority=method, priority_args=TEST_ARGS.get(method), per_device_train_batch_size=4)
     trainer = PrioritySFTTrainer(
         model=make_model(),
         args=args,
@@ -115,13 +123,20 @@ def test_every_method_trains_and_lowers_the_nll_of_a_repeated_batch(
         **peft,
         **extra_kwargs(method, make_model),
     )
-    before = trainer.evaluate(dataset)["eval_nll"]
-    trainer.train()
-    after = trainer.evaluate(dataset)["eval_nll"]
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    phi = trainer.token_priorities(dict(batch))
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
+    loss.backward()
 
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    assert len(losses) == 10 and all(math.isfinite(loss) for loss in losses)
-    assert after < before - 0.05, f"{method}: NLL {before:.4f} -> {after:.4f}"
+    logps = label_logps(trainer.model, batch)  # (B, T-1) from the full logits
+    mask = batch["labels"][:, 1:] != -100
+    positive = torch.where(phi > 0, phi * -logps, 0.0)
+    negative = torch.where(phi < 0, -phi * unlikelihood(logps), 0.0)
+    expected = (positive + negative).sum() / mask.sum()
+    terms = [name for name in trainer._metrics["train"] if name.startswith("loss/")]
+    expected = expected + sum(trainer._metrics["train"][name][-1] for name in terms)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
 
 
 def test_all_zero_priority_gives_a_finite_zero_loss_and_no_update(make_model, tokenizer, datasets_, make_args):
@@ -264,3 +279,42 @@ def test_metrics_reach_tensorboard_and_checkpoints_resume(tmp_path, make_model, 
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     final = [log["loss"] for log in trainer.state.log_history if "loss" in log][-1]
     assert [log["loss"] for log in resumed.state.log_history if "loss" in log][-1] == pytest.approx(final, rel=1e-5)
+
+
+class RecordingTrainer(PrioritySFTTrainer):
+    """Keeps Φ of every training micro-batch, on the supervised tokens, in order."""
+
+    def _priority_of(self, statistics, selected=None):
+        phi = super()._priority_of(statistics, selected)
+        if self.model.training:
+            self.recorded.append(phi[statistics["mask"]].clone())
+        return phi
+
+
+def rho1_run(make_model, tokenizer, dataset, make_args, scope, batch, accumulation):
+    args = make_args(
+        priority="rho1",
+        priority_args={"ratio": 0.3, "scope": scope},
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+    )
+    reference = make_model(seed=1)
+    trainer = RecordingTrainer(
+        model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer, ref_model=reference
+    )
+    trainer.recorded = []
+    trainer.train()
+    return torch.cat(trainer.recorded)
+
+
+def test_rho1_step_selection_does_not_depend_on_accumulation(make_model, tokenizer, datasets_, make_args):
+    dataset = datasets_.prompt_completion(4)  # examples of different lengths: the micro-batches pad differently
+    one_batch = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=4, accumulation=1)
+    accumulated = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=2, accumulation=2)
+    per_micro_batch = rho1_run(make_model, tokenizer, dataset, make_args, "micro_batch", batch=2, accumulation=2)
+
+    assert torch.equal(accumulated, one_batch)  # 2 accumulation steps of 2 select exactly what a batch of 4 does
+    assert one_batch.sum() == int(0.3 * one_batch.numel() + 0.5)
+    # Selecting within each micro-batch instead keeps round(0.3 n) of each half: another set, so the test can fail
+    assert not torch.equal(per_micro_batch, one_batch)

@@ -329,7 +329,7 @@ class DistributionRequest:
     term_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (B, T-1) per-token inputs of the terms
     reference: ReferenceDistribution | None = None
     backbone_only: bool = False  # a reference: run the backbone alone, no fused head
-    chunk_elements: int = CHUNK_ELEMENTS
+    chunk_elements: int | None = None  # positions × vocabulary per chunk; None: `CHUNK_ELEMENTS`, read at call time
     # Results
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # statistic -> (B, T-1), no gradient
     term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
@@ -386,7 +386,7 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
         ref_context = gathered_head(request.reference.causal_lm)
     with gathered_head(causal_lm) as head, ref_context as ref_head:
         vocab = head.weight.shape[0]
-        chunk_rows = max(1, request.chunk_elements // vocab)
+        chunk_rows = max(1, (request.chunk_elements or CHUNK_ELEMENTS) // vocab)
         ref_rows_hidden = None
         if ref_head is not None:
             ref_rows_hidden = request.reference.hidden[:, :-1][mask].to(hidden.device)  # (N, H_ref)
@@ -544,7 +544,7 @@ def distribution_statistics(
     causal_lm,
     names: Iterable[str],
     args: Mapping[str, Any],
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Distribution statistics of final hidden states `(B, T, H)` at the supervised positions, chunk by chunk.
 

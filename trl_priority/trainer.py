@@ -125,6 +125,7 @@ class PrioritySFTTrainer(SFTTrainer):
         self.reference: Reference | None = None
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
+        self._mask_prompt_labels = False
         starting_model = None
 
         if self.priority is not None:
@@ -133,13 +134,19 @@ class PrioritySFTTrainer(SFTTrainer):
             if self.priority.trains_prompt(self.priority_args):
                 # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
                 args.completion_only_loss = False
+            elif "response_mask" in self.priority.all_statistics and args.completion_only_loss is not False:
+                # TRL drops `completion_mask` once it has masked the prompt's labels, but the method reads it: let TRL
+                # keep it, and mask the prompt's labels here instead (the same labels as completion-only training)
+                self._mask_prompt_labels = True
+                args.completion_only_loss = False
             # What the method reads, by source: decided once from what it declares
             self._policy_statistics = self.priority.statistics_from("policy")
             self._data_statistics = self.priority.statistics_from("data")
             trainer_statistics = self.priority.statistics_from("trainer")
             if "state" in trainer_statistics:
                 self.priority_state = TokenState()
-            for name in self._data_statistics + (("example_index", "token_position") if self.priority_state else ()):
+            identity = ("example_index", "token_position") if self.priority_state is not None else ()
+            for name in self._data_statistics + identity:  # not `if self.priority_state`: an empty state is falsy
                 spec = stats_vocab.DATA_STATISTICS[name]
                 self._column_specs[spec.column] = spec
             if self._uses_reference and args.precomputed_ref_columns:
@@ -347,6 +354,15 @@ class PrioritySFTTrainer(SFTTrainer):
         dataset = super()._prepare_dataset(
             dataset, processing_class, untruncated, False, formatting_func, dataset_name
         )
+        if self._mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
+            with global_then_local_main_first():
+                dataset = dataset.map(
+                    lambda example: {
+                        "labels": [
+                            label if bit else -100 for label, bit in zip(example["labels"], example["completion_mask"])
+                        ]
+                    }
+                )
         columns = get_dataset_column_names(dataset)
         for column, spec in self._column_specs.items():
             if column not in columns and not spec.generated:

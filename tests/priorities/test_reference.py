@@ -7,12 +7,35 @@ import math
 import pytest
 import torch
 
-from trl_priority.priorities.reference import prift_mass, prift_prob, rho1
+from trl_priority.priorities.reference import excess_loss, prift_mass, prift_prob, rho1
+from trl_priority.selection import select_in_batch, select_over_step
 from trl_priority.statistics import mass
 
 
 # Two rows × four positions; position (0, 3) and (1, 0) are ignored
 MASK = torch.tensor([[True, True, True, False], [False, True, True, True]])
+
+
+def rho1_phi(logps, ref_logps, mask, ratio):
+    """Φ of rho1 for one batch, as the trainer computes it with `scope="micro_batch"`."""
+    selected = select_in_batch(excess_loss(logps, ref_logps, mask), mask, ratio)
+    return rho1(selected, mask, ratio=ratio)
+
+
+def naive_top_fraction(scores, mask, ratio):
+    """Keep token i when fewer than k supervised tokens beat it: a higher score, or the same score earlier in
+    row-major order. k = round(ratio · n) half up, at least 1 (the paper's top ratio of the batch)."""
+    supervised = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    k = 0 if not supervised else max(1, math.floor(ratio * len(supervised) + 0.5))
+    expected = torch.zeros(mask.shape)
+    for i, token in enumerate(supervised):
+        beaten_by = sum(
+            1
+            for j, other in enumerate(supervised)
+            if scores[other] > scores[token] or (scores[other] == scores[token] and j < i)
+        )
+        expected[token] = float(beaten_by < k)
+    return expected
 
 
 def test_rho1_keeps_the_highest_excess_loss():
@@ -21,11 +44,11 @@ def test_rho1_keeps_the_highest_excess_loss():
     ref_logps = torch.tensor([[-1.0, -1.0, -1.5, 0.0], [0.0, -1.0, -1.0, -1.0]])
     # supervised excess: (0,0)=2.0 (0,1)=0.0 (0,2)=0.5 | (1,1)=-0.5 (1,2)=3.0 (1,3)=0.5; ignored ones would be 9.0
     # ratio 0.5 of 6 supervised → k = 3: (1,2)=3.0, (0,0)=2.0, then the tie 0.5 goes to the earlier (0,2)
-    phi = rho1(logps, ref_logps, MASK, ratio=0.5)
+    phi = rho1_phi(logps, ref_logps, MASK, ratio=0.5)
     assert phi.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
-    assert rho1(logps, ref_logps, MASK, ratio=1.0).tolist() == MASK.float().tolist()
-    assert rho1(logps, ref_logps, MASK, ratio=0.01).tolist() == [[0.0] * 4, [0.0, 0.0, 1.0, 0.0]]  # at least 1
-    assert torch.all(rho1(logps, ref_logps, torch.zeros_like(MASK), ratio=0.5) == 0)
+    assert rho1_phi(logps, ref_logps, MASK, ratio=1.0).tolist() == MASK.float().tolist()
+    assert rho1_phi(logps, ref_logps, MASK, ratio=0.01).tolist() == [[0.0] * 4, [0.0, 0.0, 1.0, 0.0]]  # at least 1
+    assert torch.all(rho1_phi(logps, ref_logps, torch.zeros_like(MASK), ratio=0.5) == 0)
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6, 0.75])
@@ -33,15 +56,23 @@ def test_rho1_oracle_loop(ratio):
     generator = torch.Generator().manual_seed(int(ratio * 100))
     logps = -torch.rand(3, 11, generator=generator) * 5
     ref_logps = -torch.rand(3, 11, generator=generator) * 5
+    logps[0, :4] = ref_logps[0, :4] + 1.0  # ties in the excess loss, so the tie-break is exercised
     mask = torch.rand(3, 11, generator=generator) > 0.25
-    supervised = [(b, t) for b in range(3) for t in range(11) if mask[b, t]]
-    # Rank by excess loss, highest first; ties by position (Python's sort is stable)
-    ranked = sorted(supervised, key=lambda bt: -(ref_logps[bt].item() - logps[bt].item()))
-    k = max(1, int(ratio * len(supervised) + 0.5))
-    expected = torch.zeros(3, 11)
-    for bt in ranked[:k]:
-        expected[bt] = 1.0
-    assert torch.equal(rho1(logps, ref_logps, mask, ratio=ratio), expected)
+    expected = naive_top_fraction(ref_logps - logps, mask, ratio)
+    assert torch.equal(rho1_phi(logps, ref_logps, mask, ratio), expected)
+
+
+def test_step_selection_over_micro_batches_equals_one_batch():
+    # Scores of a batch of 4 rows, split into two micro-batches of 2 (padding differs, row-major order does not)
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 7, generator=generator)
+    mask = torch.rand(4, 7, generator=generator) > 0.3
+    parts = select_over_step([scores[:2, :5], scores[2:]], [mask[:2, :5], mask[2:]], 0.4)
+    mask_first = mask[:2].clone()
+    mask_first[:, 5:] = False  # the first micro-batch is shorter: its last columns are padding
+    whole = select_in_batch(scores, torch.cat([mask_first, mask[2:]]), 0.4)
+    assert torch.equal(torch.cat([torch.nn.functional.pad(parts[0], (0, 2)), parts[1]]), whole)
+    assert torch.equal(whole, naive_top_fraction(scores, torch.cat([mask_first, mask[2:]]), 0.4).bool())
 
 
 def test_prift_prob_is_the_reference_probability():
