@@ -62,3 +62,43 @@ def test_a_callable_priority_serialises_by_name(tmp_path):
     args = config(tmp_path, priority=half)
     assert args.priority_name == "half"
     assert json.loads(args.to_json_string())["priority"] == "half"
+
+
+def test_the_users_config_is_not_changed(make_model, tokenizer, datasets_, make_args):
+    from trl_priority import PrioritySFTTrainer
+
+    args = make_args(priority="wit")
+    PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=datasets_.prompt_completion(2), processing_class=tokenizer
+    )
+    assert args.completion_only_loss is None  # the trainer turned it off on its own copy
+
+
+def test_context_parallelism_is_refused(monkeypatch, make_model, tokenizer, datasets_, make_args):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from trl_priority import PrioritySFTTrainer
+
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=make_args(priority="dft"), train_dataset=datasets_.prompt_completion(2),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch["shift_labels"] = batch["labels"][:, 1:]
+    with pytest.raises(ValueError, match="pre-shifted `shift_labels`"):
+        trainer.compute_loss(trainer.model, batch)
+    config = SimpleNamespace(cp_enabled=True, sp_enabled=False, tp_size=1)
+    monkeypatch.setattr(Accelerator, "parallelism_config", property(lambda self: config), raising=False)
+    with pytest.raises(ValueError, match="does not support context or sequence parallelism"):
+        trainer._check_parallelism()  # what __init__ runs right after SFTTrainer's set-up
+
+
+def test_priority_args_that_are_not_json_or_not_a_mapping(tmp_path):
+    with pytest.raises(ValueError, match="`priority_args` is not valid JSON"):
+        PrioritySFTConfig(str(tmp_path), priority="rho1", priority_args="{ratio: 0.5}")
+    with pytest.raises(ValueError, match="`priority_args` must be a mapping"):
+        PrioritySFTConfig(str(tmp_path), priority="rho1", priority_args="[0.5]")
+    with pytest.raises(ValueError, match="negative_loss='ascend'"):
+        PrioritySFTConfig(str(tmp_path), priority="sft", negative_loss="ascend")

@@ -141,7 +141,9 @@ def test_wit_without_prompt_weight_is_completion_only_sft_exactly(make_model, to
     trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     values = {f.name: getattr(args, f.name) for f in __import__("dataclasses").fields(SFTConfig) if f.init}
-    reference = SFTTrainer(model=make_model(), args=SFTConfig(**values), train_dataset=dataset, processing_class=tokenizer)
+    reference = SFTTrainer(
+        model=make_model(), args=SFTConfig(**values), train_dataset=dataset, processing_class=tokenizer
+    )
     reference.train()
 
     def losses(t):

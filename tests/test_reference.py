@@ -256,3 +256,61 @@ def test_prift_mass_reads_the_reference_full_distribution(make_model, tokenizer,
     mass = (probs * (probs < target)).sum(-1) + target.squeeze(-1)
     expected = ((mass >= 0.5) & (labels != -100)).float()
     torch.testing.assert_close(trainer.token_priorities(batch), expected)
+
+
+def test_reference_from_a_path_attends_like_the_policy(model_dir, make_model, tokenizer, datasets_, make_args):
+    path = model_dir(seed=1)
+    policy = make_model()
+    policy.config._attn_implementation = "eager"  # not the loader's default (sdpa)
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, model=policy, args={"ref_model_name_or_path": path}
+    )
+    assert trainer.reference.model.config._attn_implementation == "eager"
+
+
+def tokenized_with_reference_columns(tokenizer, reference, datasets_):
+    """Pre-tokenized rows with a `ref_logps` column: log p_ref(x_i | x_<i) at every i ≥ 1 (0 at i = 0)."""
+    from datasets import Dataset
+
+    rows = []
+    for example in datasets_.prompt_completion(4):
+        prompt = tokenizer(example["prompt"])["input_ids"]
+        completion = tokenizer(example["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        input_ids = prompt + completion
+        with torch.no_grad():
+            logprobs = reference(input_ids=torch.tensor([input_ids])).logits[0].log_softmax(-1)  # (T, V)
+        ref_logps = [0.0] + [logprobs[i - 1, input_ids[i]].item() for i in range(1, len(input_ids))]
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "completion_mask": [0] * len(prompt) + [1] * len(completion),
+                "ref_logps": ref_logps,
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_precomputed_reference_columns_give_the_online_reference(packing, make_model, tokenizer, datasets_, make_args):
+    dataset = tokenized_with_reference_columns(tokenizer, make_model(seed=1), datasets_)
+    settings = {"packing": packing, "max_length": 256 if packing else 64}
+    online = PrioritySFTTrainer(
+        model=make_model(), args=make_args(priority="prift_prob", **settings), train_dataset=dataset,
+        processing_class=tokenizer, ref_model=make_model(seed=1),
+    )  # fmt: skip
+    cached = PrioritySFTTrainer(
+        model=make_model(), args=make_args(priority="prift_prob", precomputed_ref_columns=True, **settings),
+        train_dataset=dataset, processing_class=tokenizer,
+    )  # fmt: skip
+    assert cached.reference.description == "precomputed dataset columns"
+    batch = cached.data_collator(list(cached.train_dataset))
+    online_batch = {k: v for k, v in batch.items() if k != "ref_logps"}
+    torch.testing.assert_close(
+        cached.token_priorities(batch), online.token_priorities(online_batch), atol=1e-5, rtol=1e-4
+    )
+    cached.train()
+
+
+def test_precomputed_reference_columns_missing_is_named(make_model, tokenizer, datasets_, make_args):
+    with pytest.raises(ValueError, match="reads the column 'ref_logps'.*precomputed_ref_columns=True"):
+        make_trainer(make_model, tokenizer, datasets_, make_args, args={"precomputed_ref_columns": True})

@@ -95,3 +95,67 @@ def test_vocabulary_of_statistics():
     assert stats.source_of("response_mask") == "data"
     assert stats.source_of("ref_response_mask") is None and stats.source_of("temperature") is None
     assert stats.hyperparameters_of("ref_topk_entropy") == ("k",) and stats.hyperparameters_of("logps") == ()
+    assert stats.source_of("progress") == stats.source_of("state") == stats.source_of("selected") == "trainer"
+
+
+def test_bf16_statistics_are_accumulated_in_fp32():
+    """In bf16, `mass` and `logps` match a float32 computation from the same bf16 weights within 1e-3, where logits
+    rounded to bf16 before the softmax (the old code) miss by far more."""
+    model = tiny("llama").to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # realistic logit magnitudes (a few units), where bf16 rounding shows
+    inputs = batch()
+    with torch.no_grad():
+        hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    got = stats.distribution_statistics(hidden, inputs["labels"], model, ["mass", "logps"], {})
+
+    labels = inputs["labels"][:, 1:]
+    mask = labels != -100
+    rows, targets = hidden[:, :-1][mask], labels[mask]
+
+    def oracle(logits):
+        logprobs = logits.float().log_softmax(-1)
+        return {"mass": stats.mass(logprobs, targets), "logps": logprobs.gather(1, targets[:, None]).squeeze(1)}
+
+    exact = oracle(rows.float() @ model.lm_head.weight.float().t())
+    rounded = oracle((rows @ model.lm_head.weight.t()).to(torch.bfloat16))  # products rounded to bf16
+    for name in ("mass", "logps"):
+        torch.testing.assert_close(got[name][mask], exact[name], rtol=0, atol=1e-3, msg=name)
+    assert (rounded["logps"] - exact["logps"]).abs().max() > 1e-2  # the test can tell the two apart
+
+
+def test_vocabulary_size_is_read_from_sharded_weights():
+    model = tiny("llama")
+    assert stats.vocab_size_of(model) == 50
+    # DeepSpeed ZeRO-3: the local weight is empty and the full shape is in `ds_shape`
+    head = model.lm_head
+    head.weight = torch.nn.Parameter(torch.empty(0))
+    head.weight.ds_shape = torch.Size([50, 16])
+    assert stats.vocab_size_of(model) == 50
+    # A flat-sharded weight without `ds_shape`: the module's `out_features`
+    del head.weight.ds_shape
+    assert stats.vocab_size_of(model) == 50
+
+
+def test_distribution_statistics_are_computed_inside_the_model_forward(monkeypatch):
+    """ZeRO-3 and FSDP gather parameters only during the (wrapped) model's forward: the LM head must be read there."""
+    model = tiny("llama")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    wrapper = torch.nn.Module()  # stands for the FSDP / DeepSpeed root wrapper around the model
+    wrapper.module = model
+    wrapper.forward = lambda **kwargs: model(**kwargs)
+    inside = []
+    wrapper.register_forward_pre_hook(lambda *args: inside.append(True))
+    wrapper.register_forward_hook(lambda *args: inside.append(False))
+    seen = []
+    original = stats.gathered_head
+
+    def recording(causal_lm):
+        seen.append(bool(inside) and inside[-1])
+        return original(causal_lm)
+
+    monkeypatch.setattr(stats, "gathered_head", recording)
+    for keep_outputs in (True, False):  # the policy (fused head) and a reference (backbone alone)
+        with torch.no_grad():
+            stats.forward_statistics(wrapper, batch(), ["logps", "mass"], {}, keep_outputs=keep_outputs)
+    assert seen == [True, True]

@@ -96,7 +96,7 @@ def with_every_data_column(dataset):
     """The dataset plus a value for every registered example-level data statistic (alternating 0 and 1)."""
     from trl_priority.statistics import DATA_STATISTICS
 
-    for name, spec in DATA_STATISTICS.items():
+    for spec in DATA_STATISTICS.values():
         if spec.level == "example" and not spec.generated and spec.column not in dataset.column_names:
             dataset = dataset.add_column(spec.column, [float(i % 2) for i in range(len(dataset))])
     return dataset
