@@ -11,8 +11,9 @@ peak memory (CUDA allocator peak on a GPU; on the CPU, the peak resident-set gro
 The model is a Llama-shaped config with random weights and SmolLM2's vocabulary size (49,152): the LM head is where a
 priority's costs appear. Data are random token ids with a prompt and a completion. Reference methods use their
 default reference: the base with the adapter off (LoRA) or a frozen copy of the starting model (full fine-tuning);
-`rho1` is given a separate frozen model (`rho1` and full fine-tuning `prift_*` therefore hold a second copy of the
-weights, which the memory ratio includes).
+`rho1` and `forgetting` are given a separate frozen model (they and the full fine-tuning reference methods therefore
+hold a second copy of the weights, which the memory ratio includes). Methods with a differentiable full-distribution
+term (`asft`, `target_sft`) must stay within 1.2x of SFT's peak memory: they never build `(batch, seq, vocab)` logits.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from trl import SFTConfig, SFTTrainer
 
 from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, available_priorities, get_priority
+from trl_priority.statistics import DATA_STATISTICS
 
 
 def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -47,7 +49,12 @@ def make_dataset(n: int, prompt_len: int, completion_len: int, vocab_size: int) 
     lengths = torch.randint(completion_len // 2, completion_len + 1, (n,), generator=generator).tolist()
     ids = [torch.randint(0, vocab_size - 2, (prompt_len + c,), generator=generator).tolist() for c in lengths]
     masks = [[0] * prompt_len + [1] * c for c in lengths]
-    return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+    columns = {"input_ids": ids, "completion_mask": masks}
+    # Methods that read an example-level column (RobustFT's noise, Forgetting's unlearn marks) get one: 0 and 1 in turn
+    for spec in DATA_STATISTICS.values():
+        if spec.level == "example" and not spec.generated:
+            columns[spec.column] = [float(i % 2) for i in range(n)]
+    return Dataset.from_dict(columns)
 
 
 class StepTimer(TrainerCallback):

@@ -26,10 +26,19 @@ def describe_priorities() -> list[dict[str, str]]:
         needs = []
         if priority.needs_reference:
             needs.append("trained reference" if priority.reference == "explicit" else "reference (starting model)")
-        if any(stat.removeprefix("ref_") in stats_vocab.DISTRIBUTION_STATISTICS for stat in priority.statistics):
+        statistics = priority.all_statistics
+        if any(stat.removeprefix("ref_") in stats_vocab.DISTRIBUTION_STATISTICS for stat in statistics):
             needs.append("full distribution (chunked)")
-        data = [stats_vocab.DATA_STATISTICS[s].column for s in priority.statistics if s in stats_vocab.DATA_STATISTICS]
-        needs += [f"column {column}" for column in data]
+        if priority.distribution_terms:
+            needs.append("distribution term (chunked, with gradient)")
+        data = [stats_vocab.DATA_STATISTICS[s] for s in statistics if stats_vocab.source_of(s) == "data"]
+        needs += [f"column {spec.column}" + (f" ({spec.level})" if spec.level != "token" else "") for spec in data]
+        if "state" in statistics:
+            needs.append("state across steps")
+        if "progress" in statistics or (priority.selection is not None and callable(priority.selection.fraction)):
+            needs.append("training progress")
+        if priority.selection is not None:
+            needs.append("top-fraction selection")
         defaults = ", ".join(f"{hp.name}={hp.default}" for hp in priority.hyperparameters.values())
         rows.append(
             {
