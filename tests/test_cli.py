@@ -82,8 +82,9 @@ def test_list_shows_every_method(capsys):
         assert row["method"] in out and row["paper"] in out
     assert {row["method"] for row in describe_priorities()} == set(available_priorities())
     rho1 = next(row for row in describe_priorities() if row["method"] == "rho1")
-    assert rho1["regime"] == "hard" and rho1["source"] == "reference" and rho1["needs"] == "trained reference"
-    assert rho1["defaults"] == "ratio=0.6"
+    assert rho1["regime"] == "hard" and rho1["source"] == "reference"
+    assert rho1["needs"] == "trained reference, top-fraction selection"
+    assert rho1["defaults"] == "ratio=0.6, scope=step"
 
 
 def test_sft_command_launches_through_accelerate(tmp_path, model_dir):
@@ -100,6 +101,69 @@ def test_sft_command_launches_through_accelerate(tmp_path, model_dir):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "launched" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("recipe", "unknown setting 'prioirty_args' in the recipe. Did you mean 'priority_args'?"),
+        ("flag", "unknown setting 'learnig_rate' in the command line. Did you mean 'learning_rate'?"),
+    ],
+)
+def test_misspelt_settings_are_named_before_launch(where, message, tmp_path, capsys):
+    recipe = Path(__file__).parents[1] / "recipes" / "dft.yaml"
+    argv = ["sft", "--config", str(recipe)]
+    if where == "recipe":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(recipe.read_text() + "\nprioirty_args: {}\n")
+        argv = ["sft", "--config", str(bad)]
+    else:
+        argv += ["--learnig_rate", "1e-4"]
+    with pytest.raises(SystemExit) as error:
+        main(argv)
+    assert message in str(error.value)
+
+
+def test_a_signal_to_the_command_stops_training_cleanly_and_the_last_checkpoint_resumes(tmp_path, model_dir):
+    import signal
+    import time
+
+    from trl_priority.cli import _children
+
+    recipe = Path(__file__).parents[1] / "recipes" / "sft.yaml"
+    output = tmp_path / "run"
+    settings = [
+        "--model_name_or_path", model_dir(seed=0), "--output_dir", str(output), "--max_length", "1024",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true",
+        "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "trl_priority.cli", "sft", "--config", str(recipe), *settings]
+    command += ["--max_steps", "500", "--num_processes", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (output / "checkpoint-2" / "trainer_state.json").exists():
+            assert process.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.5)
+        training = _children(process.pid)
+        assert training, "accelerate launch started no training process"
+        process.send_signal(signal.SIGTERM)
+        log, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "Stopped by SIGTERM" in log
+    time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in training), "the training process was left running"
+    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    last = checkpoints[-1]
+    assert (last / "trainer_state.json").is_file()
+    step = int(last.name.split("-")[1])
+    resumed_settings = [*settings, "--max_steps", str(step + 1), "--resume_from_checkpoint", str(last)]
+    trainer = sft.main(*parse(recipe, *resumed_settings))
+    assert trainer.state.global_step == step + 1
 
 
 README = (Path(__file__).parents[1] / "README.md").read_text()

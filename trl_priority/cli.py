@@ -11,6 +11,11 @@ accelerate configs TRL ships (`multi_gpu`, `zero2`, `zero3`, `fsdp2`, ...) are a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
+import os
+import signal
+import subprocess
 import sys
 from importlib.resources import files
 
@@ -75,11 +80,72 @@ def _run_sft(argv: list[str]) -> int:
     *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
+    launch_parser = launch_command_parser()
+    _check_unknown_settings(parser, launch_parser, config_remaining, cli_remaining)
     launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
     script_args = _subtract_subsequence(argv, cli_remaining)
     script = str(files("trl_priority.scripts").joinpath("sft.py"))
-    launch_command(launch_command_parser().parse_args(launch_args + [script] + script_args))
+    with _forward_stop_signals():
+        try:
+            launch_command(launch_parser.parse_args(launch_args + [script] + script_args))
+        except subprocess.CalledProcessError as error:
+            # The training process already printed its traceback, or was stopped by a forwarded signal
+            return error.returncode if error.returncode > 0 else 128 - error.returncode
     return 0
+
+
+def _option_names(parser) -> set[str]:
+    return {option.lstrip("-") for action in parser._actions for option in action.option_strings}
+
+
+def _check_unknown_settings(parser, launch_parser, config_remaining: list[str], cli_remaining: list[str]) -> None:
+    """Settings that are neither the recipe's (TRL's and ours) nor `accelerate launch`'s are typos: name them before
+    anything is launched, with the closest valid name, instead of an accelerate usage error."""
+    launch = _option_names(launch_parser) | {"accelerate_config"}
+    valid = sorted(_option_names(parser) | launch)
+    for source, remaining in (("the recipe", config_remaining), ("the command line", cli_remaining)):
+        for item in remaining:
+            if not item.startswith("--"):
+                continue
+            name = item[2:].split("=", 1)[0]
+            if name in launch or name.replace("-", "_") in launch:
+                continue
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else " `trl-priority sft --help` lists the settings."
+            raise SystemExit(f"trl-priority sft: unknown setting '{name}' in {source}.{hint}")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc; empty elsewhere)."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                children.append(int(entry))
+    return children
+
+
+@contextlib.contextmanager
+def _forward_stop_signals():
+    """SIGINT and SIGTERM sent to this command reach the training process it launched, which stops cleanly (see
+    `trl_priority.scripts.sft`): no training process is left running on its own, writing checkpoints."""
+
+    def forward(signum, frame):
+        for child in _children(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

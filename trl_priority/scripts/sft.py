@@ -10,8 +10,11 @@ It is TRL's `trl sft` script (same `ScriptArguments`, `ModelConfig` and dataset 
 
 from __future__ import annotations
 
+import signal
+
 from accelerate import PartialState
 from datasets import load_dataset
+from transformers import TrainerCallback
 from trl import (
     DatasetMixtureConfig,
     ModelConfig,
@@ -46,6 +49,26 @@ def load_data(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, 
     return train, dataset[script_args.dataset_test_split] if evaluate else None
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM stops training cleanly at the end of the current optimizer step, without saving a
+    half-trained final model: the last complete checkpoint stays the one to resume from. (`trl-priority sft` forwards
+    both signals here, so stopping the command stops the training; SIGKILL still stops at once.)"""
+
+    def __init__(self):
+        self.signum = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        self.signum = signum  # a repeated signal (Ctrl-C reaches both the command and this process) changes nothing
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+
 def main(script_args, training_args, model_args, dataset_args):
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -69,8 +92,16 @@ def main(script_args, training_args, model_args, dataset_args):
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        callbacks=[stop := StopOnSignal()],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        trainer.accelerator.print(
+            f"Stopped by {name} after step {trainer.state.global_step}; the final model was not saved. Resume from "
+            f"the last checkpoint in {training_args.output_dir} with `--resume_from_checkpoint true`."
+        )
+        raise SystemExit(128 + stop.signum)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
