@@ -10,6 +10,11 @@ Recipes name them with the `builtin:` prefix:
 - `dataset_name: builtin:gsm8k`: the first 256 training problems of GSM8K (openai/grade-school-math, MIT licence,
   see `assets/LICENSE.gsm8k`), as conversational prompt-completion pairs (question → worked solution).
   `builtin:gsm8k:<path>` reads another GSM8K-format JSONL file (`question`, `answer`), e.g. the full training set.
+- `dataset_name: builtin:gsm8k-noisy`: the same problems with 30% of the solutions corrupted (a wrong final answer)
+  and a `noise` column marking them (1.0) or not (0.0): RobustFT's example-level noise labels.
+- `dataset_name: builtin:gsm8k-contrast`: each problem twice, with its solution (`unlearn` 0) and with a corrupted
+  one (`unlearn` 1), for signed methods; `builtin:gsm8k-contrast:<example_model_solutions.jsonl>` pairs each
+  question's ground truth with a real incorrect model solution instead.
 """
 
 from __future__ import annotations
@@ -94,8 +99,71 @@ def load_gsm8k(path: str | None = None, limit: int | None = None) -> Dataset:
     return Dataset.from_dict({"prompt": prompts, "completion": completions})
 
 
+def load_gsm8k_noisy(path: str | None = None, limit: int | None = None, share: float = 0.3, seed: int = 0) -> Dataset:
+    """GSM8K with a share of its solutions corrupted, and a `noise` column saying which (1.0) and which not (0.0).
+
+    A corrupted solution has its final answer replaced by a wrong number everywhere it appears as a whole number (the
+    last calculation, the closing sentence, the `#### N` line), so the demonstration is fluent but wrong: the noisy
+    responses that RobustFT (arXiv 2412.14922) down-weights. Deterministic for a given `seed`.
+    """
+    import random
+    import re
+
+    dataset = load_gsm8k(path, limit)
+    rng = random.Random(seed)
+    corrupted = set(rng.sample(range(len(dataset)), round(share * len(dataset))))
+
+    def corrupt(example, index):
+        answer = example["completion"][0]["content"]
+        final = answer.rsplit("####", 1)[-1].strip()
+        if index not in corrupted or not final.replace(",", "").isdigit():
+            return {"noise": 0.0}
+        wrong = str(int(final.replace(",", "")) + rng.randint(1, 9))
+        answer = re.sub(rf"(?<![\d.,]){re.escape(final)}(?![\d]|[.,]\d)", wrong, answer)
+        return {"completion": [{"role": "assistant", "content": answer}], "noise": 1.0}
+
+    return dataset.map(corrupt, with_indices=True)
+
+
+def load_gsm8k_contrast(path: str | None = None, limit: int | None = None) -> Dataset:
+    """Each GSM8K question twice: with a correct solution (`unlearn` 0) and with a wrong one (`unlearn` 1).
+
+    Args:
+        path: openai/grade-school-math's `example_model_solutions.jsonl` (`question`, `ground_truth` and four model
+            solutions with `is_correct`): the wrong solutions are real model errors, the first incorrect one of each
+            question (questions whose four solutions are all correct are skipped). Those questions come from GSM8K's
+            test split: do not report accuracy on them. Default: the shipped training slice, each solution paired
+            with a copy whose final answer is corrupted as in `builtin:gsm8k-noisy`.
+        limit: keep only the first `limit` questions.
+    """
+    if path is None:
+        clean = load_gsm8k(None, limit)
+        wrong = load_gsm8k_noisy(None, limit, share=1.0)
+        rows = [
+            {**example, "unlearn": unlearn}
+            for pair in zip(clean, wrong)
+            for example, unlearn in zip(pair, (0.0, 1.0))
+        ]
+        return Dataset.from_list([{k: v for k, v in row.items() if k != "noise"} for row in rows])
+    rows = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            if limit is not None and len(rows) >= 2 * limit:
+                break
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            solutions = [v for v in row.values() if isinstance(v, dict) and v.get("is_correct") is False]
+            if not solutions:
+                continue
+            prompt = [{"role": "user", "content": row["question"]}]
+            for text, unlearn in ((row["ground_truth"], 0.0), (solutions[0]["solution"], 1.0)):
+                rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "unlearn": unlearn})
+    return Dataset.from_list(rows)
+
+
 MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
-DATASETS = {"gsm8k": load_gsm8k}
+DATASETS = {"gsm8k": load_gsm8k, "gsm8k-noisy": load_gsm8k_noisy, "gsm8k-contrast": load_gsm8k_contrast}
 
 
 def resolve_model(name_or_path: str | None) -> str | None:

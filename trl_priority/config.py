@@ -48,6 +48,9 @@ class PrioritySFTConfig(SFTConfig):
         precomputed_ref_columns (`bool`, *optional*, defaults to `False`):
             Read the reference statistics (`ref_logps`, ...) from dataset columns `ref_<name>`, one value per token of
             `input_ids` (the value at i scores token i), instead of running a reference model: no reference forward.
+        allow_priority_change (`bool`, *optional*, defaults to `False`):
+            Every checkpoint records the priority and its settings (`priority.json`); resuming with others is an error
+            unless this is set.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs"]
@@ -82,6 +85,13 @@ class PrioritySFTConfig(SFTConfig):
     precomputed_ref_columns: bool = field(
         default=False,
         metadata={"help": "Read reference statistics from dataset columns `ref_<name>` instead of a reference model."},
+    )
+    allow_priority_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow resuming a checkpoint trained with another priority or other priority settings (each "
+            "checkpoint records them in priority.json; a mismatch is an error otherwise)."
+        },
     )
 
     def __post_init__(self):

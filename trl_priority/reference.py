@@ -155,6 +155,12 @@ class CallbackReference(Reference):
                     f"The reference callback's '{name}' has non-finite values at supervised positions "
                     f"({int((~torch.isfinite(value[mask])).sum())} of {int(mask.sum())})."
                 )
+            if name == "logps" and (value[mask] > 1e-4).any():
+                raise ValueError(
+                    f"The reference callback's 'logps' has positive values (max {value[mask].max().item():.4g}), but "
+                    "log-probabilities are ≤ 0. Did it return the NLL (−log p) or logits? Return log p of each label: "
+                    "`logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:, None])`, or `-nll`."
+                )
             out[f"ref_{name}"] = torch.where(mask, value, 0.0)
         return out, None
 

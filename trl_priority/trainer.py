@@ -16,6 +16,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
+import os
+import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +29,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import (
@@ -58,6 +63,62 @@ from .statistics import DataStatistic, DistributionRequest, add_distribution_hea
 
 
 logger = get_logger(__name__)
+
+
+PRIORITY_RECORD = "priority.json"  # in every checkpoint: the method and settings it was trained with
+
+
+def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that has its `trainer_state.json`; incomplete newer ones are skipped
+    with a warning. With `strict`, no complete checkpoint is an error, as in `Trainer`."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            step = name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+            if step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(step), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
+            return path
+        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=3)
+    if strict:
+        raise ValueError(f"No complete checkpoint found in {output_dir} to resume from.")
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.path.exists(path)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def check_model_path(path: str, which: str) -> None:
+    """Fail before loading anything when a local model folder does not exist or holds no model."""
+    expanded = os.path.expanduser(path)
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if _looks_local(path) or offline:
+        if not os.path.exists(expanded) and not (offline and _in_hub_cache(path)):
+            raise ValueError(
+                f"The {which} path '{path}' does not exist"
+                + (" (and the hub is offline, so it is not looked up there)" if offline else "")
+                + ". Check the path, or give a hub id like 'org/name'."
+            )
+        if os.path.isdir(expanded) and not os.path.exists(os.path.join(expanded, "config.json")):
+            raise ValueError(
+                f"The {which} folder '{path}' has no config.json, so it holds no model saved with "
+                "`save_pretrained` (an adapter-only folder needs its base model: load it with PEFT and pass the model)."
+            )
 
 
 class _ArgsOverride:
@@ -128,6 +189,10 @@ class PrioritySFTTrainer(SFTTrainer):
         self._mask_prompt_labels = False
         starting_model = None
 
+        if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
+            raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
+        if isinstance(model, str):
+            check_model_path(model, "model")
         if self.priority is not None:
             self._uses_reference = self.priority.reference_used(self.priority_args)
             self._check_compatible(args, compute_loss_func, ref_model, model)
@@ -243,6 +308,15 @@ class PrioritySFTTrainer(SFTTrainer):
                 "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
                 "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
             )
+        ref_path = ref_model if isinstance(ref_model, str) else args.ref_model_name_or_path
+        if ref_path is not None and self._uses_reference and not args.precomputed_ref_columns:
+            check_model_path(ref_path, "reference model")
+            if isinstance(model, str) and _same_path(model, ref_path) and self.priority.reference == "explicit":
+                raise ValueError(
+                    f"The reference model '{ref_path}' is the policy's own starting model, so the excess loss of "
+                    f"'{name}' is 0 for every token at step 0 and carries no signal. Give a reference trained for the "
+                    f"purpose (recipes/{name}.yaml says how)."
+                )
         if self.priority.trains_prompt(self.priority_args) and (args.completion_only_loss or args.assistant_only_loss):
             raise ValueError(
                 f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
@@ -328,7 +402,28 @@ class PrioritySFTTrainer(SFTTrainer):
             kwargs.setdefault("attn_implementation", attn_implementation)
         return create_model_from_path(path, **kwargs)
 
+    @contextlib.contextmanager
+    def _saveable_args(self):
+        """`training_args.bin` is a pickle: a priority given as a lambda or a local function cannot be pickled, which
+        would break every checkpoint. While saving, such a priority is written as its qualified name."""
+        priority = self.args.priority
+        if callable(priority):
+            try:
+                pickle.dumps(priority)
+            except (pickle.PicklingError, AttributeError, TypeError):
+                module = getattr(priority, "__module__", None) or "?"
+                qualname = getattr(priority, "__qualname__", type(priority).__name__)
+                self.args.priority = f"callable {module}.{qualname} (not picklable; pass it again to resume)"
+        try:
+            yield
+        finally:
+            self.args.priority = priority
+
     def _save(self, output_dir: str | None = None, state_dict=None):
+        with self._saveable_args():
+            return self._save_model_files(output_dir, state_dict)
+
+    def _save_model_files(self, output_dir: str | None = None, state_dict=None):
         # The frozen "ref" adapter is set-up, not a result: save only the trained adapter. A resumed run rebuilds the
         # copy from the starting adapter it is given again.
         if not (isinstance(self.reference, AdapterReference) and self.reference.adapter_name is not None):
@@ -505,8 +600,20 @@ class PrioritySFTTrainer(SFTTrainer):
         """
         if isinstance(batch, Dataset):
             batch = list(batch)
+        rows = [batch] if isinstance(batch, Mapping) else list(batch)
+        if rows and isinstance(rows[0], Mapping) and "input_ids" not in rows[0]:
+            raise ValueError(
+                f"`token_priorities` needs prepared rows or a collated batch (with `input_ids` and `labels`), got "
+                f"columns {sorted(rows[0])}: raw examples are not tokenized. Pass rows of `trainer.train_dataset` "
+                "(e.g. `trainer.train_dataset.select(range(4))`) or a batch from `trainer.get_train_dataloader()`."
+            )
         if not isinstance(batch, Mapping):
-            batch = self.data_collator(list(batch))
+            batch = self.data_collator(rows)
+        if "labels" not in batch:
+            raise ValueError(
+                "`token_priorities` got a batch without `labels`: Φ weights the supervised labels. Collate the rows "
+                "with `trainer.data_collator`, which builds them, or add `labels` (-100 where ignored)."
+            )
         inputs = self._prepare_inputs(dict(batch))
         if self.priority is None:
             return (inputs["labels"][:, 1:] != -100).float()
@@ -635,16 +742,58 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.aux_loss_enabled:
             metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, except that `resume_from_checkpoint=True` takes the last *complete* checkpoint.
+
+        A run killed while saving leaves a `checkpoint-N` folder without `trainer_state.json` (written last); the
+        stock lookup would pick it and fail. It is skipped, with a warning, and the one before it resumes.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            if not os.path.exists(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)):
+                last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)), strict=False)
+                raise ValueError(
+                    f"The checkpoint {resume_from_checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
+                    f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
+                    "`resume_from_checkpoint=True` to pick it."
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ------------------------------------------------------------------------------------------------------------
     # The method's state, in checkpoints
     # ------------------------------------------------------------------------------------------------------------
+    def _priority_record(self) -> dict[str, Any]:
+        return {
+            "priority": None if self.priority is None else self.priority.name,
+            "priority_args": self.priority_args,
+            "negative_loss": self.args.negative_loss,
+        }
+
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         # Next to the optimizer state, before `trainer_state.json` marks the checkpoint complete
-        if self.priority_state is not None and self.args.should_save:
-            self.priority_state.save(output_dir)
+        if self.args.should_save:
+            with open(os.path.join(output_dir, PRIORITY_RECORD), "w") as file:
+                json.dump(self._priority_record(), file, indent=2, default=str)
+            if self.priority_state is not None:
+                self.priority_state.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.priority_state is not None:
+        if checkpoint is None:
+            return
+        record_path = os.path.join(checkpoint, PRIORITY_RECORD)
+        if os.path.exists(record_path) and not self.args.allow_priority_change:
+            with open(record_path) as file:
+                saved = json.load(file)
+            current = json.loads(json.dumps(self._priority_record(), default=str))
+            if saved != current:
+                changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
+                details = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+                raise ValueError(
+                    f"The checkpoint {checkpoint} was trained with other priority settings ({details}). Resume with "
+                    "the same settings, or set `allow_priority_change=True` if the change is intended."
+                )
+        if self.priority_state is not None:
             self.priority_state.load(checkpoint)

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from trl_priority import PriorityError, available_priorities, get_priority, register_priority
+from trl_priority import statistics as stats_vocab
 from trl_priority.priorities import registry
+from trl_priority.selection import select_in_batch
+from trl_priority.state import TokenState
 
 
 B, T = 3, 7
 
 
 def random_statistics(names, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Plausible random values for every statistic: log-probs ≤ 0, entropies ≥ 0, masses in (0, 1]."""
+    """Plausible random values for every statistic: log-probs ≤ 0, entropies ≥ 0, masses in (0, 1], data columns
+    (per example: one value per row), the trainer's progress and a state bound to the tokens' identities."""
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(B, T, generator=generator) > 0.3
     mask[-1] = False  # one row without a supervised token
@@ -32,7 +36,23 @@ def random_statistics(names, seed: int = 0) -> dict[str, torch.Tensor]:
             stats[name] = torch.rand(B, T, generator=generator).clamp(min=1e-4)
         elif name == "response_mask":
             stats[name] = (torch.rand(B, T, generator=generator) > 0.5).long()
-    return {name: torch.where(stats["mask"], value, 0) if name != "mask" else value for name, value in stats.items()}
+        elif stats_vocab.source_of(name) == "data":
+            per_example = (torch.rand(B, 1, generator=generator) > 0.5).float() * torch.rand(B, 1, generator=generator)
+            stats[name] = per_example.expand(B, T).clone()
+    stats = {name: torch.where(stats["mask"], value, 0) if name != "mask" else value for name, value in stats.items()}
+    stats["progress"] = torch.tensor(0.5)
+    if "state" in names:
+        identity = torch.arange(B)[:, None].expand(B, T), torch.arange(T).expand(B, T)
+        stats["state"] = TokenState().bind(*identity)
+    return stats
+
+
+def phi_of(priority, stats, args):
+    """Φ as the trainer computes it: the method's selection (over this batch) first."""
+    if priority.selection is not None:
+        scores = priority.selection.scores(stats, args)
+        stats["selected"] = select_in_batch(scores, stats["mask"], priority.selection.kept_fraction(args, 0.5))
+    return priority(stats, args)
 
 
 @pytest.fixture
@@ -47,9 +67,9 @@ def scratch_registry():
 @pytest.mark.parametrize("name", available_priorities())
 def test_every_method_honours_the_contract(name):
     priority = get_priority(name)
-    stats = random_statistics(priority.statistics)
+    stats = random_statistics(priority.all_statistics)
     stats["logps"] = stats.get("logps", torch.zeros(B, T)).requires_grad_()
-    phi = priority(stats, priority.resolve_args({}))
+    phi = phi_of(priority, stats, priority.resolve_args({}))
 
     mask = stats["mask"]
     assert phi.shape == mask.shape and phi.dtype == torch.float32
@@ -61,8 +81,11 @@ def test_every_method_honours_the_contract(name):
     if priority.regime == "hard":
         assert set(phi.unique().tolist()) <= {0.0, 1.0}
     # A batch with no supervised token gives Φ = 0 everywhere
-    empty = {k: (torch.zeros_like(v, dtype=torch.bool) if k == "mask" else v.detach()) for k, v in stats.items()}
-    assert torch.all(priority(empty, priority.resolve_args({})) == 0)
+    empty = {
+        k: (torch.zeros_like(v, dtype=torch.bool) if k == "mask" else v.detach() if torch.is_tensor(v) else v)
+        for k, v in stats.items()
+    }
+    assert torch.all(phi_of(priority, empty, priority.resolve_args({})) == 0)
 
 
 @pytest.mark.parametrize("name", available_priorities())
@@ -105,7 +128,7 @@ def test_bad_arguments_name_the_parameter(name, args, message):
 
 
 def test_integers_are_accepted_for_floats():
-    assert get_priority("rho1").resolve_args({"ratio": 1}) == {"ratio": 1.0}
+    assert get_priority("rho1").resolve_args({"ratio": 1}) == {"ratio": 1.0, "scope": "step"}
 
 
 def test_register_a_user_priority(scratch_registry):

@@ -288,6 +288,12 @@ class Priority:
                 "Check its statistics for inf/NaN (a model or reference that diverged, a data column with NaN) and "
                 "its hyperparameters."
             )
+        if self.regime == "hard" and not ((phi == 0) | (phi == 1)).all():
+            other = phi[(phi != 0) & (phi != 1)][0].item()
+            raise PriorityError(
+                f"Priority '{self.name}' is registered `regime=\"hard\"` (Φ ∈ {{0, 1}}) but returned Φ = {other:.4g}. "
+                'Return 0 or 1, or register it `regime="soft"`.'
+            )
         if not self.signed and (phi < 0).any():
             raise PriorityError(
                 f"Priority '{self.name}' returned a negative Φ (min {phi.min().item():.4g}), but it is not declared "
