@@ -191,7 +191,7 @@ def test_example_level_column_is_broadcast_to_every_token(difficulty_statistics,
         args = make_args(priority="by_example", packing=packing, max_length=256 if packing else 64)
         trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer)
         phi = trainer.token_priorities(trainer.train_dataset.select(range(len(trainer.train_dataset))))
-        labels = torch.tensor(trainer.data_collator(list(trainer.train_dataset))["labels"])[:, 1:]
+        labels = trainer.data_collator(list(trainer.train_dataset))["labels"][:, 1:]
         supervised = phi[labels != -100]
         assert set(supervised.tolist()) == {0.5, 2.0}
         # every completion token of an example carries its number

@@ -303,7 +303,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 f"`compute_loss_func` replaces the loss that priority '{name}' weights. Pass one of them; to add a "
                 "term to the loss, declare it as a `LossTerm` of a registered priority."
             )
-        if ref_model is not None and ref_model is model:
+        if isinstance(ref_model, torch.nn.Module) and ref_model is model:
             raise ValueError(
                 "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
                 "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
@@ -467,7 +467,24 @@ class PrioritySFTTrainer(SFTTrainer):
                 )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with global_then_local_main_first():
-            return prepare_token_columns(dataset, self._column_specs, args, packing, dataset_name, tokenizer)
+            dataset = prepare_token_columns(dataset, self._column_specs, args, packing, dataset_name, tokenizer)
+        if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self._column_specs:
+            self._warn_truncated_completions(dataset, dataset_name, args.max_length)
+        return dataset
+
+    def _warn_truncated_completions(self, dataset, dataset_name, max_length) -> None:
+        """A method that trains prompt tokens keeps an example whose completion was truncated away: it would train on
+        the prompt alone. Say so, with the fix."""
+        if not isinstance(dataset, Dataset) or "completion_mask" not in dataset.column_names:
+            return
+        empty = sum(1 for mask in dataset["completion_mask"] if not any(mask))
+        if empty:
+            warnings.warn(
+                f"{empty} of {len(dataset)} {dataset_name} examples have no completion token left after truncation "
+                f"to max_length={max_length}: priority '{self.priority.name}' trains their prompt alone. Raise "
+                "`max_length`, or shorten the prompts.",
+                stacklevel=4,
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

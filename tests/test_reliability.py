@@ -1,0 +1,312 @@
+"""Every mistake a user makes is named early, and no run is lost to one.
+
+`MISTAKES` is the promise as a table: the input, the error it must raise, and a phrase its message must contain, so
+that a regression in any error message fails here. The tests after it cover what a table cannot: saving and resuming
+with any callable priority, statistics that a priority cannot falsify, and a run killed while saving.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_priority import PriorityError, PrioritySFTConfig, PrioritySFTTrainer, register_priority
+from trl_priority.priorities import registry
+
+
+@pytest.fixture
+def world(tmp_path, make_model, tokenizer, datasets_, make_args, model_dir):
+    """What every case needs, in one object."""
+
+    class World:
+        def trainer(self, model=None, dataset=None, **kwargs):
+            args = kwargs.pop("args", None) or make_args(**kwargs.pop("settings", {"priority": "dft"}))
+            return PrioritySFTTrainer(
+                model=model if model is not None else make_model(),
+                args=args,
+                train_dataset=dataset if dataset is not None else datasets_.prompt_completion(4),
+                processing_class=tokenizer,
+                **kwargs,
+            )
+
+    world = World()
+    world.tmp_path, world.make_model, world.make_args, world.model_dir = tmp_path, make_model, make_args, model_dir
+    world.datasets, world.tokenizer = datasets_, tokenizer
+    return world
+
+
+def _hard_half(mask):
+    """Φ = 1/2: not a hard selection"""
+    return mask.float() * 0.5
+
+
+def _callback_returning_nll(batch):
+    return torch.full(batch["labels"][:, 1:].shape, 2.3)  # −log p instead of log p
+
+
+def _resume_with_other_settings(world):
+    first = world.trainer(
+        settings={"priority": "profit", "priority_args": {"tau": 0.001}, "save_strategy": "steps", "save_steps": 1}
+    )
+    first.train()
+    second = world.trainer(settings={"priority": "profit", "priority_args": {"tau": 0.2}})
+    second.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-1"))
+
+
+def _incomplete_checkpoint(world):
+    first = world.trainer(settings={"priority": "sft", "save_strategy": "steps", "save_steps": 1})
+    first.train()
+    last = os.path.join(first.args.output_dir, "checkpoint-2")
+    os.remove(os.path.join(last, "trainer_state.json"))
+    world.trainer(settings={"priority": "sft"}).train(resume_from_checkpoint=last)
+
+
+MISTAKES = {
+    # The method and its settings, caught before any model loads
+    "misspelt method": (lambda w: w.make_args(priority="dtf"), PriorityError, "Did you mean 'dft'?"),
+    "out-of-range argument": (
+        lambda w: w.make_args(priority="rho1", priority_args={"ratio": 1.5}),
+        PriorityError,
+        "ratio=1.5 is outside (0, 1]",
+    ),
+    "unknown argument": (
+        lambda w: w.make_args(priority="rho1", priority_args={"ration": 0.5}),
+        PriorityError,
+        "Unknown priority_args",
+    ),
+    "priority_args not JSON": (
+        lambda w: w.make_args(priority="rho1", priority_args="{ratio: 0.5}"),
+        ValueError,
+        "is not valid JSON",
+    ),
+    "priority_args not a mapping": (
+        lambda w: w.make_args(priority="rho1", priority_args="[0.5]"),
+        ValueError,
+        "must be a mapping",
+    ),
+    "priority_args without priority": (
+        lambda w: w.make_args(priority_args={"ratio": 0.5}),
+        ValueError,
+        "but no `priority`",
+    ),
+    "loss_type and priority": (lambda w: w.make_args(priority="dft", loss_type="dft"), ValueError, "priority='dft'"),
+    "label smoothing and priority": (
+        lambda w: w.make_args(priority="dft", label_smoothing_factor=0.1),
+        ValueError,
+        "label_smoothing_factor",
+    ),
+    "negative_loss misspelt": (
+        lambda w: w.make_args(priority="dft", negative_loss="ascend"),
+        ValueError,
+        "negative_loss='ascend'",
+    ),
+    "WIT training nothing": (
+        lambda w: w.make_args(priority="wit", priority_args={"prompt_weight": 0, "response_weight": 0}),
+        PriorityError,
+        "no token would train",
+    ),
+    # Models and references, caught before the policy loads
+    "model path that does not exist": (
+        lambda w: w.trainer(model=str(w.tmp_path / "no-such-model")),
+        ValueError,
+        "The model path",
+    ),
+    "empty reference folder": (
+        lambda w: w.trainer(settings={"priority": "prift_prob"}, ref_model=str(w.tmp_path)),
+        ValueError,
+        "reference model folder",
+    ),
+    "reference path equal to the policy's": (
+        lambda w: (path := w.model_dir(0)) and w.trainer(model=path, settings={"priority": "rho1"}, ref_model=path),
+        ValueError,
+        "is the policy's own starting model",
+    ),
+    "reference object equal to the policy": (
+        lambda w: (m := w.make_model()) and w.trainer(model=m, settings={"priority": "rho1"}, ref_model=m),
+        ValueError,
+        "same object",
+    ),
+    "trained reference missing": (
+        lambda w: w.trainer(settings={"priority": "rho1"}),
+        ValueError,
+        "compares the policy with a reference trained",
+    ),
+    "reference with another vocabulary": (
+        lambda w: w.trainer(settings={"priority": "prift_prob"}, ref_model=w.make_model(vocab_size=77)),
+        ValueError,
+        "vocabulary has 77 entries",
+    ),
+    "a loss function and a priority": (
+        lambda w: w.trainer(compute_loss_func=lambda *a, **k: 0),
+        ValueError,
+        "replaces the loss",
+    ),
+    # Data
+    "empty training dataset": (
+        lambda w: w.trainer(dataset=Dataset.from_dict({"prompt": [], "completion": []})),
+        ValueError,
+        "training dataset is empty",
+    ),
+    "a column the method reads is missing": (
+        lambda w: w.trainer(settings={"priority": "robustft"}),
+        ValueError,
+        "reads the column 'noise'",
+    ),
+    "an example-level value that is not a number": (
+        lambda w: w.trainer(
+            settings={"priority": "robustft"},
+            dataset=w.datasets.prompt_completion(2).add_column("noise", [0.0, float("nan")]),
+        ),
+        ValueError,
+        "Example 1: column 'noise' holds one number per example",
+    ),
+    # At training time: what a priority or a callback returns
+    "callback returning the NLL": (
+        lambda w: w.trainer(settings={"priority": "prift_prob"}, ref_model=_callback_returning_nll).train(),
+        ValueError,
+        "Did it return the NLL",
+    ),
+    "a hard priority returning 0.5": (
+        lambda w: w.trainer(settings={"priority": "hard_half"}).train(),
+        PriorityError,
+        'registered `regime="hard"`',
+    ),
+    "a non-signed priority returning Φ < 0": (
+        lambda w: w.trainer(settings={"priority": lambda mask: -mask.float()}).train(),
+        PriorityError,
+        "not declared signed",
+    ),
+    "a non-finite Φ": (
+        lambda w: w.trainer(settings={"priority": lambda mask: mask.float() / 0}).train(),
+        PriorityError,
+        "non-finite Φ",
+    ),
+    # Resuming
+    "resuming with other priority settings": (
+        _resume_with_other_settings,
+        ValueError,
+        "trained with other priority settings (priority_args",
+    ),
+    "resuming an incomplete checkpoint": (_incomplete_checkpoint, ValueError, "is incomplete"),
+    # Inspecting Φ
+    "token_priorities on raw rows": (
+        lambda w: w.trainer().token_priorities(list(w.datasets.prompt_completion(2))),
+        ValueError,
+        "raw examples are not tokenized",
+    ),
+    "token_priorities without labels": (
+        lambda w: (t := w.trainer()).token_priorities(
+            {k: v for k, v in t.data_collator(list(t.train_dataset)).items() if k != "labels"}
+        ),
+        ValueError,
+        "without `labels`",
+    ),
+}
+
+
+@pytest.fixture
+def hard_half():
+    register_priority(_hard_half, name="hard_half", regime="hard", paper="a test")
+    yield
+    registry._REGISTRY.pop("hard_half")
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_a_mistake_is_named_with_its_fix(mistake, world, hard_half):
+    make, error, phrase = MISTAKES[mistake]
+    with pytest.raises(error) as raised:
+        make(world)
+    assert phrase in str(raised.value), str(raised.value)
+
+
+def test_settings_are_checked_before_the_policy_loads(world, monkeypatch):
+    """A wrong reference path is reported before the policy is loaded (a 7B load wasted otherwise)."""
+    import trl_priority.trainer as trainer_module
+
+    loads = []
+    monkeypatch.setattr(trainer_module.SFTTrainer, "__init__", lambda *a, **k: loads.append(1))
+    with pytest.raises(ValueError, match="reference model path"):
+        world.trainer(model=world.model_dir(0), settings={"priority": "prift_prob"}, ref_model="./missing-reference")
+    assert loads == []
+
+
+def test_truncated_completions_are_reported_for_methods_that_train_prompts(world):
+    long_prompt = " ".join(["apples"] * 80)
+    dataset = Dataset.from_dict({"prompt": [long_prompt, "Q "], "completion": ["7", "A"]})
+    with pytest.warns(UserWarning, match="1 of 2 train examples have no completion token left"):
+        world.trainer(dataset=dataset, settings={"priority": "wit", "max_length": 32})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No run lost
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lambda", "local function"])
+def test_any_callable_priority_saves_checkpoints_and_resumes(kind, world):
+    def local_half(mask):
+        return mask.float() * 0.5
+
+    priority = (lambda mask: mask.float() * 0.5) if kind == "lambda" else local_half
+    settings = {"priority": priority, "max_steps": 3, "save_strategy": "steps", "save_steps": 1}
+    trainer = world.trainer(settings=settings)
+    trainer.train()
+    output = trainer.args.output_dir
+    for step in (1, 2, 3):
+        assert os.path.isfile(os.path.join(output, f"checkpoint-{step}", "trainer_state.json"))
+    trainer.save_model(os.path.join(output, "final"))
+    saved = torch.load(os.path.join(output, "final", "training_args.bin"), weights_only=False)
+    assert "not picklable" in saved.priority and ("lambda" in saved.priority or "local_half" in saved.priority)
+    assert trainer.args.priority is priority  # restored after saving
+
+    resumed = world.trainer(settings={**settings, "priority": priority})
+    resumed.train(resume_from_checkpoint=os.path.join(output, "checkpoint-2"))
+    assert resumed.state.global_step == 3
+
+
+def test_a_priority_editing_its_statistics_in_place_cannot_falsify_the_loss(world, label_logps):
+    def vandal(logps, mask):
+        logps.mul_(0)  # edits its input in place
+        return mask.float()
+
+    trainer = world.trainer(settings={"priority": vandal})
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
+    logps = label_logps(trainer.model, batch)
+    mask = batch["labels"][:, 1:] != -100
+    expected = -logps[mask].mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert trainer._metrics["train"]["nll"][-1] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_a_run_killed_while_saving_resumes_from_the_last_complete_checkpoint(world):
+    settings = {"priority": "dft", "max_steps": 3, "save_strategy": "steps", "save_steps": 1}
+    trainer = world.trainer(settings=settings)
+    trainer.train()
+    output = trainer.args.output_dir
+    # Killed while writing checkpoint-3: the weights are there, the state that marks it complete is not
+    os.remove(os.path.join(output, "checkpoint-3", "trainer_state.json"))
+    with pytest.warns(UserWarning, match="Skipping the incomplete checkpoint .*checkpoint-3"):
+        resumed = world.trainer(settings={**settings, "max_steps": 3})
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3  # steps 3 retrained from checkpoint-2
+    logged = [log for log in resumed.state.log_history if "loss" in log]
+    assert logged[-1]["step"] == 3
+    shutil.rmtree(output)
+
+
+def test_priority_change_on_resume_can_be_allowed(world):
+    first = world.trainer(settings={"priority": "dft", "save_strategy": "steps", "save_steps": 1})
+    first.train()
+    args = world.make_args(priority="sft", allow_priority_change=True)
+    second = world.trainer(args=args)
+    second.train(resume_from_checkpoint=os.path.join(first.args.output_dir, "checkpoint-1"))
+    assert second.state.global_step == 2
+
+
+def test_config_rejects_nothing_it_should_accept(tmp_path):
+    # A JSON object string is fine on the command line, and a dict in Python
+    config = PrioritySFTConfig(str(tmp_path), priority="rho1", priority_args='{"ratio": 0.5}', bf16=False)
+    assert config.priority_args == {"ratio": 0.5}
