@@ -61,10 +61,14 @@ def _model_statistics(model, head_owner, inputs, names, args, distribution):
     """A model reference's statistics (and, when asked, its hidden states for distribution terms)."""
     inputs = {k: v for k, v in inputs.items() if k not in _POLICY_ONLY_KEYS}
     request = DistributionRequest(args=args, backbone_only=distribution)
+    if distribution:
+        # The backbone alone; the statistics come from the same projection as the distribution, in the policy's pass
+        with torch.no_grad():
+            forward_statistics(model, inputs, (), args, keep_outputs=False, request=request)
+        return {}, ReferenceDistribution(request.hidden, causal_lm_of(head_owner), tuple(names))
     with torch.no_grad():
         _, stats = forward_statistics(model, inputs, names, args, keep_outputs=False, request=request)
-    hidden = ReferenceDistribution(request.hidden, causal_lm_of(head_owner)) if distribution else None
-    return {f"ref_{name}": value for name, value in stats.items()}, hidden
+    return {f"ref_{name}": value for name, value in stats.items()}, None
 
 
 class ModelReference(Reference):

@@ -308,10 +308,15 @@ CHUNK_ELEMENTS = 2**24
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class ReferenceDistribution:
-    """The reference's final hidden states and the model whose LM head projects them, for distribution terms."""
+    """The reference's final hidden states and the model whose LM head projects them, for distribution terms.
+
+    `statistics` are reference statistics (no `ref_` prefix) to compute from the same projection, in the policy's
+    pass: the reference's LM head then runs once per position, not once for its statistics and again for the terms.
+    """
 
     hidden: torch.Tensor  # (B, T, H_ref), no gradient
     causal_lm: torch.nn.Module
+    statistics: tuple[str, ...] = ()
 
 
 @dataclass
@@ -376,9 +381,14 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
     stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in names}
     stat_kwargs = {name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
     values = {name: hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}
+    ref_names = request.reference.statistics if request.reference is not None else ()
+    ref_stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in ref_names}
+    ref_kwargs = {name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in ref_stats.items()}
+    values.update({f"ref_{name}": hidden.new_zeros(num_rows, dtype=torch.float32) for name in ref_names})
     terms = request.terms
     term_values = {term.name: hidden.new_zeros(num_rows, dtype=torch.float32) for term in terms}
     term_rows = {name: value.to(hidden.device)[mask] for name, value in request.term_inputs.items()}  # (N,) each
+    term_rows.update({f"ref_{name}": values[f"ref_{name}"] for name in ref_names})  # filled chunk by chunk
     dtype = _compute_dtype(hidden)
 
     ref_context = nullcontext(None)
@@ -401,6 +411,8 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
                     if ref_head is not None:
                         ref_raw = ref_head.logits_fp32(ref_rows_hidden[rows], ref_dtype)
                         ref_logprobs = ref_head.transform(ref_raw).log_softmax(-1)  # (n, V)
+                        for name, stat in ref_stats.items():
+                            values[f"ref_{name}"][rows] = stat.fn(ref_logprobs, rows_labels[rows], **ref_kwargs[name])
                 yield rows, raw, ref_logprobs
 
         def run(rows_hidden_, weight, bias):

@@ -513,7 +513,7 @@ class PrioritySFTTrainer(SFTTrainer):
         mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
         # The reference runs first, so that its transient memory never adds to the policy's saved activations
         reference_statistics, reference_distribution = {}, None
-        if ahead is not None and ahead.get("reference") is not None:
+        if ahead is not None and ahead.get("reference") is not None and not self.priority.needs_reference_distribution:
             reference_statistics = ahead["reference"]
         elif self.reference is not None:
             reference_statistics, reference_distribution = self.reference.statistics(
@@ -543,7 +543,8 @@ class PrioritySFTTrainer(SFTTrainer):
             args=self.priority_args,
             terms=terms,
             term_weights=tuple(1.0 if t.weight is None else float(self.priority_args[t.weight]) for t in terms),
-            term_inputs={name: statistics[name] for term in terms for name in term.statistics},
+            # (reference statistics computed in the pass itself, from the reference's distribution, are not here yet)
+            term_inputs={name: statistics[name] for term in terms for name in term.statistics if name in statistics},
             reference=reference_distribution,
         )
         outputs, policy_statistics = forward_statistics(
