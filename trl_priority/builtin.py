@@ -140,9 +140,7 @@ def load_gsm8k_contrast(path: str | None = None, limit: int | None = None) -> Da
         clean = load_gsm8k(None, limit)
         wrong = load_gsm8k_noisy(None, limit, share=1.0)
         rows = [
-            {**example, "unlearn": unlearn}
-            for pair in zip(clean, wrong)
-            for example, unlearn in zip(pair, (0.0, 1.0))
+            {**example, "unlearn": unlearn} for pair in zip(clean, wrong) for example, unlearn in zip(pair, (0.0, 1.0))
         ]
         return Dataset.from_list([{k: v for k, v in row.items() if k != "noise"} for row in rows])
     rows = []
@@ -158,7 +156,9 @@ def load_gsm8k_contrast(path: str | None = None, limit: int | None = None) -> Da
                 continue
             prompt = [{"role": "user", "content": row["question"]}]
             for text, unlearn in ((row["ground_truth"], 0.0), (solutions[0]["solution"], 1.0)):
-                rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "unlearn": unlearn})
+                rows.append(
+                    {"prompt": prompt, "completion": [{"role": "assistant", "content": text}], "unlearn": unlearn}
+                )
     return Dataset.from_list(rows)
 
 

@@ -808,7 +808,9 @@ class PrioritySFTTrainer(SFTTrainer):
             current = json.loads(json.dumps(self._priority_record(), default=str))
             if saved != current:
                 changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
-                details = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items())
+                details = "; ".join(
+                    f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items()
+                )
                 raise ValueError(
                     f"The checkpoint {checkpoint} was trained with other priority settings ({details}). Resume with "
                     "the same settings, or set `allow_priority_change=True` if the change is intended."
