@@ -318,3 +318,38 @@ def test_rho1_step_selection_does_not_depend_on_accumulation(make_model, tokeniz
     assert one_batch.sum() == int(0.3 * one_batch.numel() + 0.5)
     # Selecting within each micro-batch instead keeps round(0.3 n) of each half: another set, so the test can fail
     assert not torch.equal(per_micro_batch, one_batch)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dft_on_the_reference_signal_is_prift_prob_to_the_bit(lora, make_model, tokenizer, datasets_, make_args):
+    """PriFT's finding as a switch: `dft` with `signal="reference"` weights by the frozen starting model's probability,
+    which is exactly `prift_prob`."""
+    dataset = datasets_.prompt_completion(8)
+    peft = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])} if lora else {}
+    switched = make_args(priority="dft", priority_args={"signal": "reference"}, max_steps=3)
+    trainer_a, losses_a, grads_a = train(PrioritySFTTrainer, switched, make_model(), dataset, tokenizer, **peft)
+    trainer_b, losses_b, grads_b = train(
+        PrioritySFTTrainer, make_args(priority="prift_prob", max_steps=3), make_model(), dataset, tokenizer, **peft
+    )
+    assert trainer_a.reference is not None and trainer_a.reference.description == trainer_b.reference.description
+    assert losses_a == losses_b
+    for step_a, step_b in zip(grads_a, grads_b):
+        for name in step_b:
+            assert torch.equal(step_a[name], step_b[name]), name
+    # and it is not dft on the policy: the weights differ once the policy has moved
+    batch = trainer_a.train_dataset.select(range(2))
+    policy_signal = make_args(priority="dft")
+    plain = PrioritySFTTrainer(
+        model=trainer_a.model, args=policy_signal, train_dataset=dataset, processing_class=tokenizer
+    )
+    assert not torch.equal(plain.token_priorities(batch), trainer_a.token_priorities(batch))
+
+
+def test_signal_switch_reads_the_reference_statistic(make_model, tokenizer, datasets_, make_args):
+    priority = get_priority("eaft")
+    args = priority.resolve_args({"signal": "reference"})
+    assert priority.statistics_from("reference", args) == ("ref_topk_entropy",)
+    assert priority.statistics_from("policy", args) == ()
+    assert priority.reference_used(args) and not priority.reference_used(priority.resolve_args({}))
+    with pytest.raises(PriorityError, match="signal='teacher' is not one of"):
+        priority.resolve_args({"signal": "teacher"})

@@ -9,6 +9,7 @@ from typing import Any
 from trl import SFTConfig
 
 from .priorities import get_priority
+from .schedules import parse_schedule
 
 
 @dataclass
@@ -30,6 +31,19 @@ class PrioritySFTConfig(SFTConfig):
             Hyperparameters of the method, as documented in its docstring; unset ones take the paper's defaults. An
             unknown key or an out-of-range value is an error that lists the valid ones. A JSON string is accepted on
             the command line.
+        priority_granularity (`str`, *optional*, defaults to `"token"`):
+            The unit Φ is given to: `"token"`, `"word"` (Φ pooled over the tokens of each word, from the decoded
+            tokens, so a number split into several tokens is kept or dropped whole) or `"span"` (pooled over labelled
+            spans: a `spans` column of `[start, end]` character offsets into each completion).
+        priority_pooling (`str`, *optional*, defaults to `"max"`):
+            How Φ is pooled over a word or span: `"max"`, `"mean"` or `"min"`.
+        priority_warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            Fraction of training over which Φ blends from uniform SFT into the method: Φ_eff = (1 − w)·1 + w·Φ, w
+            rising linearly from 0 to 1. Logged as `priority/warmup_weight`.
+        priority_schedule (`dict` or `str`, *optional*):
+            Hyperparameters that move over training, e.g. `{"ratio": {"start": 1.0, "end": 0.6, "kind": "cosine"}}`
+            (kinds: linear, cosine, step with `at`; `start` defaults to the configured value). Each current value is
+            logged as `priority/<name>`.
         negative_loss (`str`, *optional*, defaults to `"unlikelihood"`):
             The loss on tokens a signed method gives a negative Φ (tokens to unlearn): `"unlikelihood"`, |Φ|·(−log(1 −
             p)), bounded below by 0 and vanishing once the token is unlikely; or `"ascent"`, |Φ|·log p, plain gradient
@@ -53,7 +67,7 @@ class PrioritySFTConfig(SFTConfig):
             unless this is set.
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs", "priority_schedule"]
 
     priority: str | None = field(
         default=None,
@@ -65,6 +79,25 @@ class PrioritySFTConfig(SFTConfig):
     priority_args: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Hyperparameters of the priority method, e.g. '{\"ratio\": 0.6}'. See its docstring."},
+    )
+    priority_granularity: str = field(
+        default="token",
+        metadata={
+            "help": "Unit of Φ: token, word or span (Φ pooled over each).",
+            "choices": ["token", "word", "span"],
+        },
+    )
+    priority_pooling: str = field(
+        default="max",
+        metadata={"help": "Pooling of Φ over a word or span: max, mean or min.", "choices": ["max", "mean", "min"]},
+    )
+    priority_warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Fraction of training over which Φ blends from uniform SFT into the method."},
+    )
+    priority_schedule: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": 'Hyperparameter schedules, e.g. \'{"ratio": {"end": 0.6, "kind": "cosine"}}\'.'},
     )
     negative_loss: str = field(
         default="unlikelihood",
@@ -116,6 +149,11 @@ class PrioritySFTConfig(SFTConfig):
                 "'ascent' (plain gradient ascent on the NLL)."
             )
         if self.priority is None:
+            if self.priority_schedule or self.priority_warmup_ratio or self.priority_granularity != "token":
+                raise ValueError(
+                    "`priority_schedule`, `priority_warmup_ratio` and `priority_granularity` shape a priority, but no "
+                    "`priority` is set. Set `priority` (see `trl-priority list`)."
+                )
             if self.priority_args:
                 raise ValueError(
                     f"`priority_args` {self.priority_args} were given but no `priority`. Set `priority` to one of the "
@@ -123,7 +161,27 @@ class PrioritySFTConfig(SFTConfig):
                 )
         else:
             method = get_priority(self.priority)
-            method.resolve_args(self.priority_args)
+            resolved = method.resolve_args(self.priority_args)
+            self.priority_schedule = parse_schedule(self.priority_schedule)
+            for name, entry in self.priority_schedule.items():
+                if name not in method.hyperparameters or method.hyperparameters[name].kind not in (int, float):
+                    numeric = [hp for hp, spec in method.hyperparameters.items() if spec.kind in (int, float)]
+                    raise ValueError(
+                        f"`priority_schedule` names '{name}', which is no numeric hyperparameter of '{method.name}' "
+                        f"(those are {numeric})."
+                    )
+                for end in ("start", "end"):  # each end of the schedule must be a valid value
+                    if end in entry:
+                        entry[end] = method.hyperparameters[name].coerce(entry[end], method.name)
+                        method.resolve_args({**resolved, name: entry[end]})
+            if self.priority_granularity not in ("token", "word", "span"):
+                raise ValueError(
+                    f"`priority_granularity={self.priority_granularity!r}` is not one of 'token', 'word', 'span'."
+                )
+            if self.priority_pooling not in ("max", "mean", "min"):
+                raise ValueError(f"`priority_pooling={self.priority_pooling!r}` is not one of 'max', 'mean', 'min'.")
+            if not 0 <= self.priority_warmup_ratio < 1:
+                raise ValueError(f"`priority_warmup_ratio={self.priority_warmup_ratio}` must be in [0, 1).")
             if self.loss_type != "nll":
                 raise ValueError(
                     f"`loss_type={self.loss_type!r}` and `priority={method.name!r}` both set the per-token loss. Leave "

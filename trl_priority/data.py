@@ -42,11 +42,53 @@ def _completion_positions(example: Mapping[str, Any]) -> list[int]:
     return [i for i, label in enumerate(example["labels"]) if label != -100]
 
 
-def span_values(example: Mapping[str, Any], spans: Any, tokenizer, padding: float, index: int, column: str):
+def completion_text(example: Mapping[str, Any], tokenizer) -> tuple[str, list[int], list[int]]:
+    """The completion as the model sees it (its tokens decoded), and each completion token's character span in it:
+    `(text, starts, ends)`, one start and end per completion token."""
+    ids = example["input_ids"]
+    completion = _completion_positions(example)
+    ends = [len(tokenizer.decode([ids[i] for i in completion[: j + 1]])) for j in range(len(completion))]
+    text = tokenizer.decode([ids[i] for i in completion])
+    return text, [0, *ends[:-1]], ends
+
+
+def word_indices(input_ids: list[int], tokenizer) -> list[int]:
+    """The word each token belongs to, counted from 0 over the whole sequence.
+
+    A token starts a new word when its text begins with whitespace, when the previous token's text ended with
+    whitespace (unless it was whitespace alone), or when either is a special token; otherwise it continues the
+    previous token's word. So a number the
+    tokenizer splits ("1234" → "12", "34") is one word, and so is "apples." (punctuation stays with its word).
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    words, word, previous_text, previous_special = [], -1, "", True
+    for token in input_ids:
+        text = tokenizer.decode([token])
+        is_special = token in special
+        # whitespace alone opens the word that follows it, so it does not end one either
+        after_space = previous_text[-1:].isspace() and not previous_text.isspace()
+        if word < 0 or is_special or previous_special or text[:1].isspace() or after_space:
+            word += 1
+        words.append(word)
+        previous_text, previous_special = text, is_special
+    return words
+
+
+def span_values(
+    example: Mapping[str, Any],
+    spans: Any,
+    tokenizer,
+    padding: float,
+    index: int,
+    column: str,
+    enumerate_spans: bool = False,
+    offsets: tuple[str, list[int], list[int]] | None = None,
+):
     """One value per token: a span's value on the completion tokens that overlap `[start, end)`, else `padding`.
 
     Offsets are characters of the completion text as the model sees it (the decoded completion tokens; for a
-    conversational dataset the assistant message's content comes first, so offsets into the content hold).
+    conversational dataset the assistant message's content comes first, so offsets into the content hold). With
+    `enumerate_spans`, the value of the i-th span is i + 1 (span identities, for pooling Φ over spans).
     """
     if not isinstance(spans, list | tuple):
         raise ValueError(
@@ -55,10 +97,9 @@ def span_values(example: Mapping[str, Any], spans: Any, tokenizer, padding: floa
         )
     ids = example["input_ids"]
     completion = _completion_positions(example)
-    ends = [len(tokenizer.decode([ids[i] for i in completion[: j + 1]])) for j in range(len(completion))]
-    starts = [0, *ends[:-1]]
+    _, starts, ends = offsets or completion_text(example, tokenizer)
     values = [padding] * len(ids)
-    for span in spans:
+    for number, span in enumerate(spans, start=1):
         ok = isinstance(span, list | tuple) and len(span) in (2, 3) and all(_finite_number(v) for v in span)
         if not ok or span[0] > span[1]:
             raise ValueError(
@@ -66,7 +107,7 @@ def span_values(example: Mapping[str, Any], spans: Any, tokenizer, padding: floa
                 "value] with finite numbers and start <= end (character offsets into the completion)."
             )
         start, end = span[0], span[1]
-        value = float(span[2]) if len(span) == 3 else 1.0
+        value = float(number) if enumerate_spans else float(span[2]) if len(span) == 3 else 1.0
         for j, position in enumerate(completion):
             if starts[j] < end and ends[j] > start:
                 values[position] = value
@@ -74,7 +115,11 @@ def span_values(example: Mapping[str, Any], spans: Any, tokenizer, padding: floa
 
 
 def expand_columns(
-    example: dict[str, Any], index: int, specs: Mapping[str, DataStatistic], tokenizer=None
+    example: dict[str, Any],
+    index: int,
+    specs: Mapping[str, DataStatistic],
+    tokenizer=None,
+    priority_args: Mapping[str, Any] | None = None,
 ) -> dict[str, list]:
     """Every column of `specs` as one value per token of `example["input_ids"]`, or an error naming the example."""
     length = len(example["input_ids"])
@@ -82,6 +127,15 @@ def expand_columns(
     for column, spec in specs.items():
         if column == "token_position" and spec.generated:
             out[column] = list(range(length))
+            continue
+        if column == "word_index" and spec.generated:
+            out[column] = word_indices(example["input_ids"], tokenizer)
+            continue
+        if spec.derive is not None:
+            # Spans the method finds in the completion text itself (a marker, a checker's verdicts)
+            offsets = completion_text(example, tokenizer)
+            spans = spec.derive(offsets[0], dict(priority_args or {}))
+            out[column] = span_values(example, spans, tokenizer, spec.padding, index, column, offsets=offsets)
             continue
         if column not in example or example[column] is None:
             raise ValueError(f"Example {index} has no value in the column '{column}': {spec.hint}.")
@@ -94,7 +148,7 @@ def expand_columns(
                 )
             out[column] = [float(value)] * length
         elif spec.level == "span":
-            out[column] = span_values(example, value, tokenizer, spec.padding, index, column)
+            out[column] = span_values(example, value, tokenizer, spec.padding, index, column, spec.enumerate_spans)
         else:
             if not isinstance(value, list | tuple) or len(value) != length:
                 size = len(value) if isinstance(value, list | tuple) else type(value).__name__
@@ -119,6 +173,7 @@ def prepare_token_columns(
     packing: bool,
     dataset_name: str,
     tokenizer=None,
+    priority_args: Mapping[str, Any] | None = None,
 ) -> Dataset | IterableDataset:
     """Expand the columns of `specs` to one value per token, then truncate (or pack) them with the tokens.
 
@@ -134,7 +189,10 @@ def prepare_token_columns(
     if isinstance(dataset, Dataset):
         map_kwargs["desc"] = f"Aligning per-token columns of {dataset_name} dataset"
     dataset = dataset.map(
-        expand_columns, with_indices=True, fn_kwargs={"specs": dict(specs), "tokenizer": tokenizer}, **map_kwargs
+        expand_columns,
+        with_indices=True,
+        fn_kwargs={"specs": dict(specs), "tokenizer": tokenizer, "priority_args": dict(priority_args or {})},
+        **map_kwargs,
     )
 
     if args.max_length is not None and not packing:

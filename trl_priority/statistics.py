@@ -120,6 +120,9 @@ class DataStatistic:
         padding: the value on tokens outside the example (padding), and, for spans, on tokens outside every span.
         hint: how a dataset gets this column, shown when it is missing.
         generated: the trainer makes the column itself (the per-token identity), the dataset need not have it.
+        derive: for a span statistic found in the text itself, `derive(completion, priority_args) -> spans`: the
+            column is made from the completion as the model sees it (a final-answer marker, a checker's verdicts).
+        enumerate_spans: a span statistic whose value is the span's number (1, 2, ...): span identities.
     """
 
     column: str
@@ -127,6 +130,8 @@ class DataStatistic:
     padding: float = 0.0
     hint: str = ""
     generated: bool = False
+    derive: Callable[[str, Mapping[str, Any]], list] | None = None
+    enumerate_spans: bool = False
 
 
 DATA_STATISTICS: dict[str, DataStatistic] = {}
@@ -154,6 +159,8 @@ def register_data_statistic(
     level: Literal["token", "example", "span"] = "token",
     padding: float = 0.0,
     hint: str = "",
+    derive: Callable[[str, Mapping[str, Any]], list] | None = None,
+    enumerate_spans: bool = False,
     overwrite: bool = False,
 ) -> DataStatistic:
     """Make a dataset column readable by priorities as the statistic `name` (the column defaults to `name`).
@@ -169,7 +176,10 @@ def register_data_statistic(
         raise ValueError(f"Data statistic '{name}': level {level!r} is not one of 'token', 'example', 'span'.")
     if (name in DATA_STATISTICS or _source_of_builtin(name) is not None) and not overwrite:
         raise ValueError(f"A statistic named '{name}' already exists; pass `overwrite=True` to replace it.")
-    statistic = DataStatistic(column or name, level, float(padding), hint or f"add a '{column or name}' column")
+    if derive is not None and level != "span":
+        raise ValueError(f"Data statistic '{name}': `derive` makes spans, so its level must be 'span'.")
+    hint = hint or f"add a '{column or name}' column"
+    statistic = DataStatistic(column or name, level, float(padding), hint, derive is not None, derive, enumerate_spans)
     DATA_STATISTICS[name] = statistic
     return statistic
 
@@ -184,6 +194,17 @@ register_data_statistic(
 # shuffling, padding, padding-free and packing, so stateful methods key their history by it.
 DATA_STATISTICS["example_index"] = DataStatistic("example_index", "example", -1.0, generated=True)
 DATA_STATISTICS["token_position"] = DataStatistic("token_position", "token", -1.0, generated=True)
+# The word each token belongs to (from the decoded tokens), for pooling Φ over whole words
+DATA_STATISTICS["word_index"] = DataStatistic("word_index", "token", -1.0, generated=True)
+# Labelled spans over the completion, numbered 1, 2, ...: the units of `priority_granularity="span"`
+register_data_statistic(
+    "span_index",
+    column="spans",
+    level="span",
+    enumerate_spans=True,
+    hint="`priority_granularity='span'` pools Φ over labelled spans: a 'spans' column of [start, end] character "
+    "offsets into each completion",
+)
 
 
 def source_of(name: str) -> str | None:

@@ -57,6 +57,7 @@ from .reference import (
     freeze_and_place,
     is_callback_reference,
 )
+from .schedules import blend_with_uniform, pool_over_groups, schedule_value, warmup_weight
 from .selection import select_in_batch, select_over_step
 from .state import TokenState
 from .statistics import DataStatistic, DistributionRequest, add_distribution_head, causal_lm_of, forward_statistics
@@ -205,17 +206,20 @@ class PrioritySFTTrainer(SFTTrainer):
                 self._mask_prompt_labels = True
                 args.completion_only_loss = False
             # What the method reads, by source: decided once from what it declares
-            self._policy_statistics = self.priority.statistics_from("policy")
-            self._data_statistics = self.priority.statistics_from("data")
-            trainer_statistics = self.priority.statistics_from("trainer")
+            self._policy_statistics = self.priority.statistics_from("policy", self.priority_args)
+            self._reference_statistics = self.priority.reference_statistics_for(self.priority_args)
+            self._data_statistics = self.priority.statistics_from("data", self.priority_args)
+            trainer_statistics = self.priority.statistics_from("trainer", self.priority_args)
             if "state" in trainer_statistics:
                 self.priority_state = TokenState()
             identity = ("example_index", "token_position") if self.priority_state is not None else ()
+            units = {"word": ("example_index", "word_index"), "span": ("example_index", "span_index")}
+            identity += units.get(args.priority_granularity, ())
             for name in self._data_statistics + identity:  # not `if self.priority_state`: an empty state is falsy
                 spec = stats_vocab.DATA_STATISTICS[name]
                 self._column_specs[spec.column] = spec
             if self._uses_reference and args.precomputed_ref_columns:
-                for name in self.priority.reference_statistics:
+                for name in self._reference_statistics:
                     self._column_specs[f"ref_{name}"] = DataStatistic(
                         f"ref_{name}", "token", 0.0, hint=ColumnReference.hint(name)
                     )
@@ -467,7 +471,9 @@ class PrioritySFTTrainer(SFTTrainer):
                 )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with global_then_local_main_first():
-            dataset = prepare_token_columns(dataset, self._column_specs, args, packing, dataset_name, tokenizer)
+            dataset = prepare_token_columns(
+                dataset, self._column_specs, args, packing, dataset_name, tokenizer, self.priority_args
+            )
         if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self._column_specs:
             self._warn_truncated_completions(dataset, dataset_name, args.max_length)
         return dataset
@@ -496,6 +502,19 @@ class PrioritySFTTrainer(SFTTrainer):
     # Φ
     # ------------------------------------------------------------------------------------------------------------
     @property
+    def _step_args(self) -> dict[str, Any]:
+        """The method's hyperparameters now: the configured ones, with the scheduled ones at the current progress."""
+        schedule = self.args.priority_schedule
+        if not schedule:
+            return self.priority_args
+        args = dict(self.priority_args)
+        for name, entry in schedule.items():
+            start = entry.get("start", self.priority_args[name])
+            value = schedule_value(start, entry["end"], entry["kind"], self.progress, entry["at"])
+            args[name] = round(value) if self.priority.hyperparameters[name].kind is int else value
+        return args
+
+    @property
     def progress(self) -> float:
         """Fraction of training done, global_step / max_steps: 0 at the first step, read from the trainer state (so a
         resumed run continues where it stopped)."""
@@ -519,8 +538,8 @@ class PrioritySFTTrainer(SFTTrainer):
             reference_statistics, reference_distribution = self.reference.statistics(
                 model,
                 inputs,
-                self.priority.reference_statistics,
-                self.priority_args,
+                self._reference_statistics,
+                self._step_args,
                 columns=columns,
                 distribution=self.priority.needs_reference_distribution,
             )
@@ -531,6 +550,10 @@ class PrioritySFTTrainer(SFTTrainer):
             column = columns[stats_vocab.DATA_STATISTICS[name].column]
             statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
         statistics["progress"] = torch.tensor(self.progress, device=mask.device)
+        if self.args.priority_granularity != "token":
+            unit_column = "word_index" if self.args.priority_granularity == "word" else "spans"
+            statistics["_unit"] = columns[unit_column][:, 1:].to(mask.device).long()
+            statistics["_example"] = columns["example_index"][:, 1:].to(mask.device).long()
         if self.priority_state is not None:
             identity = (
                 columns["example_index"][:, 1:].to(mask.device),
@@ -540,15 +563,15 @@ class PrioritySFTTrainer(SFTTrainer):
 
         terms = self.priority.distribution_terms
         request = DistributionRequest(
-            args=self.priority_args,
+            args=self._step_args,
             terms=terms,
-            term_weights=tuple(1.0 if t.weight is None else float(self.priority_args[t.weight]) for t in terms),
+            term_weights=tuple(1.0 if t.weight is None else float(self._step_args[t.weight]) for t in terms),
             # (reference statistics computed in the pass itself, from the reference's distribution, are not here yet)
             term_inputs={name: statistics[name] for term in terms for name in term.statistics if name in statistics},
             reference=reference_distribution,
         )
         outputs, policy_statistics = forward_statistics(
-            model, inputs, self._policy_statistics, self.priority_args, request=request
+            model, inputs, self._policy_statistics, self._step_args, request=request
         )
         statistics.update(policy_statistics)
         return outputs, statistics, request
@@ -558,11 +581,20 @@ class PrioritySFTTrainer(SFTTrainer):
         selection = self.priority.selection
         if selection is not None:
             if selected is None:
-                scores = selection.scores(statistics, self.priority_args)
-                fraction = selection.kept_fraction(self.priority_args, self.progress)
+                scores = self.priority.selection_scores(statistics, self._step_args)
+                fraction = selection.kept_fraction(self._step_args, self.progress)
                 selected = select_in_batch(scores, statistics["mask"], fraction)
             statistics["selected"] = selected
-        return self.priority(statistics, self.priority_args)
+        phi = self.priority(statistics, self._step_args)
+        mask = statistics["mask"]
+        granularity = self.args.priority_granularity
+        if granularity != "token":
+            # Whole words or spans: one Φ per (example, unit), pooled over its supervised tokens
+            unit = statistics["_unit"]  # (B, T-1)
+            example = statistics["_example"]
+            groups = torch.where(unit > 0 if granularity == "span" else unit >= 0, example * 65536 + unit, -1)
+            phi = pool_over_groups(phi, groups.long(), mask, self.args.priority_pooling)
+        return blend_with_uniform(phi, mask, warmup_weight(self.progress, self.args.priority_warmup_ratio))
 
     def _forward_with_priority(self, model, inputs: dict[str, Any], training: bool = False, ahead=None):
         """Run the policy, gather every statistic the method reads, and compute Φ.
@@ -582,7 +614,7 @@ class PrioritySFTTrainer(SFTTrainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._pending_selections.clear()
         selection = None if self.priority is None else self.priority.selection
-        if selection is not None and selection.scope_of(self.priority_args) == "step" and batch_samples:
+        if selection is not None and selection.scope_of(self._step_args) == "step" and batch_samples:
             self._pending_selections.extend(self._select_over_step(batch_samples))
         return batch_samples, num_items_in_batch
 
@@ -596,10 +628,10 @@ class PrioritySFTTrainer(SFTTrainer):
                 inputs = self._prepare_inputs(dict(batch))
                 inputs["use_cache"] = False
                 _, statistics, _ = self._gather_statistics(model, inputs, training=False)
-                scores.append(selection.scores(statistics, self.priority_args))
+                scores.append(self.priority.selection_scores(statistics, self._step_args))
                 masks.append(statistics["mask"])
                 references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
-        fraction = selection.kept_fraction(self.priority_args, self.progress)
+        fraction = selection.kept_fraction(self._step_args, self.progress)
         selected = select_over_step(scores, masks, fraction, self.accelerator)
         return [{"selected": s, "reference": r} for s, r in zip(selected, references)]
 
@@ -671,9 +703,9 @@ class PrioritySFTTrainer(SFTTrainer):
         for term in self.priority.token_terms:
             per_token = term.fn(
                 *(term_inputs[name] for name in term.statistics),
-                **{name: self.priority_args[name] for name in term.hyperparameters},
+                **{name: self._step_args[name] for name in term.hyperparameters},
             )  # (B, T-1)
-            weight = 1.0 if term.weight is None else self.priority_args[term.weight]
+            weight = 1.0 if term.weight is None else self._step_args[term.weight]
             term_loss = weight * per_token.sum() / denominator
             term_values[f"loss/{term.name}"] = term_loss.detach()
             loss = loss + term_loss
@@ -738,6 +770,12 @@ class PrioritySFTTrainer(SFTTrainer):
         metrics["priority/kept_fraction"].append(per_token(kept))
         metrics["priority/negative_fraction"].append(per_token(negative))
         metrics["priority/effective_tokens"].append(effective)
+        if self.args.priority_warmup_ratio > 0:
+            metrics["priority/warmup_weight"].append(warmup_weight(self.progress, self.args.priority_warmup_ratio))
+        if self.args.priority_schedule:
+            step_args = self._step_args
+            for name in self.args.priority_schedule:
+                metrics[f"priority/{name}"].append(float(step_args[name]))
         # A term's value for the step: each micro-batch's part (divided by the step's N) summed over processes and
         # accumulation steps. The log averages the appended values over the micro-steps of its window, so each
         # micro-step appends its part times the accumulation steps. Without a step-wide N (evaluation), each

@@ -52,6 +52,7 @@ def policy_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     regime="hard",
     paper="Wang, Hu et al. 2025, Entropy-Guided Token Dropout (EntroDrop), arXiv 2512.23422",
     selection=TopFraction(policy_entropy, fraction=_entrodrop_kept_fraction, scope="scope"),
+    signal_switch=True,
 )
 def entrodrop(
     selected: torch.Tensor,

@@ -23,7 +23,9 @@ def sft(mask: torch.Tensor) -> torch.Tensor:
     return mask.float()  # (B, T-1)
 
 
-@register_priority(regime="soft", paper="Wu et al. 2025, On the Generalization of SFT (DFT), arXiv 2508.05629")
+@register_priority(
+    regime="soft", paper="Wu et al. 2025, On the Generalization of SFT (DFT), arXiv 2508.05629", signal_switch=True
+)
 def dft(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """DFT (Dynamic Fine-Tuning): weight each token by its own probability under the current policy.
 
@@ -33,6 +35,7 @@ def dft(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         Φ_t = sg(p_θ(y_t)) = exp(logps_t)
 
     Normalised, like every method here, by the supervised-token count; this is TRL's `loss_type="dft"` exactly.
+    With `signal="reference"` the weight is the frozen reference's probability, exp(ref_logps): PriFT-prob.
     """
     return logps.exp() * mask  # (B, T-1)
 
@@ -49,6 +52,7 @@ def _check_profit_thresholds(args: dict) -> None:
     regime="hard",
     paper="Liu et al. 2026, ProFit, arXiv 2601.09195 (Findings of ACL 2026)",
     validate=_check_profit_thresholds,
+    signal_switch=True,
 )
 def profit(
     logps: torch.Tensor,
@@ -85,6 +89,7 @@ def profit(
 @register_priority(
     regime="soft",
     paper="Diao et al. 2026, Entropy-Adaptive Fine-Tuning (EAFT), arXiv 2601.02151",
+    signal_switch=True,
 )
 def eaft(
     topk_entropy: torch.Tensor,

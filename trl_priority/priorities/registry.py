@@ -160,6 +160,9 @@ class Priority:
             When it says no, the `ref_*` statistics are passed as None.
         validate: checks that involve several hyperparameters at once (e.g. a lower below an upper threshold);
             raises `PriorityError`.
+        signal_switch: the rule reads policy statistics, and may read them from the frozen reference instead: the
+            registry adds the hyperparameter `signal: "policy" | "reference"` (PriFT, arXiv 2606.09396: a rule often
+            works better on the pretrained model's signal). `dft` with `signal="reference"` is `prift_prob`.
     """
 
     name: str
@@ -174,6 +177,7 @@ class Priority:
     selection: Any = None
     uses_reference: Callable[[dict[str, Any]], bool] | None = None
     validate: Callable[[dict[str, Any]], None] | None = None
+    signal_switch: bool = False
 
     @property
     def signed(self) -> bool:
@@ -194,10 +198,36 @@ class Priority:
             names += term.statistics
         return tuple(name for name in dict.fromkeys(names) if name != "priority")
 
-    def statistics_from(self, source: str) -> tuple[str, ...]:
+    def signal_of(self, name: str, args: Mapping[str, Any] | None) -> str:
+        """The statistic actually read for the declared `name`: with `signal="reference"`, a policy statistic is
+        read from the reference instead (`logps` → `ref_logps`), so any rule on the policy runs on the reference."""
+        if args is not None and args.get("signal") == "reference" and stats_vocab.source_of(name) == "policy":
+            return f"ref_{name}"
+        return name
+
+    def statistics_for(self, args: Mapping[str, Any] | None) -> tuple[str, ...]:
+        """`all_statistics`, with the `signal` switch applied to the function's and its selection's statistics."""
+        names = [self.signal_of(name, args) for name in self.statistics]
+        if self.selection is not None:
+            names += [self.signal_of(name, args) for name in self.selection.statistics]
+        for term in self.loss_terms:
+            names += term.statistics
+        return tuple(name for name in dict.fromkeys(names) if name != "priority")
+
+    def statistics_from(self, source: str, args: Mapping[str, Any] | None = None) -> tuple[str, ...]:
         """The statistics that the priority, its selection and its loss terms read from `source` ('policy',
-        'reference', 'data', 'trainer')."""
-        return tuple(name for name in self.all_statistics if stats_vocab.source_of(name) == source)
+        'reference', 'data', 'trainer'), for the resolved hyperparameters `args` when given."""
+        names = self.all_statistics if args is None else self.statistics_for(args)
+        return tuple(name for name in names if stats_vocab.source_of(name) == source)
+
+    def reference_statistics_for(self, args: Mapping[str, Any]) -> tuple[str, ...]:
+        """The reference statistics this configuration reads, without their `ref_` prefix."""
+        return tuple(name.removeprefix("ref_") for name in self.statistics_from("reference", args))
+
+    def selection_scores(self, statistics: Mapping[str, Any], args: Mapping[str, Any]) -> torch.Tensor:
+        """The selection's score, with the `signal` switch applied."""
+        view = {name: statistics[self.signal_of(name, args)] for name in self.selection.statistics}
+        return self.selection.scores(view, args)
 
     @property
     def distribution_terms(self) -> tuple[Any, ...]:
@@ -213,7 +243,7 @@ class Priority:
 
     def reference_used(self, args: Mapping[str, Any]) -> bool:
         """Whether this configuration reads the reference (its statistics or its distribution)."""
-        declared = self.needs_reference
+        declared = bool(self.reference_statistics_for(args)) or self.needs_reference_distribution
         return declared if self.uses_reference is None else declared and bool(self.uses_reference(dict(args)))
 
     @functools.cached_property
@@ -234,6 +264,12 @@ class Priority:
         if "data" in sources:
             return "external"
         return "intrinsic"
+
+    @functools.cached_property
+    def own_hyperparameters(self) -> frozenset[str]:
+        """The keyword-only parameters of the function itself (not `signal`, which the registry adds)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return frozenset(p.name for p in params if p.kind == p.KEYWORD_ONLY)
 
     @property
     def summary(self) -> str:
@@ -262,17 +298,19 @@ class Priority:
 
     def __call__(self, statistics: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
         """Compute Φ, without gradient, and check the contract: the shape of `mask`, finite values, sign."""
-        missing = [name for name in self.statistics if name not in statistics]
+        names = [self.signal_of(name, args) for name in self.statistics]
+        missing = [name for name in names if name not in statistics]
         if missing:
             raise PriorityError(
                 f"Priority '{self.name}' needs statistics {missing}, but only {sorted(statistics)} were given."
             )
         mask = statistics["mask"]
         # Priorities get copies: a function that edits a statistic in place must not change the loss or the metrics
-        inputs = (statistics[name] for name in self.statistics)
+        inputs = (statistics[name] for name in names)
         inputs = [value.clone() if isinstance(value, torch.Tensor) else value for value in inputs]
+        own_args = {name: value for name, value in args.items() if name in self.own_hyperparameters}
         with torch.no_grad():
-            phi = self.fn(*inputs, **args)
+            phi = self.fn(*inputs, **own_args)
         if not isinstance(phi, torch.Tensor) or phi.shape != mask.shape:
             shape = tuple(phi.shape) if isinstance(phi, torch.Tensor) else type(phi).__name__
             raise PriorityError(
@@ -326,6 +364,10 @@ def _make_priority(fn: Callable, name: str, regime: Regime, paper: str, **option
         for p in signature.parameters.values()
         if p.kind == p.KEYWORD_ONLY
     }
+    if options.get("signal_switch"):
+        if "signal" in hyperparameters:
+            raise PriorityError(f"Priority '{name}' declares `signal` itself; `signal_switch=True` adds it.")
+        hyperparameters["signal"] = Hyperparameter("signal", "policy", str, ("policy", "reference"))
     for stat in positional:
         for needed in stats_vocab.hyperparameters_of(stat):
             if needed not in hyperparameters:
@@ -370,6 +412,7 @@ def register_priority(
     selection: Any = None,
     uses_reference: Callable[[dict[str, Any]], bool] | None = None,
     validate: Callable[[dict[str, Any]], None] | None = None,
+    signal_switch: bool = False,
     overwrite: bool = False,
 ):
     """Register a priority function under `name` (default: the function's name). Usable as a decorator.
@@ -402,6 +445,7 @@ def register_priority(
             selection=selection,
             uses_reference=uses_reference,
             validate=validate,
+            signal_switch=signal_switch,
         )
         return fn
 

@@ -1,0 +1,108 @@
+"""Priority beyond a single step's Φ: schedules over training, and Φ pooled over whole words or spans.
+
+Pure functions of tensors and floats; the trainer applies them to any method, from `PrioritySFTConfig` settings:
+
+- `priority_warmup_ratio`: Φ blends from uniform SFT into the method over the first part of training,
+  Φ_eff = (1 − w)·1 + w·Φ with w = min(1, progress / warmup_ratio) (position paper arXiv 2602.01227, appendix A.3);
+- `priority_schedule`: a hyperparameter (a ratio, a threshold) moves from `start` to `end` over training, linearly,
+  along a half cosine, or in one step at `at`;
+- `priority_granularity`: Φ pooled (max, mean or min) over whole words or labelled spans, so that a kept unit is kept
+  whole: a number split into several tokens is never half trained (appendix A.1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+SCHEDULE_KINDS = ("linear", "cosine", "step")
+
+
+def schedule_value(start: float, end: float, kind: str, progress: float, at: float = 0.5) -> float:
+    """The value at `progress` ∈ [0, 1]: linear start + (end − start)·s, cosine start + (end − start)·(1 − cos πs)/2,
+    or step (start before `at`, end from `at` on)."""
+    s = min(1.0, max(0.0, progress))
+    if kind == "linear":
+        f = s
+    elif kind == "cosine":
+        f = (1 - math.cos(math.pi * s)) / 2
+    elif kind == "step":
+        f = 1.0 if s >= at else 0.0
+    else:
+        raise ValueError(f"Schedule kind {kind!r} is not one of {list(SCHEDULE_KINDS)}.")
+    return start + (end - start) * f
+
+
+def warmup_weight(progress: float, warmup_ratio: float) -> float:
+    """w = min(1, progress / warmup_ratio): 0 (uniform SFT) at the start, 1 (the method) once warm."""
+    return 1.0 if warmup_ratio <= 0 else min(1.0, progress / warmup_ratio)
+
+
+def blend_with_uniform(phi: torch.Tensor, mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 − w)·1 + w·Φ on the supervised tokens."""
+    return phi if weight >= 1 else torch.where(mask, (1 - weight) + weight * phi, 0.0)
+
+
+def pool_over_groups(phi: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Φ replaced, on each supervised token, by the max / mean / min of Φ over the supervised tokens of its group.
+
+    Args:
+        phi: `(B, T-1)` Φ.
+        groups: `(B, T-1)` integer group of each token, unique within a row (e.g. example × word); < 0: no group,
+            the token keeps its own Φ.
+        mask: `(B, T-1)` supervised tokens.
+        how: "max", "mean" or "min".
+    """
+    grouped = mask & (groups >= 0)  # (B, T-1)
+    if not bool(grouped.any()):
+        return phi
+    width = int(groups.max()) + 1
+    rows = torch.arange(phi.size(0), device=phi.device)[:, None].expand_as(groups)
+    keys = (rows * width + groups.clamp(min=0))[grouped]  # (n,)
+    values = phi[grouped]  # (n,)
+    reduce = {"max": "amax", "min": "amin", "mean": "mean"}[how]
+    pooled = torch.zeros(phi.size(0) * width, dtype=phi.dtype, device=phi.device)
+    pooled = pooled.scatter_reduce(0, keys, values, reduce=reduce, include_self=False)
+    out = phi.clone()
+    out[grouped] = pooled[keys]
+    return out
+
+
+def parse_schedule(schedule: Any) -> dict[str, dict[str, Any]]:
+    """`priority_schedule` as a dict (a JSON string is accepted), each entry checked for its keys and kind."""
+    if schedule is None:
+        return {}
+    if isinstance(schedule, str):
+        try:
+            schedule = json.loads(schedule)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`priority_schedule` is not valid JSON ({error.msg}): {schedule!r}.") from None
+    if not isinstance(schedule, Mapping):
+        raise ValueError(
+            "`priority_schedule` maps hyperparameters to schedules, e.g. "
+            """{"ratio": {"end": 0.6, "kind": "cosine"}}; got """
+            f"{type(schedule).__name__}."
+        )
+    parsed = {}
+    for name, entry in schedule.items():
+        if not isinstance(entry, Mapping) or "end" not in entry:
+            raise ValueError(f"`priority_schedule['{name}']` needs at least an `end` value, got {entry!r}.")
+        unknown = set(entry) - {"start", "end", "kind", "at"}
+        if unknown:
+            raise ValueError(
+                f"`priority_schedule['{name}']` has unknown keys {sorted(unknown)}; valid: start, end, kind, at."
+            )
+        kind = entry.get("kind", "linear")
+        if kind not in SCHEDULE_KINDS:
+            raise ValueError(f"`priority_schedule['{name}']`: kind {kind!r} is not one of {list(SCHEDULE_KINDS)}.")
+        parsed[name] = {
+            "kind": kind,
+            "at": float(entry.get("at", 0.5)),
+            **{k: entry[k] for k in ("start", "end") if k in entry},
+        }
+    return parsed
