@@ -44,6 +44,8 @@ def describe_priorities() -> list[dict[str, str]]:
             needs.append("training progress")
         if priority.selection is not None:
             needs.append("top-fraction selection")
+        if priority.signal_switch:
+            needs.append("signal: policy | reference")
         defaults = ", ".join(f"{hp.name}={hp.default}" for hp in priority.hyperparameters.values())
         rows.append(
             {
