@@ -16,7 +16,7 @@ from trl_priority.scripts import sft
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # Recipes that are not named after their method
-NOT_A_METHOD = {"quickstart", "rho1_reference"}
+NOT_A_METHOD = {"quickstart", "rho1_reference", "token_cleaning_reference"}
 
 
 def parse(recipe: Path, *overrides: str):
@@ -215,3 +215,16 @@ def test_readme_custom_priority_example_runs(tokenizer, make_model, datasets_, m
         assert set(phi.unique().tolist()) <= {0.0, 1.0} and phi.dtype == torch.float32
     finally:
         registry._REGISTRY.pop("confident_and_uncertain", None)
+
+
+def test_readme_method_table_is_in_sync_with_the_registry():
+    """Every registered method has a README row with its registry regime, and every row is a registered method."""
+    table = README.split("## Methods")[1].split("\n\n")[1]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1]
+    assert set(rows) == set(available_priorities())
+    for name, regime in rows.items():
+        assert regime == get_priority(name).regime, name

@@ -13,7 +13,10 @@ def rho1(selected, mask, *, ratio: Fraction = 0.6, scope: Literal["step", "micro
 and the trainer computes `selected` generically. With `scope="step"` it scores every micro-batch of the optimizer step
 before the first one trains (one extra forward without gradient, in eval mode; the reference statistics of that pass
 are kept and reused, so the reference still runs once per micro-batch), gathers the scores of every process, and keeps
-the top `fraction` of all of them: 2 accumulation steps of 2 select exactly what one batch of 4 selects.
+the top `fraction` of all of them: 2 accumulation steps of 2 select exactly what one batch of 4 selects. With
+`scope="example"` each example keeps the top `fraction` of its own tokens (TokenCleaning's and ssToken's per-sample
+selection): the trainer then carries the `example_index` of every token, so that padding-free and packed rows, which
+hold several examples, are split correctly.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class TopFraction:
             method's hyperparameters) returning a `(B, T-1)` score; higher is kept.
         fraction: the name of the method's hyperparameter holding the kept fraction, or `fn(args, progress) -> float`
             for a fraction that follows a schedule over training.
-        scope: the name of the method's hyperparameter whose value is "step" or "micro_batch" (or that literal value).
+        scope: the name of the method's hyperparameter whose value is "step", "micro_batch" or "example" (or that
+            literal value).
     """
 
     score: Callable[..., torch.Tensor]
@@ -93,6 +97,24 @@ def select_in_batch(scores: torch.Tensor, mask: torch.Tensor, fraction: float) -
     """`(B, T-1)` bool: the top fraction of the supervised tokens of one batch (row-major order breaks ties)."""
     selected = torch.zeros_like(mask)
     selected[mask] = top_fraction(scores[mask], fraction)
+    return selected
+
+
+def select_in_examples(
+    scores: torch.Tensor, mask: torch.Tensor, fraction: float, example_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(B, T-1)` bool: the top fraction of the supervised tokens of each example, chosen within the example.
+
+    `example_index` `(B, T-1)` names the example of each position's label (padding-free and packed rows hold several
+    examples); None: each row is one example. Each example keeps k = round(fraction · n_example), at least 1; ties go
+    to the earlier position.
+    """
+    if example_index is None:
+        example_index = torch.arange(mask.size(0), device=mask.device)[:, None].expand_as(mask)  # (B, T-1)
+    selected = torch.zeros_like(mask)
+    for example in example_index[mask].unique().tolist():
+        members = mask & (example_index == example)  # (B, T-1)
+        selected[members] = top_fraction(scores[members], fraction)
     return selected
 
 

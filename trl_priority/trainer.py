@@ -58,7 +58,7 @@ from .reference import (
     is_callback_reference,
 )
 from .schedules import blend_with_uniform, pool_over_groups, schedule_value, warmup_weight
-from .selection import select_in_batch, select_over_step
+from .selection import select_in_batch, select_in_examples, select_over_step
 from .state import TokenState
 from .statistics import DataStatistic, DistributionRequest, add_distribution_head, causal_lm_of, forward_statistics
 
@@ -215,6 +215,9 @@ class PrioritySFTTrainer(SFTTrainer):
             identity = ("example_index", "token_position") if self.priority_state is not None else ()
             units = {"word": ("example_index", "word_index"), "span": ("example_index", "span_index")}
             identity += units.get(args.priority_granularity, ())
+            selection = self.priority.selection
+            if selection is not None and selection.scope_of(self.priority_args) == "example":
+                identity += ("example_index",)  # per-example selection: rows of packed batches hold several examples
             for name in self._data_statistics + identity:  # not `if self.priority_state`: an empty state is falsy
                 spec = stats_vocab.DATA_STATISTICS[name]
                 self._column_specs[spec.column] = spec
@@ -553,6 +556,7 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.args.priority_granularity != "token":
             unit_column = "word_index" if self.args.priority_granularity == "word" else "spans"
             statistics["_unit"] = columns[unit_column][:, 1:].to(mask.device).long()
+        if "example_index" in columns:
             statistics["_example"] = columns["example_index"][:, 1:].to(mask.device).long()
         if self.priority_state is not None:
             identity = (
@@ -583,7 +587,10 @@ class PrioritySFTTrainer(SFTTrainer):
             if selected is None:
                 scores = self.priority.selection_scores(statistics, self._step_args)
                 fraction = selection.kept_fraction(self._step_args, self.progress)
-                selected = select_in_batch(scores, statistics["mask"], fraction)
+                if selection.scope_of(self._step_args) == "example":
+                    selected = select_in_examples(scores, statistics["mask"], fraction, statistics.get("_example"))
+                else:
+                    selected = select_in_batch(scores, statistics["mask"], fraction)
             statistics["selected"] = selected
         phi = self.priority(statistics, self._step_args)
         mask = statistics["mask"]
