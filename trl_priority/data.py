@@ -131,8 +131,9 @@ def expand_columns(
         if column == "word_index" and spec.generated:
             out[column] = word_indices(example["input_ids"], tokenizer)
             continue
-        if spec.derive is not None:
-            # Spans the method finds in the completion text itself (a marker, a checker's verdicts)
+        if spec.derive is not None and example.get(column) is None:
+            # Spans the method finds in the completion text itself (a marker, a checker's verdicts), unless the
+            # dataset gives them in the column: labels given win over derivation
             offsets = completion_text(example, tokenizer)
             spans = spec.derive(offsets[0], dict(priority_args or {}))
             out[column] = span_values(example, spans, tokenizer, spec.padding, index, column, offsets=offsets)

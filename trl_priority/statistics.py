@@ -122,6 +122,7 @@ class DataStatistic:
         generated: the trainer makes the column itself (the per-token identity), the dataset need not have it.
         derive: for a span statistic found in the text itself, `derive(completion, priority_args) -> spans`: the
             column is made from the completion as the model sees it (a final-answer marker, a checker's verdicts).
+            An example that has the column itself (spans, not None) keeps its own spans: labels win over derivation.
         enumerate_spans: a span statistic whose value is the span's number (1, 2, ...): span identities.
     """
 

@@ -1,4 +1,10 @@
-"""External priorities: Φ from the structure of the data or from labels in it, not from any model."""
+"""External priorities: Φ from the structure of the data or from labels in it, not from any model.
+
+- `wit`: prompt and response weighted apart; `robustft`: a per-example noise score;
+- `sftkey`: SFT, then the final-answer tokens only (found after a marker, or given as spans);
+- `faithful`: spans labelled non-factual are masked or down-weighted;
+- `verifier`: a checker (`trl_priority.verifiers`) marks spans verified, wrong or unknown.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,9 @@ from typing import Annotated
 
 import torch
 
+from .. import verifiers
 from ..statistics import register_data_statistic
-from .registry import NonNegative, PriorityError, Range, register_priority
+from .registry import NonNegative, PriorityError, Probability, Range, register_priority
 
 
 register_data_statistic(
@@ -93,3 +100,178 @@ def robustft(
     """
     weight = torch.exp(-gamma * noise)  # (B, T-1)
     return torch.where(noise <= max_noise, weight, 0.0) * mask
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Labelled spans: the final answer (SFTKey), non-factual spans (F2), a checker's verdicts (veridical priority)
+# ------------------------------------------------------------------------------------------------------------------
+def _key_spans(completion: str, args) -> list[list[int]]:
+    """The Key portion: from the last `marker` (itself included unless `include_marker` is false) to the end."""
+    marker = args.get("marker", "####")
+    at = completion.rfind(marker)
+    if at < 0:
+        return []
+    start = at if args.get("include_marker", True) else at + len(marker)
+    return [[start, len(completion)]]
+
+
+register_data_statistic(
+    "key_answer",
+    column="key_spans",
+    level="span",
+    derive=_key_spans,
+    hint="SFTKey finds the final answer after `marker` in each completion; a dataset may instead give a "
+    "'key_spans' column of [start, end] character spans of the answer in each completion",
+)
+
+
+def _check_marker(args: dict) -> None:
+    if not args["marker"]:
+        raise PriorityError(
+            "priority_args for 'sftkey': `marker` is empty. Give the text that opens the final answer ('####' for "
+            "GSM8K, '<Answer>' for the paper's tagged format, '\\boxed{' for MATH)."
+        )
+
+
+@register_priority(
+    regime="hard",
+    paper="Shi et al. 2025, Rethinking Supervised Fine-Tuning: Emphasizing Key Answer Tokens for Improved LLM "
+    "Accuracy (SFTKey), arXiv 2512.21017",
+    validate=_check_marker,
+)
+def sftkey(
+    key_answer: torch.Tensor,
+    progress: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    marker: str = "####",
+    include_marker: bool = True,
+    key_from: Probability = 0.5,
+) -> torch.Tensor:
+    """SFTKey: plain SFT first, then the final-answer ("Key") tokens only.
+
+    Paper: Shi, Kou, Li, Zhou 2025, "Rethinking Supervised Fine-Tuning: Emphasizing Key Answer Tokens for Improved
+    LLM Accuracy", arXiv 2512.21017 (read: its abstract and introduction, and summaries of its method that give both
+    stage losses).
+
+        Φ_t = 1                           while progress < key_from   (stage 1: SFT on the whole response)
+        Φ_t = 1[y_t in the Key portion]   from progress = key_from on (stage 2: the answer only)
+
+    The paper tags each response `<Thinking> … </Thinking><Answer> … </Answer>`, trains stage 1 with the plain NLL
+    over the whole tagged response until it has converged, then continues with L_Answer = −Σ_{t > T_i} log p(y_t),
+    T_i the last token of `</Thinking>`: every token after the reasoning, the `<Answer>` opener, the answer and the
+    closing tag, is the Key portion; the reasoning stays as context without gradient.
+
+    Here the Key portion is found by `marker`: from its last occurrence in the completion to the end of the completion
+    as the model sees it (the end-of-turn token included, like the paper's closing tag), with the marker itself
+    (`include_marker=True`, the analogue of the paper's `<Answer>` opener) or only what follows it. Defaults: marker
+    "####" (GSM8K's final-answer line); "<Answer>" reproduces the paper's tagged format. A dataset may give the spans
+    instead, in a 'key_spans' column of [start, end] character offsets into each completion (the conversational
+    assistant content starts at offset 0); examples whose column is None fall back to the marker. An example without
+    the marker has no Key tokens, so it trains in stage 1 only.
+
+    Choices: both stages run in one training run, switched by `progress` (global_step / max_steps) at `key_from`
+    (default 0.5, ours: the stage lengths were not in what we could read; with `num_train_epochs: 2`, 0.5 is one epoch
+    of each, the same data twice as in the paper). `key_from=0` is stage 2 alone (start from an SFT-trained model);
+    `priority_warmup_ratio` gives a linear blend from SFT instead of a hard switch. The loss is divided by all
+    supervised tokens (N) in both stages, as everywhere here; the paper's stage-2 sum over the Key tokens differs
+    by a constant factor per batch that AdamW's update does not see.
+    """
+    stage_two = bool(torch.as_tensor(progress) >= key_from)
+    phi = (key_answer != 0).float() if stage_two else torch.ones_like(mask, dtype=torch.float32)  # (B, T-1)
+    return phi * mask
+
+
+register_data_statistic(
+    "nonfactual",
+    level="span",
+    hint="add a 'nonfactual' column: per completion, a list of [start, end] character spans (offsets into the "
+    "completion text; for conversational data, into the assistant message's content) of the non-factual claims, [] "
+    "when none (builtin:gsm8k-noisy-spans marks its corrupted numbers this way)",
+)
+
+
+@register_priority(
+    regime="soft",
+    paper="Hu et al. 2024, Mitigating Large Language Model Hallucination with Faithful Finetuning (F2), "
+    "arXiv 2406.11267 (the masking of labelled non-factual spans; F2 itself up-weights hallucination-prone spans)",
+)
+def faithful(nonfactual: torch.Tensor, mask: torch.Tensor, *, nonfactual_weight: Probability = 0.0) -> torch.Tensor:
+    """Faithful fine-tuning on labelled data: do not learn the spans the data marks as non-factual.
+
+    Paper: Hu, He, Wang, Li, Ma, King 2024, "Mitigating Large Language Model Hallucination with Faithful Finetuning"
+    (F2), arXiv 2406.11267 (read: the arXiv abstract and introduction, and summaries of its method).
+
+        Φ_t = nonfactual_weight   on tokens that overlap a span of the `nonfactual` column
+        Φ_t = 1                   elsewhere
+
+    `nonfactual` is a span column: per completion, [start, end] (or [start, end, value]: any non-zero value marks,
+    0 unmarks) character offsets into the completion text. Default weight 0: the labelled spans are masked (they stay
+    context, without gradient); a weight in (0, 1) down-weights them instead.
+
+    What the paper does and this does not: F2 is a multi-objective fine-tuning for QA that adds an internal
+    fact-retrieval loss (generate the grounding fact from the question) to fact-grounded answering, and *up-weights*
+    "hotspots", the hallucination-prone spans of the answer found by entity and attention heuristics, while
+    fine-tuning only hallucination-prone layers. This method is the data-labelled form of its token priority, with
+    the labels pointing the other way: spans known to be non-factual are not imitated. Up-weighting spans is
+    `faithful`'s opposite and not offered here; the fact-retrieval objective needs a data format of its own. The
+    loss is divided by all supervised tokens (N), masked ones included, so masking does not raise the learning rate.
+    """
+    return torch.where(nonfactual != 0, nonfactual_weight, 1.0) * mask  # (B, T-1)
+
+
+register_data_statistic(
+    "verdict",
+    level="span",
+    derive=verifiers.verdict_spans,
+    hint="the verifier runs the checker named by `checker` over each completion (see trl_priority.verifiers)",
+)
+
+
+def _check_checker(args: dict) -> None:
+    message = verifiers.unknown_checker_message(args["checker"])
+    if message is not None:
+        raise PriorityError(f"priority_args for 'verifier': {message}")
+
+
+@register_priority(
+    regime="signed",
+    paper="Shen et al. 2026, Supervised Fine-Tuning Needs to Unlock the Potential of Token Priority (position paper), "
+    "arXiv 2602.01227, appendix A.2 (veridical priority)",
+    validate=_check_checker,
+)
+def verifier(
+    verdict: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    checker: str = "arithmetic",
+    wrong_weight: Annotated[float, Range(-1, 1)] = 0.0,
+    verified_weight: NonNegative = 1.0,
+    unknown_weight: NonNegative = 1.0,
+) -> torch.Tensor:
+    """Veridical priority: a checker reads each completion and marks its spans verified, wrong or unknown.
+
+    Paper: Shen et al. 2026, "Supervised Fine-Tuning Needs to Unlock the Potential of Token Priority", position paper,
+    arXiv 2602.01227, appendix A.2 (veridical priority: Φ from verification of the demonstration, not from the
+    model); the abstract and introduction were readable, the appendix was not in what we could read, so the weights
+    below are this library's.
+
+        Φ_t = wrong_weight      on tokens of a span the checker marks "wrong"     (default 0; negative: unlearn)
+        Φ_t = verified_weight   on tokens of a "verified" span                     (default 1)
+        Φ_t = unknown_weight    on tokens of an "unknown" span, and on text no span covers   (default 1)
+
+    The checker is picked by name (`checker`, default "arithmetic": recomputes every `a op b = c` step of a worked
+    solution and marks the results, see `trl_priority.verifiers.arithmetic`); register your own with
+    `trl_priority.verifiers.register_checker(name, fn)`, `fn(completion_text) -> [(start, end, verdict), ...]`. An
+    unknown name is an error when the config is made, naming the closest checker. The checker runs once per example
+    during data preparation, over the completion as the model sees it (tokens decoded, end token included); a token
+    that overlaps a wrong span is wrong, whatever else overlaps it.
+
+    Choices: wrong results get Φ = 0 by default (not imitated, kept as context), or a negative Φ down to −1 to
+    unlearn them with the objective's bounded unlikelihood −log(1 − p) (`negative_loss: ascent` for plain gradient
+    ascent); the method is registered signed for that. `unknown_weight = 0` trains only what was verified (outside
+    the checked spans too). Each token counts once in the normaliser N.
+    """
+    phi = torch.where(verdict > 0, verified_weight, unknown_weight)  # (B, T-1)
+    phi = torch.where(verdict < 0, wrong_weight, phi)
+    return phi * mask

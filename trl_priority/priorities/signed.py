@@ -133,9 +133,50 @@ def forgetting_data(
     Choices: each token counts once in the trainer's normaliser N (all supervised tokens); the paper divides each
     part by its own token count, which `weight = n_learn / n_unlearn` (the data's supervised-token counts)
     reproduces up to a constant factor. `weight = 1` and the paper's linear schedule are the defaults; `unlearn` is
-    read as a flag (any non-zero value unlearns). This is also the mechanism that ignorance-aware training (to come)
-    builds on: mark the completions the model should not imitate (wrong solutions, hallucinated answers) with
-    `unlearn = 1`.
+    read as a flag (any non-zero value unlearns). `ignorance` does the same per span, with a constant weight: mark
+    the parts of completions the model should not imitate (a hallucinated answer, a wrong number) as spans.
     """
     lam = _balance(progress, schedule, t_max, t_min).to(mask.device)  # ()
     return torch.where(unlearn != 0, -lam * weight, 1.0) * mask  # (B, T-1)
+
+
+register_data_statistic(
+    "made_up",
+    level="span",
+    hint="add a 'made_up' column: per completion, a list of [start, end] character spans (offsets into the completion "
+    "text; for conversational data, into the assistant message's content) of what the answer makes up, [] when "
+    "nothing; a wholly made-up answer is [[0, len(answer)]] (builtin:gsm8k-noisy-spans marks its corrupted numbers)",
+)
+
+
+@register_priority(
+    regime="signed",
+    paper="Shen et al. 2025, Don't Make It Up: Preserving Ignorance Awareness in LLM Fine-Tuning (SEAT), "
+    "arXiv 2506.14387 (the signed, data-labelled reading: made-up spans are unlearned, bounded)",
+)
+def ignorance(made_up: torch.Tensor, mask: torch.Tensor, *, weight: NonNegative = 1.0) -> torch.Tensor:
+    """Ignorance-aware fine-tuning, data-labelled: learn the answer, unlearn what it makes up.
+
+    Paper: Shen, Qiu, Cancedda, Lane 2025, "Don't Make It Up: Preserving Ignorance Awareness in LLM Fine-Tuning"
+    (v3: "SEAT: Sparse Entity-Aware Tuning for Knowledge Adaptation while Preserving Epistemic Abstention"),
+    arXiv 2506.14387 (read: the arXiv abstract and introduction, v1 to v3).
+
+        Φ_t = −weight   on tokens that overlap a span of the `made_up` column   (unlearned)
+        Φ_t = 1         elsewhere                                                (learned)
+
+    With the trainer's default `negative_loss: unlikelihood`, a made-up token adds weight·(−log(1 − p_θ(y_t))) to
+    the loss: bounded below by 0, its gradient vanishing once the token is unlikely, so many made-up tokens cannot
+    drive the loss to −∞ (`negative_loss: ascent` is plain gradient ascent, unbounded). Default weight 1 (ours).
+
+    `made_up` is a span column: per completion, [start, end] (or [start, end, value]: any non-zero value marks)
+    character offsets into the completion text; a wholly made-up answer is the span [0, len(answer)], which leaves the
+    end-of-turn token learned (the answer stops where a true one would).
+
+    What the paper does and this does not: SEAT preserves a model's aligned ability to say "I don't know" while it is
+    fine-tuned on new facts, with sparse tuning (few parameters updated, limiting activation drift) and a KL
+    regularisation towards the starting model on questions whose entities are perturbed into ones the model cannot
+    know. It needs no labels of made-up content. This method is the token-priority reading of the same aim (the
+    regime "signed" of arXiv 2602.01227): where the data says an answer, or a span of it, is made up, the model is
+    pushed away from it instead of imitating it, and the rest is learned as usual. Each token counts once in N.
+    """
+    return torch.where(made_up != 0, -weight, 1.0) * mask  # (B, T-1)
