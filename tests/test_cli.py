@@ -49,12 +49,32 @@ def example_columns(method) -> list[str]:
     return [spec.column for spec in specs if spec.level == "example" and not spec.generated]
 
 
-def gsm8k_with_columns(folder: Path, columns: list[str]) -> str:
+def token_columns(method) -> list[str]:
+    """The token-level data columns a method reads that the dataset must bring (scores computed offline)."""
+    from trl_priority.statistics import DATA_STATISTICS
+
+    specs = [DATA_STATISTICS[name] for name in method.statistics_from("data")]
+    made_by_trl = {"completion_mask"}  # `response_mask`: TRL's tokenization makes it
+    return [s.column for s in specs if s.level == "token" and not s.generated and s.column not in made_by_trl]
+
+
+def gsm8k_with_columns(folder: Path, columns: list[str], tokens: list[str] = (), model_path: str = "") -> str:
     from trl_priority.builtin import load_gsm8k
 
     dataset = load_gsm8k(limit=8)
     for column in columns:
         dataset = dataset.add_column(column, [i % 2 for i in range(len(dataset))])
+    if tokens:  # deterministic placeholders in [0, 1], one per token of the input_ids the trainer will make: the
+        # recipe test checks that the method trains on its column; the scores themselves are tested against the
+        # models in tests/priorities (token_scores' functions)
+        from transformers import AutoTokenizer
+
+        from trl_priority.token_scores import tokenize_like_trainer
+
+        tokenized = tokenize_like_trainer(dataset, AutoTokenizer.from_pretrained(model_path))
+        lengths = [len(ids) for ids in tokenized["input_ids"]]
+        for column in tokens:
+            dataset = dataset.add_column(column, [[(i + j) % 5 / 4 for j in range(n)] for i, n in enumerate(lengths)])
     folder.mkdir()
     dataset.to_json(folder / "train.jsonl")
     return str(folder)
@@ -62,8 +82,9 @@ def gsm8k_with_columns(folder: Path, columns: list[str]) -> str:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tmp_path, model_dir):
+    model = model_dir(seed=0)
     overrides = [
-        "--model_name_or_path", model_dir(seed=0),
+        "--model_name_or_path", model,
         "--output_dir", str(tmp_path / "run"),
         "--max_steps", "2",
         "--max_length", "1024",  # the tiny tokenizer spends many tokens on GSM8K text
@@ -74,9 +95,9 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tmp_path, model_dir):
     method = get_priority(parse(recipe)[1].priority)
     if method.reference == "explicit":  # the method needs a trained reference: a second tiny model stands in
         overrides += ["--ref_model_name_or_path", model_dir(seed=1)]
-    columns = example_columns(method)
-    if columns:  # the built-in GSM8K lacks them: its first problems, saved with the columns, 0 and 1 in turn
-        overrides += ["--dataset_name", gsm8k_with_columns(tmp_path / "data", columns)]
+    columns, tokens = example_columns(method), token_columns(method)
+    if columns or tokens:  # the built-in GSM8K lacks them: its first problems, saved with the columns
+        overrides += ["--dataset_name", gsm8k_with_columns(tmp_path / "data", columns, tokens, model)]
     trainer = sft.main(*parse(recipe, *overrides))
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 2

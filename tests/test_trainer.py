@@ -92,13 +92,29 @@ def test_gradient_accumulation_matches_a_larger_batch(method, lora, make_model, 
         torch.testing.assert_close(grads_ga[0][name], grads_one[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def with_every_data_column(dataset):
-    """The dataset plus a value for every registered example-level data statistic (alternating 0 and 1)."""
+def with_every_data_column(dataset, tokenizer):
+    """The dataset plus a value for every registered example-level data statistic (alternating 0 and 1), for
+    every span statistic given by the data (alternating no span and the completion's first four characters), and for
+    every token-level statistic the data must bring (placeholders in [0, 1], one per token of the `input_ids` the
+    trainer makes from the row: the raw rows are tokenized as the trainer tokenizes them)."""
     from trl_priority.statistics import DATA_STATISTICS
+    from trl_priority.token_scores import tokenize_like_trainer
 
+    tokenized = None
     for spec in DATA_STATISTICS.values():
-        if spec.level == "example" and not spec.generated and spec.column not in dataset.column_names:
+        if spec.generated or spec.column in dataset.column_names:
+            continue
+        if spec.level == "example":
             dataset = dataset.add_column(spec.column, [float(i % 2) for i in range(len(dataset))])
+        elif spec.level == "span":
+            dataset = dataset.add_column(spec.column, [[[0, 4]] if i % 2 else [] for i in range(len(dataset))])
+        else:
+            if tokenized is None:
+                tokenized = tokenize_like_trainer(dataset, tokenizer)
+            if spec.column not in tokenized.column_names:  # not one that the tokenization makes (completion_mask)
+                lengths = [len(ids) for ids in tokenized["input_ids"]]
+                values = [[(i + j) % 5 / 4 for j in range(n)] for i, n in enumerate(lengths)]
+                dataset = dataset.add_column(spec.column, values)
     return dataset
 
 
@@ -112,7 +128,7 @@ def test_every_method_loss_is_its_objective_on_the_full_logits(
     (not the fused head the trainer uses) and Φ as `token_priorities` reports it; and it carries a gradient."""
     from trl_priority.objectives import unlikelihood
 
-    dataset = with_every_data_column(datasets_.prompt_completion(4))
+    dataset = with_every_data_column(datasets_.prompt_completion(4), tokenizer)
     peft = {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")} if lora else {}
     args = make_args(priority=method, priority_args=TEST_ARGS.get(method), per_device_train_batch_size=4)
     trainer = PrioritySFTTrainer(

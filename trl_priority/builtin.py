@@ -12,9 +12,15 @@ Recipes name them with the `builtin:` prefix:
   `builtin:gsm8k:<path>` reads another GSM8K-format JSONL file (`question`, `answer`), e.g. the full training set.
 - `dataset_name: builtin:gsm8k-noisy`: the same problems with 30% of the solutions corrupted (a wrong final answer)
   and a `noise` column marking them (1.0) or not (0.0): RobustFT's example-level noise labels.
+- `dataset_name: builtin:gsm8k-noisy-spans`: `builtin:gsm8k-noisy` with the corrupted numbers marked as character
+  spans of each solution, in two span columns with the same spans: `nonfactual` (for `faithful`) and `made_up` (for
+  `ignorance`); [] on the clean solutions.
 - `dataset_name: builtin:gsm8k-contrast`: each problem twice, with its solution (`unlearn` 0) and with a corrupted
   one (`unlearn` 1), for signed methods; `builtin:gsm8k-contrast:<example_model_solutions.jsonl>` pairs each
   question's ground truth with a real incorrect model solution instead.
+- `dataset_name: builtin:gsm8k-wrong`: the incorrect half of `builtin:gsm8k-contrast` (every solution corrupted, or
+  with `:<path>` the real incorrect model solutions), to fine-tune the negative model of `critical`'s contrastive
+  estimation (recipes/critical.yaml).
 """
 
 from __future__ import annotations
@@ -125,6 +131,36 @@ def load_gsm8k_noisy(path: str | None = None, limit: int | None = None, share: f
     return dataset.map(corrupt, with_indices=True)
 
 
+def load_gsm8k_noisy_spans(path: str | None = None, limit: int | None = None) -> Dataset:
+    """`builtin:gsm8k-noisy` with span labels of what the corruption made up: `nonfactual` and `made_up` columns.
+
+    Each corrupted solution had its final answer replaced by a wrong number wherever the answer stood as a whole
+    number; each span is one such replacement, `[start, end]` character offsets into the corrupted solution (the
+    assistant message's content). Clean solutions get `[]`. Deterministic, like `builtin:gsm8k-noisy`.
+    """
+    import re
+
+    clean = load_gsm8k(path, limit)
+    noisy = load_gsm8k_noisy(path, limit)
+
+    def spans(example, index):
+        if example["noise"] == 0.0:
+            return {"nonfactual": [], "made_up": []}
+        before = clean[index]["completion"][0]["content"]
+        after = example["completion"][0]["content"]
+        final = before.rsplit("####", 1)[-1].strip()
+        wrong = after.rsplit("####", 1)[-1].strip()
+        shift = len(wrong) - len(final)  # each earlier replacement moves the later ones by this much
+        pattern = rf"(?<![\d.,]){re.escape(final)}(?![\d]|[.,]\d)"  # the corruption's own pattern
+        found = [
+            [m.start() + k * shift, m.start() + k * shift + len(wrong)]
+            for k, m in enumerate(re.finditer(pattern, before))
+        ]
+        return {"nonfactual": found, "made_up": found}
+
+    return noisy.map(spans, with_indices=True)
+
+
 def load_gsm8k_contrast(path: str | None = None, limit: int | None = None) -> Dataset:
     """Each GSM8K question twice: with a correct solution (`unlearn` 0) and with a wrong one (`unlearn` 1).
 
@@ -162,8 +198,20 @@ def load_gsm8k_contrast(path: str | None = None, limit: int | None = None) -> Da
     return Dataset.from_list(rows)
 
 
+def load_gsm8k_wrong(path: str | None = None, limit: int | None = None) -> Dataset:
+    """The completions of `builtin:gsm8k-contrast` marked `unlearn` 1, alone: incorrect solutions only."""
+    contrast = load_gsm8k_contrast(path, limit)
+    return contrast.filter(lambda example: example["unlearn"] != 0).remove_columns("unlearn")
+
+
 MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
-DATASETS = {"gsm8k": load_gsm8k, "gsm8k-noisy": load_gsm8k_noisy, "gsm8k-contrast": load_gsm8k_contrast}
+DATASETS = {
+    "gsm8k": load_gsm8k,
+    "gsm8k-noisy": load_gsm8k_noisy,
+    "gsm8k-noisy-spans": load_gsm8k_noisy_spans,
+    "gsm8k-contrast": load_gsm8k_contrast,
+    "gsm8k-wrong": load_gsm8k_wrong,
+}
 
 
 def resolve_model(name_or_path: str | None) -> str | None:

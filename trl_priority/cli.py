@@ -37,7 +37,11 @@ def describe_priorities() -> list[dict[str, str]]:
         if priority.distribution_terms:
             needs.append("distribution term (chunked, with gradient)")
         data = [stats_vocab.DATA_STATISTICS[s] for s in statistics if stats_vocab.source_of(s) == "data"]
-        needs += [f"column {spec.column}" + (f" ({spec.level})" if spec.level != "token" else "") for spec in data]
+        for spec in data:
+            if spec.derive is not None:
+                needs.append(f"spans found in the text (or a column {spec.column})")
+            else:
+                needs.append(f"column {spec.column}" + (f" ({spec.level})" if spec.level != "token" else ""))
         if "state" in statistics:
             needs.append("state across steps")
         if "progress" in statistics or (priority.selection is not None and callable(priority.selection.fraction)):

@@ -1,0 +1,162 @@
+"""Contrastive and information-gain priorities: Φ from per-token scores computed offline with other models.
+
+- `critical`: critical tokens by contrastive estimation between a model fine-tuned on correct solutions and one
+  fine-tuned on incorrect solutions (cDPO's token weights, as a signed priority);
+- `tshirt`: the tokens whose prediction the prompt changes most (T-SHIRT's informative tokens, as a mask).
+
+Both read a token-level data column that `trl_priority.token_scores` computes once, before training (the library has
+one reference slot, and T-SHIRT needs a forward without the prompt): `contrastive_score` and `information_gain`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from ..selection import TopFraction
+from ..statistics import register_data_statistic
+from . import signed  # noqa: F401  (registers the example-level `unlearn` statistic that `critical` reads)
+from .registry import Fraction, NonNegative, register_priority
+
+
+register_data_statistic(
+    "contrastive_score",
+    level="token",
+    hint="`critical` reads one contrastive-estimation score per token of `input_ids` (the value at i scores token "
+    "i): compute the column once with `trl_priority.token_scores.contrastive_token_scores(positive_model, "
+    "negative_model, dataset, tokenizer)`, or `python -m trl_priority.token_scores contrastive --positive P "
+    "--negative N --dataset D --output OUT` and train on OUT (recipes/critical.yaml says how)",
+)
+
+
+@register_priority(
+    regime="signed",
+    paper="Lin et al. 2024, Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning "
+    "Capability (cDPO), arXiv 2411.19943 (ICML 2025)",
+)
+def critical(
+    contrastive_score: torch.Tensor,
+    unlearn: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    only_neg: bool = True,
+    rejected_weight: NonNegative = 1.0,
+) -> torch.Tensor:
+    """Critical tokens (cDPO's token weights): learn correct solutions, unlearn the critical tokens of wrong ones.
+
+    Paper: Lin, Liang, Xu, Liu, Wang, Luo, Shi, Li, Yang, Tu 2024, "Critical Tokens Matter: Token-Level Contrastive
+    Estimation Enhances LLM's Reasoning Capability", arXiv 2411.19943 (ICML 2025); official code
+    github.com/chenzhiling9954/Critical-Tokens-Matter (src/pipeline.py, src/train/train_cdpo.py,
+    src/configs/train_config.py).
+
+        s_t = softmax_v(2·z_pos(v) − z_neg(v))[y_t]     (the `contrastive_score` column, β = 1)
+        Φ_t = 1                         on a correct solution (unlearn = 0)          only_neg = True (default)
+        Φ_t = s_t                       on a correct solution                        only_neg = False
+        Φ_t = −rejected_weight·(1 − s_t)  on an incorrect solution (unlearn ≠ 0)       rejected_weight = 1
+
+    z_pos and z_neg are the logits of two copies of the model fine-tuned on its own correct and incorrect sampled
+    solutions (pipeline.py L251-266, train_sft.py: LoRA r = 8 on the MLP, lr 3e-4, one epoch). s_t is near 0 on a
+    *critical token*, one the incorrect-solution model predicts and the correct-solution model does not
+    (pipeline.py L224-234: `cd_logits = (1 + 1) * pos_logits - 1 * neg_logits`, softmax, gathered at the next
+    token). Compute the column once with `trl_priority.token_scores.contrastive_token_scores`; `unlearn` is the
+    example-level column saying which completions are incorrect (builtin:gsm8k-contrast has both kinds).
+
+    From cDPO to a priority. cDPO (train_cdpo.py `dpo_loss`, L118-176) is DPO with per-token weights, over pairs of a
+    correct (chosen) and an incorrect (rejected) solution of the same question: at each position t,
+    ℓ_t = −log σ(β·[w⁺_t·Δ⁺_t − w⁻_t·Δ⁻_t]), Δ_t = log π_θ(y_t) − log π_ref(y_t), averaged over every position
+    (L159-164, L242; the weights pair the two sequences position by position). The weights: w⁻_t = 1 − s_t on the
+    rejected solution (L138-139, L157), w⁺_t = 1 with the default `only_neg: True` (train_config.py L62, L148-149),
+    else w⁺_t = s_t (L151-152). At the start of cDPO, π_θ = π_ref and every Δ_t = 0, so
+        ∇ℓ_t = −(β/2)·[w⁺_t·∇log π_θ(y⁺_t) − w⁻_t·∇log π_θ(y⁻_t)]:
+    the likelihood of each chosen token is raised with weight w⁺_t, that of each rejected token lowered with weight
+    w⁻_t. As a priority over the two solutions as separate SFT examples, that is Φ = w⁺ on correct solutions and
+    Φ = −w⁻ on incorrect ones, and with `negative_loss: ascent` the trainer's gradient is exactly cDPO's at its start
+    (up to the constant β/2 and the normaliser, which AdamW's update does not see;
+    tests/priorities/test_contrastive.py checks it against a transcription of `dpo_loss`). The direction: the more
+    a rejected token is critical (s_t → 0), the harder it is unlearned; tokens the two models agree on (s_t → 1) are
+    left alone, since they are not what made the solution wrong. With only_neg = False, a correct solution's tokens
+    are weighted by how much the correct-solution model prefers them.
+
+    Choices:
+    - Negatives use the library's bounded unlikelihood −log(1 − p) by default; `negative_loss: ascent` is the first-
+      order cDPO gradient. Away from its start, DPO's factor σ(−β·margin) damps a position once it is won; the
+      bounded unlikelihood damps a token once it is unlikely, its analogue without a pair.
+    - No pairing and no reference forward: each solution is its own example, each token counts once in the
+      normaliser N (cDPO averages over the padded positions of the batch). The DPO β (0.1) is a gradient scale here,
+      absorbed by the learning rate; the contrastive β = 1 is fixed in the column (`contrastive_token_scores(beta=)`).
+    - `rejected_weight` (ours) scales the unlearning; 0 drops the incorrect solutions, leaving SFT on the correct ones
+      (weighted by s_t with only_neg = False). s_t is clamped to [0, 1].
+    - The official code scores the text without the end-of-sequence token that DPO appends and gives that token
+      weight 1 on both sides (L132-139); here the end token is scored like every other token of the sequence the
+      trainer sees, so the column is aligned token for token (the code's Qwen branch re-aligns by hand).
+    """
+    score = contrastive_score.clamp(0.0, 1.0)  # (B, T-1)
+    learn = torch.ones_like(score) if only_neg else score  # (B, T-1)
+    phi = torch.where(unlearn != 0, -rejected_weight * (1.0 - score), learn)  # (B, T-1)
+    return phi * mask
+
+
+register_data_statistic(
+    "information_gain",
+    level="token",
+    hint="`tshirt` reads one information gain per token of `input_ids` (the value at i scores token i): compute the "
+    "column once with `trl_priority.token_scores.information_gain(model, dataset, tokenizer)` (the starting model), "
+    "or `python -m trl_priority.token_scores information-gain --model M --dataset D --output OUT` and train on OUT "
+    "(recipes/tshirt.yaml says how)",
+)
+
+
+def informativeness(information_gain: torch.Tensor) -> torch.Tensor:
+    """|Δ_t|: how much conditioning on the prompt changes the token's log-probability, either way."""
+    return information_gain.abs()  # (B, T-1)
+
+
+@register_priority(
+    regime="hard",
+    paper="Fu, Hamman, Dutta 2025, T-SHIRT: Token-Selective Hierarchical Data Selection for Instruction Tuning, "
+    "arXiv 2506.01317 (NeurIPS 2025)",
+    selection=TopFraction(informativeness, fraction="ratio", scope="scope"),
+)
+def tshirt(
+    selected: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ratio: Fraction = 0.5,
+    scope: Literal["micro_batch", "step"] = "micro_batch",
+) -> torch.Tensor:
+    """T-SHIRT's informative tokens as the mask: train only on the tokens whose prediction the prompt changes most.
+
+    Paper: Fu, Hamman, Dutta 2025, "T-SHIRT: Token-Selective Hierarchical Data Selection for Instruction Tuning",
+    arXiv 2506.01317 (NeurIPS 2025); official code github.com/Dynamite321/T-SHIRT (token_loss.py, compute_stat.py,
+    tshirt_select.py, scripts/select_data.sh).
+
+        Δ_t = log p(y_t | x, y_<t) − log p(y_t | y_<t)      (the `information_gain` column: the gain of the prompt x)
+        Φ_t = 1[|Δ_t| is among the top k = round(ratio · n) of the n supervised tokens]     ratio = 0.5
+
+    Compute the column once with `trl_priority.token_scores.information_gain` (a forward with and one without the
+    prompt; the starting model is the natural scorer). The official code computes `pmi = cond_loss − uncond_loss`
+    (token_loss.py L117-137), the negative of Δ, and keeps the tokens with |pmi| above the (1 − ratio) percentile of
+    every token's |pmi| (compute_stat.py L61, L69): the sign does not matter for the mask. ratio = 0.5 is
+    select_data.sh's `--ratio 0.5` (compute_stat.py L98); the released subsets also use 0.75.
+
+    How this differs from the paper: T-SHIRT selects *examples*, not tokens. It aggregates the kept tokens of each
+    example into a score, S-IFD = exp(mean of pmi over the kept tokens) (compute_stat.py L66-75), computes it on 30
+    copies of each example with NEFTune noise on the embeddings (α = 5, token_loss.py L97-114), keeps the 2k examples
+    with the highest mean S-IFD and an IFD below 1, then the k of them with the smallest spread (tshirt_select.py
+    L23-51), and fine-tunes on those k examples with plain SFT. Here every example trains, and the token mask that
+    the paper uses inside its score is Φ itself: the token-selection half of T-SHIRT as a token priority. The noise
+    copies serve the example-level robustness and are not used; Δ is the clean score.
+
+    Choices:
+    - The percentile is taken over the micro-batch (`scope="micro_batch"`, the default: the column is data, so the
+      selection costs nothing) instead of the whole dataset; `scope="step"` takes it over every micro-batch of the
+      optimizer step on every process, at the cost of one extra forward without gradient per micro-batch (the
+      trainer's step-wide selection scores through the model). k = round(ratio · n), at least 1, ties broken by
+      position; the code's strict `>` against an interpolated percentile keeps the same tokens when the values are
+      distinct and ratio · n is whole.
+    - No chunk level: the official code has none. Whole words or labelled spans are kept together with the
+      config-level `priority_granularity: word` (or `span`) and `priority_pooling: max`.
+    - The loss is divided by all supervised tokens (N), masked ones included.
+    """
+    return selected.float() * mask  # (B, T-1)
