@@ -131,17 +131,20 @@ def load_gsm8k_noisy(path: str | None = None, limit: int | None = None, share: f
     return dataset.map(corrupt, with_indices=True)
 
 
-def load_gsm8k_noisy_spans(path: str | None = None, limit: int | None = None) -> Dataset:
+def load_gsm8k_noisy_spans(
+    path: str | None = None, limit: int | None = None, share: float = 0.3, seed: int = 0
+) -> Dataset:
     """`builtin:gsm8k-noisy` with span labels of what the corruption made up: `nonfactual` and `made_up` columns.
 
     Each corrupted solution had its final answer replaced by a wrong number wherever the answer stood as a whole
     number; each span is one such replacement, `[start, end]` character offsets into the corrupted solution (the
-    assistant message's content). Clean solutions get `[]`. Deterministic, like `builtin:gsm8k-noisy`.
+    assistant message's content). Clean solutions get `[]`. Deterministic, like `builtin:gsm8k-noisy` (`share` and
+    `seed` as there).
     """
     import re
 
     clean = load_gsm8k(path, limit)
-    noisy = load_gsm8k_noisy(path, limit)
+    noisy = load_gsm8k_noisy(path, limit, share=share, seed=seed)
 
     def spans(example, index):
         if example["noise"] == 0.0:
