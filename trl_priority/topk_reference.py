@@ -10,18 +10,22 @@ A top-k cache keeps, per supervised token,
 
 and the chunked distribution pass rebuilds a full `(n, V)` distribution for each chunk of positions from it:
 
-    π̂(v) = π_ref(v)                     for v among the ids, or v = y_t
-    π̂(v) = tail / (V − m)               for the V − m other tokens, tail = 1 − Σ_{stored} π_ref
+    π̂(v) = π_ref(v)                                  for v among the ids, or v = y_t
+    π̂(v) = tail · π_θ(v) / Σ_{v' not stored} π_θ(v')   for the other tokens, tail = 1 − Σ_{stored} π_ref
 
-(m the number of distinct stored tokens), i.e. the tail mass spread evenly over the tokens that were not stored. π̂
-sums to 1, agrees with π_ref wherever it is stored, and its total-variation distance to π_ref is at most the tail mass:
-TV(π̂, π_ref) ≤ tail. Every term in `trl_priority.priorities.distribution` has a gradient with respect to the
-policy's logits of the form π_θ − (a mixture involving π_ref), so the gradient error it makes is bounded by the tail
-mass too (in L1, ≤ 2·tail per position, times the term's weight). The KL value itself is off by
-Σ_tail π_ref·log(π_ref/π̂), which the uniform spread underestimates for a peaked tail; `scripts/measure_topk_error.py`
-measures both errors on a real model.
+i.e. the reference's tail mass is shared among the tokens that were not stored as the policy shares its own (the
+policy's log-probabilities are at hand in the same chunk; π̂ carries no gradient). π̂ sums to 1, agrees with π_ref
+wherever it is stored, and its total-variation distance to π_ref is at most the tail mass. Every term in
+`trl_priority.priorities.distribution` has a gradient with respect to the policy's logits of the form π_θ − (a
+mixture involving π_ref), so the gradient error is bounded by the tail mass too (in L1, ≤ 2·tail per position, times
+the term's weight). On the tail, KL(π̂ ‖ π_θ) is the KL of the coarsened pair (the tail as one outcome), so the
+approximate KL anchor never exceeds the exact one there (the data-processing inequality); on a policy that has not
+moved, it is exact.
 
-The choice of a uniform tail is ours; ASFT and Target-SFT define their terms on the exact distribution.
+Why the policy's shape and not an even spread: an even spread puts reference mass on tokens the policy finds
+vanishingly unlikely, and log(π̂/π_θ) blows up there; `scripts/measure_topk_error.py` measures both on SmolLM2 and
+GSM8K (`docs/benchmarks/topk_error.md`). These choices are ours; ASFT and Target-SFT define their terms on the exact
+distribution.
 """
 
 from __future__ import annotations
@@ -47,17 +51,33 @@ def topk_of(logprobs: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch
 
 
 def dense_logprobs(
-    ids: torch.Tensor, logps: torch.Tensor, label_logps: torch.Tensor, labels: torch.Tensor, vocab_size: int
+    ids: torch.Tensor,
+    logps: torch.Tensor,
+    label_logps: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The `(n, V)` log-probabilities log π̂ rebuilt from a top-k cache (see the module docstring), float32."""
+    """The `(n, V)` log-probabilities log π̂ rebuilt from a top-k cache (see the module docstring), float32.
+
+    The tail mass goes to the tokens that were not stored in proportion to `tail_logprobs` `(n, V)` (the policy's
+    log-probabilities, in training), or evenly when it is None.
+    """
     n, k = ids.shape
     label_stored = (ids == labels[:, None]).any(-1)  # (n,)
-    stored = logps.float().exp().sum(-1) + torch.where(label_stored, 0.0, label_logps.float().exp())  # (n,)
-    num_stored = k + (~label_stored).long()  # (n,) ids are distinct (topk), the label adds one when not among them
-    tail = (1.0 - stored).clamp(min=_MIN_TAIL)  # (n,)
-    others = vocab_size - num_stored  # (n,)
-    fill = torch.where(others > 0, tail.log() - others.clamp(min=1).float().log(), -torch.inf)  # (n,)
-    out = fill[:, None].expand(n, vocab_size).clone()  # (n, V)
+    stored_mass = logps.float().exp().sum(-1) + torch.where(label_stored, 0.0, label_logps.float().exp())  # (n,)
+    tail = (1.0 - stored_mass).clamp(min=_MIN_TAIL)  # (n,)
+    if tail_logprobs is None:
+        num_stored = k + (~label_stored).long()  # (n,) topk ids are distinct; the label adds one when not among them
+        others = vocab_size - num_stored  # (n,)
+        fill = torch.where(others > 0, tail.log() - others.clamp(min=1).float().log(), -torch.inf)  # (n,)
+        out = fill[:, None].expand(n, vocab_size).clone()  # (n, V)
+    else:
+        # log π̂(v) = log tail + log q(v) − log Σ_{v' not stored} q(v')
+        is_stored = torch.zeros(n, vocab_size, dtype=torch.bool, device=ids.device)
+        is_stored.scatter_(1, ids, True).scatter_(1, labels[:, None], True)
+        shape = tail_logprobs.float().masked_fill(is_stored, -torch.inf)  # (n, V)
+        out = tail.log()[:, None] + shape - shape.logsumexp(-1, keepdim=True)  # (n, V)
     out.scatter_(1, labels[:, None], label_logps.float()[:, None])
     out.scatter_(1, ids, logps.float())
     return out
@@ -92,9 +112,17 @@ class TopKRows:
     logps: torch.Tensor  # (N, k)
     label_logps: torch.Tensor  # (N,)
 
-    def logprobs(self, rows: slice, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """log π̂ for the rows `rows` (labels: those rows' observed tokens): `(n, V)` float32."""
-        return dense_logprobs(self.ids[rows], self.logps[rows], self.label_logps[rows], labels, vocab_size)
+    def logprobs(self, rows: slice, labels: torch.Tensor, policy_logprobs: torch.Tensor) -> torch.Tensor:
+        """log π̂ for the rows `rows` (`labels`: their observed tokens), the tail shaped like the policy's
+        `policy_logprobs` `(n, V)` there: `(n, V)` float32, no gradient."""
+        return dense_logprobs(
+            self.ids[rows],
+            self.logps[rows],
+            self.label_logps[rows],
+            labels,
+            policy_logprobs.size(-1),
+            tail_logprobs=policy_logprobs.detach(),
+        )
 
 
 __all__ = ["TopKReferenceDistribution", "TopKRows", "dense_logprobs", "topk_of"]
