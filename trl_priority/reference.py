@@ -19,6 +19,8 @@ references only).
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -216,15 +218,85 @@ def check_same_vocabulary(ref_model: torch.nn.Module, policy: torch.nn.Module, t
 
 
 def freeze_and_place(model: torch.nn.Module, accelerator, is_deepspeed: bool, is_fsdp: bool) -> torch.nn.Module:
-    """Eval mode, no dropout, no gradients; then placed like TRL's DPO reference (sharded under ZeRO-3 / FSDP)."""
+    """Eval mode, no dropout, no gradients; then placed on the device, sharded as the policy is.
+
+    - DDP or one process: `accelerator.prepare_model(evaluation_mode=True)`, a whole copy on each device, unwrapped.
+    - DeepSpeed ZeRO-3: TRL's `prepare_deepspeed`, its own stage-3 inference engine, partitioned like the policy.
+    - ZeRO-1 / ZeRO-2: TRL's `prepare_deepspeed` with stage 0, a whole copy on each device (those stages shard the
+      optimizer state and gradients, which the reference does not have).
+    - FSDP1: TRL's `prepare_fsdp`: the plugin's wrap policy, sharding strategy, mixed precision, `sync_module_states`.
+    - FSDP2: accelerate's `fsdp2_prepare_model`, the function that shards the policy: one FSDP unit per transformer
+      layer, the embeddings and the final norm + LM head in units of their own, the same mesh, mixed-precision and
+      offload policies, and, with `cpu_ram_efficient_loading`, the shards filled from rank 0's weights. Every unit
+      reshards after its forward, so between forwards each device holds only its shards.
+
+    Under FSDP2, TRL's `prepare_fsdp` is not used: it calls `fully_shard` on the root alone, so the whole reference
+    is one unit whose every weight is all-gathered at once in each forward (a whole copy per device at the peak,
+    which is what sharding was meant to avoid). Under FSDP the layers to wrap are the policy's when the reference
+    has them, and otherwise the reference's own `_no_split_modules` (a reference of another architecture that shares
+    the tokenizer).
+    """
     model.eval()
     model.requires_grad_(False)
     disable_dropout_in_model(model)
     if is_deepspeed:
         return prepare_deepspeed(model, accelerator)
     if is_fsdp:
+        accelerator = _WithFSDPPlugin(accelerator, _fsdp_plugin_for(model, accelerator.state.fsdp_plugin))
+        if accelerator.state.fsdp_plugin.fsdp_version == 2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            model = fsdp2_prepare_model(accelerator, model)
+            # accelerate keeps the root and the LM-head unit gathered after the forward, until the backward reshards
+            # them; the reference has no backward, so they would stay whole on every device from its first forward
+            model.set_reshard_after_forward(True)
+            model.eval()
+            return model
         return prepare_fsdp(model, accelerator)
     return accelerator.prepare_model(model, evaluation_mode=True)
+
+
+def _fsdp_plugin_for(model: torch.nn.Module, plugin):
+    """A copy of the policy's FSDP plugin whose wrap policy names layer classes that `model` has.
+
+    The plugin's transformer-layer classes were bound to the policy when it was prepared; a reference of another
+    architecture has none of them, and would be one unit (FSDP1) or fail to wrap (FSDP2). Then the reference's own
+    `_no_split_modules` are wrapped instead, as accelerate does for any model.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    own = copy.copy(plugin)
+    names = plugin.transformer_cls_names_to_wrap
+    if names and not all(get_module_class_from_name(model, name) is not None for name in names):
+        own.transformer_cls_names_to_wrap = None  # `set_auto_wrap_policy` falls back to `model._no_split_modules`
+    policy = own.auto_wrap_policy
+    bound_by_accelerate = (transformer_auto_wrap_policy, size_based_auto_wrap_policy)
+    if isinstance(policy, functools.partial) and policy.func in bound_by_accelerate:
+        # Unbound again: `set_auto_wrap_policy(model)`, which both prepare functions call, binds it to `model`
+        own.auto_wrap_policy = policy.func
+    return own
+
+
+class _WithFSDPPlugin:
+    """`accelerator` as seen by TRL's `prepare_fsdp` and accelerate's `fsdp2_prepare_model`, which read the plugin
+    from `accelerator.state.fsdp_plugin`: with the reference's own copy of it, so the policy's stays untouched."""
+
+    def __init__(self, accelerator, plugin):
+        self._accelerator = accelerator
+        self.state = _StateWithPlugin(accelerator.state, plugin)
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+class _StateWithPlugin:
+    def __init__(self, state, plugin):
+        self._state = state
+        self.fsdp_plugin = plugin
+
+    def __getattr__(self, name):
+        return getattr(self._state, name)
 
 
 def add_frozen_adapter_copy(peft_model, source: str = "default", name: str = "ref") -> None:
