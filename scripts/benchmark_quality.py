@@ -119,8 +119,8 @@ TASK_COLUMNS = {"noisy": ("noise", "unlearn", "nonfactual", "made_up"), "unlearn
 COMPUTED_COLUMNS = ("contrastive_score", "information_gain")
 
 PRESETS = {
-    # About 30 minutes on 2 CPU cores at ~50 training tokens/s: 12 training runs of 8 steps x 2 examples (~220
-    # tokens each) and 13 evaluations (12 + 12 scored pairs, 8 generations).
+    # About half an hour on 2 CPU cores: 12 LoRA runs of 8 steps x 2 examples (~220 tokens each; ~1-2 min each at
+    # 30-50 training tokens/s) and 13 evaluations (10 + 10 scored pairs, 8 greedy generations; ~1-2 min each).
     "default": dict(
         methods="trl_sft,trl_dft,prift_prob,robustft",
         unlearn_methods="trl_sft,forgetting_data",
@@ -129,9 +129,9 @@ PRESETS = {
         steps=8,
         batch_size=2,
         learning_rate=5e-4,
-        eval_size=12,
+        eval_size=10,
         unlearn_train_size=8,
-        unlearn_eval_size=12,
+        unlearn_eval_size=10,
         generate_size=8,
     ),
     # Every registered method, 3 seeds, a larger slice: for a GPU (hours on a CPU)
@@ -290,8 +290,13 @@ class EvalSet:
     answers: list[float | None] = field(default_factory=list)
 
 
-def evaluate(model, tokenizer, evalset: EvalSet, which: tuple[str, ...], cli) -> dict[str, float]:
-    """The metrics of the module docstring, for the tasks in `which` ("noisy", "unlearn"), and `answer_acc`."""
+def evaluate(
+    model, tokenizer, evalset: EvalSet, which: tuple[str, ...], cli, seconds: dict | None = None
+) -> dict[str, float]:
+    """The metrics of the module docstring, for the tasks in `which` ("noisy", "unlearn"), and `answer_acc`.
+    `seconds`, when given, receives the time each part took."""
+    seconds = {} if seconds is None else seconds
+    clock = time.perf_counter()
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     metrics: dict[str, float] = {}
@@ -312,11 +317,13 @@ def evaluate(model, tokenizer, evalset: EvalSet, which: tuple[str, ...], cli) ->
             h, t = result_hits(item.offsets, flags, item.spans)
             hits, total = hits + h, total + t
         metrics["result_acc"] = hits / total if total else math.nan
+        seconds["noisy"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
     if "unlearn" in which and evalset.correct:
         correct, _ = mean_nlls(evalset.correct)
         wrong, _ = mean_nlls(evalset.wrong)
         metrics["unlearn_nll_correct"] = statistics.fmean(correct)
         metrics["unlearn_margin"], metrics["unlearn_pref"] = nll_margin(wrong, correct)
+        seconds["unlearn"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
     if evalset.questions:
         texts = generate_answers(model, tokenizer, evalset.questions, cli.max_new_tokens, cli.eval_batch_size)
         right = [
@@ -324,6 +331,7 @@ def evaluate(model, tokenizer, evalset: EvalSet, which: tuple[str, ...], cli) ->
             for text, gold in zip(texts, evalset.answers)
         ]
         metrics["answer_acc"] = sum(right) / len(right)
+        seconds["generate"] = round(time.perf_counter() - clock, 1)
     return metrics
 
 
@@ -745,8 +753,8 @@ def main(argv: list[str] | None = None) -> dict:
     prepared = Prepared(cli, model_path, tokenizer)
 
     def record_run(task, method, seed, model, which, train_s):
-        start = time.perf_counter()
-        metrics = evaluate(model, tokenizer, evalset, which, cli)
+        start, seconds = time.perf_counter(), {}
+        metrics = evaluate(model, tokenizer, evalset, which, cli, seconds)
         run = {
             "task": task,
             "method": method,
@@ -755,6 +763,7 @@ def main(argv: list[str] | None = None) -> dict:
             "metrics": metrics,
             "train_s": round(train_s, 1),
             "eval_s": round(time.perf_counter() - start, 1),
+            "eval_parts_s": seconds,
         }
         runs.append(run)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
