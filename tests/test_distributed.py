@@ -1,0 +1,252 @@
+"""Several processes train as one process would; the shipped accelerate configs; the reference's placement.
+
+The equality test launches 2 CPU processes (gloo) with `torch.distributed.run` on `tests/distributed_worker.py`, and
+compares them with a one-process run on the SAME global batch of 4 examples per optimizer step: 1 process × 4 against
+2 processes × 2 (and 2 processes × 1 × 2 accumulation steps), same seed, 3 steps. The logged losses of every step and
+the trained weights must be equal to float tolerance, for an intrinsic method (dft), a method with a separate
+reference model and a step-wide top-k selection made over the tokens of both processes (rho1), and a method whose
+reference is the LoRA model with its adapter switched off (prift_prob). Two controls must NOT be equal: each process
+normalising by its own supervised tokens (`average_tokens_across_devices=False`), and each process selecting among its
+own tokens (rho1 with `scope="micro_batch"`); they show that the comparison sees what the equal cases get right.
+
+Why both runs see the same examples at each step: accelerate shards the training dataloader by batches
+(`BatchSamplerShard`, `split_batches=False`): every process draws the same seeded permutation and takes every other
+batch of `per_device_train_batch_size`, so step s of 2 processes × 2 holds the 4 examples of step s of 1 process × 4
+(rank 0 the first two, rank 1 the next two); with 2 accumulation steps of 1, rank 0 takes the 1st and 3rd, rank 1 the
+2nd and 4th.
+
+Run by hand (what the test runs, then compares with `distributed_worker.run_case` called in-process):
+
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
+        --output_dir /tmp/two
+
+FSDP2 is not tested through the trainer here, because accelerate 1.15 does not run FSDP on CPU processes: its
+`AcceleratorState` switches to `DistributedType.FSDP` only for GPU-like device types, so 2 CPU processes stay
+`DistributedType.MULTI_CPU` and the FSDP plugin is dropped. With `fsdp="full_shard", fsdp_config={"version": 2}` the
+trainer says `is_fsdp_enabled == False` and wraps the model in `DistributedDataParallel` (it trains, as DDP); and
+`accelerate launch --cpu --config_file fsdp2.yaml --num_processes 2` starts a single process (`simple_launcher`).
+torch's `fully_shard` itself runs on CPU with gloo, so the reference's FSDP2 placement (`freeze_and_place`) is tested
+on the same 2 processes directly. DeepSpeed is not installed and there is no GPU: ZeRO is not run here; the shipped
+configs are checked to build the plugins accelerate would build from them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trl_priority.cli import accelerate_config_path, resolve_accelerate_config
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHIPPED = ("multi_gpu", "zero2", "zero3", "fsdp2")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The accelerate configs shipped in the package
+# ------------------------------------------------------------------------------------------------------------------
+def _launch_environment(path: str):
+    """What `accelerate launch --config_file path` hands the training processes: the parsed launch arguments, and the
+    environment from which each process builds its plugin."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", path, "x.py"]))
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as `launch_command`
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return args, defaults, env
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_accelerate_config_parses_and_its_name_resolves_to_it(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    shipped = files("trl_priority").joinpath("accelerate_configs").joinpath(f"{name}.yaml")
+    assert shipped.is_file()
+    assert accelerate_config_path(name) == str(shipped)
+    launch = ["--num_processes", "2", "--accelerate_config", name, "--main_process_port", "0"]
+    assert resolve_accelerate_config(launch) == ["--config_file", str(shipped), "--num_processes", "2", *launch[4:]]
+    assert resolve_accelerate_config([f"--accelerate_config={name}"]) == ["--config_file", str(shipped)]
+
+    config = load_config_from_file(str(shipped))  # unknown top-level keys raise
+    # Keys inside fsdp_config / deepspeed_config become `accelerate launch` options; a misspelt one would be ignored
+    options = vars(launch_command_parser().parse_args(["x.py"]))
+    for key in {**(config.fsdp_config or {}), **(config.deepspeed_config or {})}:
+        assert key in options, f"{name}.yaml: '{key}' is no accelerate launch option"
+
+    args, _, env = _launch_environment(str(shipped))
+    assert args.mixed_precision == "bf16" and args.num_processes == 8
+    with mock.patch.dict(os.environ, env):
+        if name == "multi_gpu":
+            assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+        elif name in ("zero2", "zero3"):
+            plugin = DeepSpeedPlugin()
+            stage = int(name[-1])
+            assert plugin.zero_stage == stage and plugin.deepspeed_config["zero_optimization"]["stage"] == stage
+            # ZeRO-3 loads the models partitioned and saves a 16-bit model folder that `from_pretrained` loads
+            assert plugin.zero3_init_flag == (stage == 3)
+            gathered = plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+            assert gathered == (stage == 3)
+        else:
+            plugin = FullyShardedDataParallelPlugin()
+            assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+            assert "FULL_STATE_DICT" in str(plugin.state_dict_type)  # save_model writes an ordinary model folder
+            assert plugin.cpu_ram_efficient_loading and not plugin.activation_checkpointing
+            assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+
+
+def test_accelerate_config_names_fall_back_to_trl_then_to_a_path(tmp_path):
+    trl_only = files("trl").joinpath("accelerate_configs").joinpath("fsdp1.yaml")
+    assert accelerate_config_path("fsdp1") == str(trl_only)
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: MULTI_GPU\n")
+    assert accelerate_config_path(str(own)) == str(own)
+    with pytest.raises(SystemExit, match=r"trl-priority \(fsdp2, multi_gpu, zero2, zero3\) or TRL \(.*fsdp1.*\)"):
+        accelerate_config_path("zero4")
+    with pytest.raises(SystemExit, match="needs a value"):
+        resolve_accelerate_config(["--accelerate_config"])
+
+
+def test_the_sft_command_launches_with_the_shipped_config(monkeypatch):
+    import accelerate.commands.launch
+
+    from trl_priority import cli
+
+    launched = []
+    monkeypatch.setattr(accelerate.commands.launch, "launch_command", launched.append)  # nothing is started
+    recipe = str(REPOSITORY / "recipes" / "dft.yaml")
+    assert cli.main(["sft", "--config", recipe, "--accelerate_config", "zero3", "--num_processes", "2"]) == 0
+    (args,) = launched
+    assert args.config_file == accelerate_config_path("zero3") and args.num_processes == 2
+    assert args.training_script.endswith("sft.py") and "--accelerate_config" not in args.training_script_args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The reference's FSDP plugin
+# ------------------------------------------------------------------------------------------------------------------
+def test_fsdp_reference_wraps_its_own_layers_and_leaves_the_policy_plugin_alone(make_model):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from trl_priority.reference import _fsdp_plugin_for
+
+    class Qwen3DecoderLayer(torch.nn.Module):  # the layer of a policy of another architecture
+        pass
+
+    reference = make_model(seed=1)  # a Llama
+    for policy_layer, kept in ((LlamaDecoderLayer, True), (Qwen3DecoderLayer, False)):
+        # The policy's plugin as accelerate leaves it after preparing the policy: bound to the policy's layer class
+        policy_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=[policy_layer.__name__],
+        )
+        bound = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={policy_layer})
+        policy_plugin.auto_wrap_policy = bound
+        own = _fsdp_plugin_for(reference, policy_plugin)
+        assert own is not policy_plugin
+        # The policy's layer names when the reference has them, else the reference's `_no_split_modules`
+        assert own.transformer_cls_names_to_wrap == (["LlamaDecoderLayer"] if kept else None)
+        own.set_auto_wrap_policy(reference)  # what `prepare_fsdp` and `fsdp2_prepare_model` call
+        assert own.auto_wrap_policy.keywords["transformer_layer_cls"] == {LlamaDecoderLayer}
+        assert policy_plugin.auto_wrap_policy is bound
+        assert policy_plugin.transformer_cls_names_to_wrap == [policy_layer.__name__]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Two processes against one
+# ------------------------------------------------------------------------------------------------------------------
+EQUAL = {  # two-process case -> the one-process run it must equal
+    "dft": "dft",
+    "rho1": "rho1",
+    "rho1_accumulation": "rho1",
+    "prift_prob_lora": "prift_prob_lora",
+}
+CONTROLS = {"dft_local_denominator": "dft", "rho1_local_selection": "rho1"}
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """Every case of the worker, trained by 2 CPU processes (gloo); plus the FSDP2 reference placement check."""
+    output = tmp_path_factory.mktemp("two_processes")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["tests/distributed_worker.py", "--output_dir", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"the 2-process run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The same cases, trained in this process on the same global batch (its batch is the 2 processes' together)."""
+    from tests.distributed_worker import run_case
+
+    output = tmp_path_factory.mktemp("one_process")
+    for name in sorted(set(EQUAL.values())):
+        run_case(name, str(output))
+    return output
+
+
+def _result(directory: Path, case: str):
+    with open(directory / case / "losses.json") as file:
+        logged = json.load(file)
+    return logged, load_file(str(directory / case / "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(EQUAL))
+def test_two_processes_train_as_one_process_on_the_same_global_batch(case, two_processes, one_process):
+    logged, weights = _result(two_processes, case)
+    expected_logged, expected_weights = _result(one_process, EQUAL[case])
+    assert logged["world_size"] == 2 and expected_logged["world_size"] == 1
+    assert len(logged["loss"]) == 3
+    assert logged["loss"] == pytest.approx(expected_logged["loss"], rel=1e-5)
+    assert logged["num_tokens"] == expected_logged["num_tokens"]  # the same examples at every step
+    if case != "rho1_accumulation":  # (per-token metrics of accumulation steps are averaged over them, not pooled)
+        assert logged["nll"] == pytest.approx(expected_logged["nll"], rel=1e-5)
+        assert logged["priority/kept_fraction"] == pytest.approx(expected_logged["priority/kept_fraction"])
+    assert weights.keys() == expected_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected_weights[name], rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+    if case.startswith("rho1"):  # the selection kept about half the supervised tokens, not all of them
+        assert all(0.4 < kept < 0.6 for kept in expected_logged["priority/kept_fraction"])
+
+
+@pytest.mark.parametrize("case", list(CONTROLS))
+def test_controls_per_process_denominator_or_selection_do_not_train_as_one_process(case, two_processes, one_process):
+    _, weights = _result(two_processes, case)
+    _, expected_weights = _result(one_process, CONTROLS[case])
+    largest = max((weights[name] - expected_weights[name]).abs().max().item() for name in weights)
+    assert largest > 1e-3  # 100 times the tolerance of the equal cases
+
+
+def test_fsdp2_reference_is_sharded_like_the_policy_on_two_processes(two_processes):
+    for rank in range(2):
+        with open(two_processes / "fsdp2_reference" / f"rank{rank}.json") as file:
+            record = json.load(file)
+        # One unit per decoder layer, the embeddings their own, the root: what accelerate makes of the policy
+        assert record["root_is_unit"] and record["embeddings_are_unit"] and all(record["layers_are_units"])
+        # Half of every weight on each rank, also after forwards (no unit stays gathered without a backward)
+        assert record["held_fraction"] == [0.5, 0.5]
+        # Rank 1 started from other weights: the shards come from rank 0, and both compute the unsharded statistics
+        assert record["max_difference"] == {
+            "ref_logps": pytest.approx(0.0, abs=1e-6),
+            "ref_entropy": pytest.approx(0.0, abs=1e-6),
+        }
+        assert not record["requires_grad"] and not record["training"]
