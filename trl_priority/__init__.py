@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import PrioritySFTConfig
 from .objectives import LossTerm
 from .priorities import Priority, PriorityError, available_priorities, get_priority, register_priority
+from .ref_cache import precompute_reference_statistics
 from .trainer import PrioritySFTTrainer
 
 
@@ -28,5 +29,6 @@ __all__ = [
     "PrioritySFTTrainer",
     "available_priorities",
     "get_priority",
+    "precompute_reference_statistics",
     "register_priority",
 ]

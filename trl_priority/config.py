@@ -62,6 +62,21 @@ class PrioritySFTConfig(SFTConfig):
         precomputed_ref_columns (`bool`, *optional*, defaults to `False`):
             Read the reference statistics (`ref_logps`, ...) from dataset columns `ref_<name>`, one value per token of
             `input_ids` (the value at i scores token i), instead of running a reference model: no reference forward.
+        ref_cache_dir (`str`, *optional*):
+            Compute the reference statistics the method reads once, before training, over the prepared training and
+            evaluation rows (after tokenization, truncation and packing), store them under `ref_cache_dir/<key>/`,
+            and read them as columns from then on: training runs no reference forward, and the reference model is
+            freed. The key covers the rows, the tokenizer, the reference (its files, weights or callback name), the
+            length, truncation and packing settings and the statistics' hyperparameters: a matching entry is reused,
+            anything changed is recomputed. `"auto"` is `$TRL_PRIORITY_CACHE`, else `~/.cache/trl-priority/ref`.
+            Methods that read the reference's whole distribution run it online. See `docs/reference_cache.md`.
+        ref_cache_batch_size (`int`, *optional*):
+            Rows per batch when `ref_cache_dir` computes the reference statistics; defaults to
+            `per_device_eval_batch_size`.
+        ref_epoch_cache (`str`, *optional*, defaults to `"memory"`):
+            Without `ref_cache_dir`, keep the reference statistics computed in the first epoch per token, and skip
+            the reference forward of a later micro-batch whose supervised tokens are all known: `"memory"`, `"disk"`
+            (a SQLite file under `output_dir`) or `"none"`. Saved in checkpoints; only for frozen references.
         allow_priority_change (`bool`, *optional*, defaults to `False`):
             Every checkpoint records the priority and its settings (`priority.json`); resuming with others is an error
             unless this is set.
@@ -119,6 +134,26 @@ class PrioritySFTConfig(SFTConfig):
         default=False,
         metadata={"help": "Read reference statistics from dataset columns `ref_<name>` instead of a reference model."},
     )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the reference statistics once over the prepared rows, cache them in this folder (keyed by "
+            "data, tokenizer, reference and settings; 'auto': ~/.cache/trl-priority/ref) and train without a "
+            "reference forward."
+        },
+    )
+    ref_cache_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per batch of the `ref_cache_dir` precomputation (default: eval batch size)."},
+    )
+    ref_epoch_cache: str = field(
+        default="memory",
+        metadata={
+            "help": "Without `ref_cache_dir`: keep the reference statistics of each token after its first epoch and "
+            "skip the reference forward when a micro-batch is fully known: memory, disk (under output_dir) or none.",
+            "choices": ["memory", "disk", "none"],
+        },
+    )
     allow_priority_change: bool = field(
         default=False,
         metadata={
@@ -143,6 +178,8 @@ class PrioritySFTConfig(SFTConfig):
                 f"`priority_args` must be a mapping of hyperparameter names to values (a dict, or a JSON object on the "
                 f"command line), got {type(self.priority_args).__name__} {self.priority_args!r}."
             )
+        if self.ref_epoch_cache not in ("memory", "disk", "none"):
+            raise ValueError(f"`ref_epoch_cache={self.ref_epoch_cache!r}` is not one of 'memory', 'disk', 'none'.")
         if self.negative_loss not in ("unlikelihood", "ascent"):
             raise ValueError(
                 f"`negative_loss={self.negative_loss!r}` is not one of 'unlikelihood' (bounded, the default) or "

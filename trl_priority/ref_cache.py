@@ -1,0 +1,937 @@
+"""Reference statistics paid once: a cache on disk keyed by everything they depend on, and a lazy per-token cache.
+
+A method that reads reference statistics (`ref_logps`, `ref_mass`, ...) runs the frozen reference on every batch of
+every epoch, although its values never change. Two ways to pay for them once:
+
+1. **`ref_cache_dir`** (`precompute_reference_statistics`, `trl-priority precompute-ref`). Before training, the
+   statistics the method reads are computed over the *prepared* rows (`trainer.train_dataset` after TRL's
+   tokenization, truncation and packing, so the values are those the trainer would compute under padding,
+   padding-free and packing), stored under `ref_cache_dir/<key>/`, and attached to the rows as per-token columns
+   `ref_<name>` (value at i scores token i, the `precomputed_ref_columns` layout). Training reads them through a
+   `ColumnReference`: no reference forward, and the reference model is freed. The key hashes
+
+   | component   | what                                                                                       |
+   |-------------|--------------------------------------------------------------------------------------------|
+   | dataset     | the prepared rows' content: `input_ids`, `labels` and the position columns, in row order    |
+   | tokenizer   | its vocabulary (token → id)                                                                |
+   | reference   | a path's weight and config files (size, mtime), a hub id's cached commit, an in-memory      |
+   |             | model's parameters (a strided sample and the float64 sum of each tensor), a callback's name |
+   |             | and its `cache_identity` attribute; the loading kwargs and quantization                    |
+   | settings    | max_length, truncation_mode, packing (strategy, eval_packing), padding_free,               |
+   |             | pad_to_multiple_of, mixed precision                                                        |
+   | statistics  | their names, and the hyperparameters they are computed with (`hyperparameters_of`)          |
+
+   `datasets`' own `_fingerprint` is not used for the dataset: for an in-memory dataset it is a hash of the
+   Python objects or, when a transform cannot be pickled, a random value (`update_fingerprint` falls back to
+   `generate_random_fingerprint`), and it hashes a transform's code, not the rows it produced.
+
+   An entry is `<key>/data/` (an Arrow dataset, `Dataset.save_to_disk`, one `list<float32>` column per statistic,
+   one row per prepared row) and `<key>/meta.json` (the components, the columns and their kind, written last). It
+   is written into a hidden temporary sibling and moved into place with `os.replace` once complete, so an
+   interrupted write leaves nothing that looks like an entry; an entry that fails to load is ignored and
+   recomputed. Another kind of statistic (a top-k of the distribution) is another column, described in
+   `meta.json["columns"]`.
+
+2. **The lazy epoch cache** (`ref_epoch_cache`, `EpochCache`). Without `ref_cache_dir`, the values the reference
+   computes during training are kept per token, keyed by the per-token identity (`example_index`,
+   `token_position`) in a `TokenState`; a later micro-batch whose supervised tokens are all known skips the
+   reference forward. It is kept in memory or in a SQLite file under `output_dir`, saved in checkpoints and restored
+   on resume, and used only for references that stay frozen during training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets.table import InMemoryTable
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import statistics as stats_vocab
+from .data import TokenColumnCollator
+from .reference import (
+    AdapterReference,
+    CallbackReference,
+    ColumnReference,
+    ModelReference,
+    Reference,
+    is_callback_reference,
+)
+from .state import TokenState
+
+
+logger = get_logger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+DATA_DIR = "data"
+CACHE_ENV = "TRL_PRIORITY_CACHE"  # overrides the default cache folder of `ref_cache_dir="auto"`
+EPOCH_CACHE_NAME = "ref_epoch_cache"  # in checkpoints: .safetensors (memory) or .sqlite (disk)
+EPOCH_CACHE_MODES = ("memory", "disk", "none")
+# Files of a model folder that change when its weights or its loading change
+_MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
+# Columns of a prepared row that the reference's values depend on (the rest is text or other statistics)
+_CONTENT_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths", "attention_mask")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Which runs cache
+# ------------------------------------------------------------------------------------------------------------------
+def default_cache_dir() -> str:
+    """`$TRL_PRIORITY_CACHE`, else `$XDG_CACHE_HOME/trl-priority/ref` (`~/.cache/trl-priority/ref`): shared by every
+    run of the user, which is safe because an entry's key covers everything its values depend on."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.expanduser(os.environ[CACHE_ENV])
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "trl-priority", "ref")
+
+
+def resolve_cache_dir(value: str) -> str:
+    """`"auto"` is `default_cache_dir()`; any other value is a folder (`~` expanded)."""
+    return default_cache_dir() if value == "auto" else os.path.expanduser(value)
+
+
+def cached_statistics(priority, priority_args: Mapping[str, Any]) -> tuple[str, ...]:
+    """The reference statistics a configuration reads that a cache can hold (without `ref_`), or () when it reads
+    none, or reads the reference's whole distribution (its loss term runs the reference inside the forward)."""
+    if priority is None or not priority.reference_used(priority_args) or priority.needs_reference_distribution:
+        return ()
+    return priority.reference_statistics_for(priority_args)
+
+
+def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | None:
+    """The folder this run caches its reference statistics in, or None (checked before any model is loaded)."""
+    if args.ref_cache_dir is None:
+        return None
+    if args.precomputed_ref_columns:
+        raise ValueError(
+            "`ref_cache_dir` and `precomputed_ref_columns=True` both provide the reference statistics. Set one: "
+            "`ref_cache_dir` computes the columns once with the reference, `precomputed_ref_columns` reads yours."
+        )
+    name = getattr(priority, "name", None)
+    if priority is None or not priority.reference_used(priority_args):
+        logger.warning(f"Priority '{name}' reads no reference statistics; `ref_cache_dir` is ignored.")
+        return None
+    if priority.needs_reference_distribution:
+        logger.warning(
+            f"Priority '{name}' reads the reference's whole next-token distribution, which `ref_cache_dir` does not "
+            "hold: the reference runs during training, as without a cache."
+        )
+        return None
+    scheduled = [
+        hp
+        for name in cached_statistics(priority, priority_args)
+        for hp in stats_vocab.hyperparameters_of(name)
+        if hp in (args.priority_schedule or {})
+    ]
+    if scheduled:
+        raise ValueError(
+            f"`priority_schedule` moves {scheduled}, which the cached reference statistics are computed with, so "
+            "they cannot be computed once. Leave them fixed, or unset `ref_cache_dir`."
+        )
+    return resolve_cache_dir(args.ref_cache_dir)
+
+
+def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_dir: str | None) -> bool:
+    """Whether the run keeps the reference's values per token for its later epochs (decided before data preparation,
+    which then adds the per-token identity columns): an online, cacheable reference, and possibly more than one
+    epoch (`max_steps` set, or `num_train_epochs` > 1)."""
+    return (
+        args.ref_epoch_cache != "none"
+        and cache_dir is None
+        and not args.precomputed_ref_columns
+        and bool(cached_statistics(priority, priority_args))
+        and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
+        and (args.max_steps > 0 or args.num_train_epochs > 1)
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The key
+# ------------------------------------------------------------------------------------------------------------------
+def _update_with_array(hasher, array: pa.Array) -> None:
+    """Hash an Arrow array by value (list lengths, then flattened values as int64/float64), so that the same rows
+    hash the same whatever their chunking, slicing or integer width."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        hasher.update(pc.list_value_length(array).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
+        array = pc.list_flatten(array)
+    values = array.fill_null(0).to_numpy(zero_copy_only=False)
+    hasher.update(values.astype(np.float64 if values.dtype.kind == "f" else np.int64).tobytes())
+
+
+def dataset_digest(dataset: Dataset, batch_size: int = 8192) -> tuple[dict[str, Any], np.ndarray]:
+    """`({"sha256", "rows", "columns"}, lengths)`: the hash of the prepared rows' content, in row order (an indices
+    mapping from shuffling or filtering is followed), and each row's number of tokens."""
+    columns = [c for c in _CONTENT_COLUMNS if c in dataset.column_names]
+    hasher = hashlib.sha256(json.dumps([len(dataset), columns]).encode())
+    lengths = []
+    for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=batch_size):
+        for column in columns:
+            _update_with_array(hasher, batch.column(column))
+        lengths.append(pc.list_value_length(batch.column("input_ids")).to_numpy(zero_copy_only=False))
+    lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, dtype=np.int64)
+    return {"sha256": hasher.hexdigest(), "rows": len(dataset), "columns": columns}, lengths
+
+
+def tokenizer_identity(processing_class) -> dict[str, Any]:
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+    return {"class": type(tokenizer).__name__, "vocab_sha256": digest, "size": len(vocab)}
+
+
+def path_identity(path: str, revision: str | None = None) -> dict[str, Any]:
+    """A model folder's weight and config files (name, size, mtime), or a hub id's cached commit."""
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        files = {}
+        for name in sorted(os.listdir(expanded)):
+            full = os.path.join(expanded, name)
+            if os.path.isfile(full) and name.endswith(_MODEL_FILES):
+                stat = os.stat(full)
+                files[name] = [stat.st_size, stat.st_mtime_ns]
+        return {"path": os.path.realpath(expanded), "files": files}
+    if os.path.isfile(expanded):
+        stat = os.stat(expanded)
+        return {"path": os.path.realpath(expanded), "files": {"": [stat.st_size, stat.st_mtime_ns]}}
+    from huggingface_hub import try_to_load_from_cache
+
+    with contextlib.suppress(Exception):  # not a valid repo id: identified by its name alone
+        found = try_to_load_from_cache(path, "config.json", revision=revision)
+        if isinstance(found, str):  # .../snapshots/<commit>/config.json
+            return {"hub": path, "commit": os.path.basename(os.path.dirname(found))}
+    return {"hub": path, "revision": revision or "main"}
+
+
+def module_fingerprint(module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
+    """A cheap hash of a model's weights: each tensor's name, dtype and shape, 4096 strided values and its float64
+    sum (one pass over the weights, no copy of them). Two models that differ in any trained weight differ in it."""
+    hasher = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if skip(name):
+                continue
+            shape = tuple(getattr(tensor, "ds_shape", tensor.shape))  # the full shape under ZeRO-3
+            hasher.update(f"{name}:{tensor.dtype}:{shape}".encode())
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096]
+            hasher.update(sample.float().cpu().numpy().tobytes())
+            hasher.update(repr(flat.sum(dtype=torch.float64).item()).encode())
+    return hasher.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda item: str(item[0]))}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return _jsonable(value.to_dict())
+    return str(value)
+
+
+@dataclasses.dataclass
+class ReferenceSources:
+    """What the trainer was given to build its reference from (`PrioritySFTTrainer.__init__`'s arguments)."""
+
+    ref_model: Any  # a path, a module, a callable or None
+    model: Any  # the policy as given: a path or a module
+    starting_model: torch.nn.Module | None  # the frozen copy for full fine-tuning from a module
+    quantization_config: Any = None
+
+
+def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
+    """What identifies the reference's values, following `PrioritySFTTrainer._build_reference`'s choice."""
+    args = trainer.args
+    ref_model = sources.ref_model
+    if is_callback_reference(ref_model):
+        name = (
+            f"{getattr(ref_model, '__module__', '?')}.{getattr(ref_model, '__qualname__', type(ref_model).__name__)}"
+        )
+        return {
+            "kind": "callback",
+            "name": name,
+            "cache_identity": _jsonable(getattr(ref_model, "cache_identity", None)),
+        }
+    quantization = _jsonable(sources.quantization_config)
+    if ref_model is None and args.ref_model_name_or_path is not None:
+        ref_model = args.ref_model_name_or_path
+    if isinstance(ref_model, str):
+        init_kwargs = _jsonable(args.ref_model_init_kwargs or args.model_init_kwargs)
+        return {"kind": "model", **path_identity(ref_model), "init_kwargs": init_kwargs, "quantization": quantization}
+    if ref_model is not None:
+        return {"kind": "model", "parameters": module_fingerprint(ref_model)}
+    # The starting model: the LoRA base with the adapter off, a frozen copy of a starting adapter, or a frozen copy
+    if is_peft_model(trainer.model):
+        kind = "starting_adapter" if "ref" in trainer.model.peft_config else "adapter_off"
+    else:
+        kind = "starting_model"
+    if isinstance(sources.model, str) and kind != "starting_adapter":
+        init_kwargs = _jsonable(args.model_init_kwargs)
+        return {"kind": kind, **path_identity(sources.model), "init_kwargs": init_kwargs, "quantization": quantization}
+    if kind == "starting_model" and sources.starting_model is not None:
+        return {"kind": kind, "parameters": module_fingerprint(sources.starting_model)}
+    # The policy's own weights before training, less the adapter being trained
+    return {"kind": kind, "parameters": module_fingerprint(trainer.model, skip=lambda name: ".default." in name)}
+
+
+def cache_components(
+    trainer, dataset: Dataset, names: Sequence[str], reference: dict[str, Any], eval_dataset: bool
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Everything the cached values of `dataset` depend on (the entry's `meta.json["components"]`), and its rows'
+    lengths."""
+    args = trainer.args
+    digest, lengths = dataset_digest(dataset)
+    packing = args.packing if not eval_dataset or args.eval_packing is None else args.eval_packing
+    settings = {
+        "max_length": args.max_length,
+        "truncation_mode": args.truncation_mode,
+        "packing": packing,
+        "packing_strategy": args.packing_strategy,
+        "padding_free": trainer.padding_free,
+        "pad_to_multiple_of": args.pad_to_multiple_of,
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
+    }
+    step_args = trainer.priority_args
+    statistics = {name: {hp: step_args[hp] for hp in stats_vocab.hyperparameters_of(name)} for name in names}
+    components = {
+        "format": FORMAT_VERSION,
+        "dataset": digest,
+        "tokenizer": tokenizer_identity(trainer.processing_class),
+        "reference": reference,
+        "settings": settings,
+        "statistics": statistics,
+    }
+    return _jsonable(components), lengths
+
+
+def cache_key(components: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _differences(new: Any, old: Any, prefix: str = "") -> list[str]:
+    if isinstance(new, dict) and isinstance(old, dict):
+        keys = sorted(set(new) | set(old))
+        return [d for k in keys for d in _differences(new.get(k), old.get(k), f"{prefix}{k}.")]
+    if new == old:
+        return []
+    return [f"{prefix[:-1]} {_short(old)} → {_short(new)}"]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) >= 32 and all(c in "0123456789abcdef" for c in value):
+        return value[:8] + "…"  # a digest: its start tells entries apart
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _nearest_entry(root: str, components: Mapping[str, Any]) -> list[str] | None:
+    """How the closest complete entry of `root` differs from `components` (for the log), or None if there is none."""
+    best = None
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        meta = _read_meta(os.path.join(root, name))
+        if meta is not None and "components" in meta:
+            differences = _differences(components, meta["components"])
+            if best is None or len(differences) < len(best):
+                best = differences
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Entries on disk
+# ------------------------------------------------------------------------------------------------------------------
+def _read_meta(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, META_FILE)) as file:
+            meta = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_entry(path: str, key: str, columns: Sequence[str], lengths: np.ndarray) -> Dataset | None:
+    """The cached columns of a complete, valid entry, or None (missing, interrupted, corrupt: recomputed)."""
+    if not os.path.isdir(path):
+        return None
+    meta = _read_meta(path)
+    problem = None
+    if meta is None:
+        problem = f"no readable {META_FILE}"
+    elif meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+        problem = f"format {meta.get('format')} and key {meta.get('key')}, expected {FORMAT_VERSION} and {key}"
+    else:
+        try:
+            data = load_from_disk(os.path.join(path, DATA_DIR))
+            missing = [c for c in columns if c not in data.column_names]
+            if missing or len(data) != len(lengths):
+                problem = f"{len(data)} rows with columns {data.column_names}"
+            else:  # every row holds one value per token
+                for column in columns:
+                    stored = pc.list_value_length(data.data.column(column)).to_numpy(zero_copy_only=False)
+                    if not np.array_equal(stored.astype(np.int64), lengths):
+                        problem = f"column {column} does not match the rows' lengths"
+        except Exception as error:  # an unreadable Arrow file: whatever `datasets` raises
+            problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        logger.warning(f"Ignoring the incomplete or corrupt reference cache entry {path} ({problem}); recomputing it.")
+        return None
+    return data.select_columns(list(columns))
+
+
+def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
+    with open(os.path.join(path, META_FILE), "w") as file:
+        json.dump(meta, file, indent=2, sort_keys=True)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], meta: Mapping[str, Any]) -> str:
+    """Write an entry atomically: into a hidden temporary sibling, `meta.json` last, then `os.replace` into place.
+
+    An exception or a kill before the replace leaves only the temporary folder (never read as an entry, removed on
+    an exception); a reader sees either no entry or a complete one.
+    """
+    final = os.path.join(root, key)
+    os.makedirs(root, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    try:
+        arrays = {}
+        for column, rows in columns.items():  # one list<float32> column: offsets and values, no Python floats
+            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum([len(row) for row in rows], out=offsets[1:])
+            values = np.concatenate(rows).astype(np.float32) if rows else np.zeros(0, np.float32)
+            arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(
+                pa.list_(pa.float32())
+            )
+        Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
+        _write_meta(temporary, meta)  # last: a folder without it is not an entry
+        if os.path.isdir(final):
+            shutil.rmtree(final)  # found incomplete or corrupt before this write
+        try:
+            os.replace(temporary, final)
+        except OSError:
+            if (_read_meta(final) or {}).get("key") != key:
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same entry meanwhile
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Computing the statistics over prepared rows
+# ------------------------------------------------------------------------------------------------------------------
+def _split_rows(value: torch.Tensor, lengths: Sequence[int], padding_free: bool) -> list[np.ndarray]:
+    """A batch statistic `(B, T-1)` (position t scores token t + 1) as one array per row of `lengths[b]` values, the
+    value at i scoring token i (0 at i = 0, which nothing predicts). Padding-free batches are one row of examples."""
+    value = value.detach().float().cpu()
+    rows, offset = [], 0
+    for b, length in enumerate(lengths):
+        scored = value[0, offset : offset + length - 1] if padding_free else value[b, : length - 1]
+        rows.append(np.concatenate([np.zeros(1, np.float32), scored.numpy().astype(np.float32)]))
+        offset += length
+    return rows
+
+
+def _check_layout(batch: Mapping[str, Any], rows: Sequence[Sequence[int]], padding_free: bool) -> None:
+    """The collated batch holds each row's tokens at the place `_split_rows` reads them from."""
+    ids = batch["input_ids"]
+    offset = 0
+    for b, row in enumerate(rows):
+        placed = ids[0, offset : offset + len(row)] if padding_free else ids[b, : len(row)]
+        offset += len(row)
+        if placed.tolist() != list(row):
+            raise RuntimeError(
+                "The data collator does not place each row's tokens at the start of its batch row (right padding) "
+                "or one after the other (padding-free), so the reference cache cannot map its values back to the "
+                "rows. Use TRL's collator, or unset `ref_cache_dir`."
+            )
+
+
+def compute_reference_columns(
+    trainer, reference: Reference, dataset: Dataset, names: Sequence[str], collator, description: str
+) -> dict[str, list[np.ndarray]]:
+    """`{"ref_<name>": one float32 array per row}` over every row of `dataset`, computed data-parallel: each process
+    scores a shard (longest rows first, so batches pad little), and the shards are gathered on every process."""
+    args, accelerator = trainer.args, trainer.accelerator
+    batch_size = args.ref_cache_batch_size or args.per_device_eval_batch_size
+    trainer._set_signature_columns_if_needed()
+    keep = [c for c in trainer._signature_columns if c in dataset.column_names and c not in trainer._token_columns]
+    rows = dataset.select_columns(keep)
+    lengths = pc.list_value_length(rows.with_format("arrow")[:]["input_ids"]).to_numpy(zero_copy_only=False)
+    order = np.argsort(-lengths, kind="stable").tolist()
+    # Every process gets as many rows (the last repeated), so sharded references run in lockstep
+    with accelerator.split_between_processes(order, apply_padding=True) as mine:
+        mine = list(mine)
+    policy = trainer.model
+    values: dict[int, dict[str, np.ndarray]] = {}
+    bar = tqdm(
+        total=len(mine),
+        desc=description,
+        unit="row",
+        disable=not accelerator.is_local_main_process or args.disable_tqdm,
+    )
+    context = contextlib.ExitStack()
+    context.enter_context(torch.no_grad())
+    context.enter_context(accelerator.autocast())  # the training forward's mixed precision
+    with context:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            columns = rows[chunk]
+            examples = [dict(zip(columns, row)) for row in zip(*columns.values())]
+            batch = collator(examples)
+            _check_layout(batch, columns["input_ids"], trainer.padding_free)
+            inputs = trainer._prepare_inputs(dict(batch))
+            inputs["use_cache"] = False
+            statistics, _ = reference.statistics(policy, inputs, names, trainer.priority_args)
+            mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+            row_lengths = [len(ids) for ids in columns["input_ids"]]
+            split = {
+                name: _split_rows(torch.where(mask, statistics[f"ref_{name}"], 0.0), row_lengths, trainer.padding_free)
+                for name in names
+            }
+            for j, index in enumerate(chunk):
+                values[index] = {name: split[name][j] for name in names}
+            bar.update(len(chunk))
+    bar.close()
+    merged: dict[int, dict[str, np.ndarray]] = {}
+    for part in gather_object([values]):
+        merged.update(part)
+    return {f"ref_{name}": [merged[i][name] for i in range(len(dataset))] for name in names}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The trainer's entry point
+# ------------------------------------------------------------------------------------------------------------------
+class CachedColumns(ColumnReference):
+    """The reference statistics read from the columns that `precompute_reference_statistics` attached to the rows."""
+
+    def __init__(self, root: str):
+        self.description = f"statistics cached in {root} (no reference forward)"
+
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
+        missing = [f"ref_{name}" for name in names if f"ref_{name}" not in (columns or {})]
+        if missing:
+            raise ValueError(
+                f"The batch has no column {missing}: the reference statistics were cached for the datasets the "
+                "trainer was built with, and the reference model was freed. Collate rows of `trainer.train_dataset` "
+                "or `trainer.eval_dataset`, or build a trainer with this dataset (and `ref_cache_dir`) to evaluate it."
+            )
+        return super().statistics(policy, inputs, names, args, columns, distribution)
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    """One dataset's cache entry, as used by a trainer (`trainer.ref_cache_entries`)."""
+
+    dataset: str  # "train", "eval" or an evaluation dataset's name
+    key: str
+    path: str
+    reused: bool
+    rows: int
+    seconds: float  # computing (and writing) it; 0 when reused
+    differences: list[str] | None = None  # how the nearest existing entry differed, when computed
+
+
+def _main_value(accelerator, compute: Callable[..., Any], *args) -> Any:
+    """`compute(*args)` on the main process, the same value on every process."""
+    value = [compute(*args) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(value)
+    return value[0]
+
+
+def _entry_exists(*args) -> bool:
+    return read_entry(*args) is not None
+
+
+def release_reference(trainer, reference: Reference | None, starting_adapter: bool = False) -> None:
+    """Free a model reference's memory once its values are cached: drop it from the accelerator's prepared models, and
+    (`starting_adapter`) the frozen copy of the starting adapter from the policy."""
+    if isinstance(reference, ModelReference) and reference.model is not None:
+        models = getattr(trainer.accelerator, "_models", None)
+        if models is not None:
+            models[:] = [m for m in models if m is not reference.model]
+        reference.model = None
+    model = trainer.model
+    if starting_adapter and is_peft_model(model) and "ref" in model.peft_config and len(model.peft_config) > 1:
+        model.delete_adapter("ref")  # `add_frozen_adapter_copy`'s copy: the values it gave are cached
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def precompute_reference_statistics(
+    trainer,
+    cache_dir: str | None = None,
+    *,
+    build_reference: Callable[[], Reference] | None = None,
+) -> list[CacheEntry]:
+    """Compute the reference statistics the trainer's method reads once over its prepared datasets, store them under
+    `cache_dir/<key>/` (or reuse a matching entry), and from then on read them as columns: no reference forward.
+
+    Args:
+        trainer: a `PrioritySFTTrainer` whose method reads reference statistics (not the whole distribution).
+        cache_dir: the cache folder; defaults to `trainer.args.ref_cache_dir`, then `"auto"` (`default_cache_dir()`).
+        build_reference: how to get the reference on a cache miss; defaults to the trainer's reference. The trainer
+            passes its builder, so that a hit never loads the reference model.
+
+    Returns:
+        One `CacheEntry` per dataset (train, then each evaluation dataset), also in `trainer.ref_cache_entries`.
+
+    The training and evaluation rows get the columns `ref_<name>`, the trainer's reference becomes `CachedColumns`
+    (a `ColumnReference`), and the model reference is freed. Every process must call it (each computes a shard of a
+    missing entry; the main process writes it, the others wait).
+    """
+    names = cached_statistics(trainer.priority, trainer.priority_args)
+    if not names:
+        raise ValueError(
+            f"Priority '{getattr(trainer.priority, 'name', None)}' reads no reference statistics that a cache can "
+            "hold (none, or the reference's whole distribution): there is nothing to precompute."
+        )
+    if isinstance(trainer.reference, ColumnReference):
+        raise ValueError("The trainer already reads its reference statistics from columns: nothing to precompute.")
+    if getattr(trainer, "_is_vision_dataset", False):
+        raise ValueError("`ref_cache_dir` needs tokenized rows; vision datasets are prepared batch by batch.")
+    root = resolve_cache_dir(cache_dir or trainer.args.ref_cache_dir or "auto")
+    accelerator = trainer.accelerator
+    sources: ReferenceSources = trainer._reference_sources
+    build_reference = build_reference or (lambda: trainer.reference)
+    collator = trainer.data_collator
+    base_collator = collator.base if isinstance(collator, TokenColumnCollator) else collator
+    columns = [f"ref_{name}" for name in names]
+
+    datasets = {"train": trainer.train_dataset}
+    evaluation = trainer.eval_dataset
+    if isinstance(evaluation, Mapping):
+        datasets.update(evaluation)
+    elif evaluation is not None:
+        datasets["eval"] = evaluation
+    for name, dataset in datasets.items():
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"`ref_cache_dir` caches map-style datasets; the {name} dataset is a {type(dataset).__name__}. Load it "
+                "without streaming, or unset `ref_cache_dir`."
+            )
+
+    reference, identity, entries, attached = None, None, [], {}
+    for name, dataset in datasets.items():
+        if identity is None:
+            identity = _main_value(accelerator, reference_identity, trainer, sources)
+        components, lengths = cache_components(trainer, dataset, names, identity, eval_dataset=name != "train")
+        components = _main_value(accelerator, lambda given: given, components)
+        key = cache_key(components)
+        path = os.path.join(root, key)
+        found = _main_value(accelerator, _entry_exists, path, key, columns, lengths)
+        entry = CacheEntry(name, key, path, reused=found, rows=len(dataset), seconds=0.0)
+        if not found:
+            entry.differences = _main_value(accelerator, _nearest_entry, root, components)
+            start = time.perf_counter()
+            reference = reference or build_reference()
+            values = compute_reference_columns(
+                trainer, reference, dataset, names, base_collator, f"Reference statistics of the {name} dataset"
+            )
+            writer = accelerator.is_main_process or (
+                trainer.args.save_on_each_node and accelerator.is_local_main_process
+            )
+            if writer:
+                meta = {
+                    "format": FORMAT_VERSION,
+                    "key": key,
+                    "components": components,
+                    "columns": {column: {"level": "token", "dtype": "float32"} for column in columns},
+                    "num_rows": len(dataset),
+                    "num_tokens": int(lengths.sum()),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                write_entry(root, key, values, meta)
+            accelerator.wait_for_everyone()
+            entry.seconds = time.perf_counter() - start
+        cached = read_entry(path, key, columns, lengths)
+        if cached is None:
+            raise RuntimeError(
+                f"Process {accelerator.process_index} cannot read the reference cache entry {path} that the main "
+                "process wrote. Put `ref_cache_dir` on a filesystem every node reads, or set `save_on_each_node`."
+            )
+        dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+        if dataset._indices is not None:
+            # Side by side, both tables must be in row order: flatten the rows' own (`concatenate_datasets` would
+            # flatten both, writing a copy of the entry into the cache folder on every read)
+            dataset = dataset.flatten_indices()
+        attached[name] = concatenate_datasets([dataset, cached], axis=1)
+        entries.append(entry)
+        _log_entry(trainer, entry, names)
+
+    trainer.train_dataset = attached.pop("train")
+    if isinstance(evaluation, Mapping):
+        trainer.eval_dataset = attached
+    elif evaluation is not None:
+        trainer.eval_dataset = attached["eval"]
+    hint = "rows of trainer.train_dataset carry it (the reference cache attached it); collate those rows"
+    for column in columns:
+        trainer._column_specs[column] = stats_vocab.DataStatistic(column, "token", 0.0, hint=hint)
+    padding = {column: spec.padding for column, spec in trainer._column_specs.items()}
+    trainer.data_collator = TokenColumnCollator(base_collator, trainer._token_columns, trainer.padding_free, padding)
+    previous = trainer.reference
+    trainer.reference = CachedColumns(root)
+    trainer._epoch_cache = None
+    trainer._reference_sources = None
+    release_reference(trainer, reference or previous, starting_adapter=identity["kind"] == "starting_adapter")
+    trainer.ref_cache_entries = entries
+    return entries
+
+
+def _log_entry(trainer, entry: CacheEntry, names: Sequence[str]) -> None:
+    what = f"trl-priority: reference statistics {list(names)} of the {entry.dataset} dataset ({entry.rows} rows)"
+    if entry.reused:
+        message = f"{what} reused from {entry.path}: no reference forward."
+    else:
+        if entry.differences is None:
+            why = "no cached entry yet"
+        elif not entry.differences:
+            why = "the entry with this key was incomplete or corrupt"
+        else:
+            why = "the nearest cached entry differs in " + "; ".join(entry.differences[:4])
+        message = f"{what} computed in {entry.seconds:.1f}s ({why}) and stored in {entry.path}."
+    logger.info(message, main_process_only=True)
+    trainer.accelerator.print(message)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The lazy epoch cache
+# ------------------------------------------------------------------------------------------------------------------
+class _SqliteRows:
+    """One statistic's rows in the SQLite file, read like `TokenState`'s in-memory `{example: row}`."""
+
+    def __init__(self, db: sqlite3.Connection, name: str):
+        self.db, self.name = db, name
+
+    def get(self, example: int, default=None):
+        found = self.db.execute("SELECT row FROM rows WHERE name = ? AND example = ?", (self.name, example)).fetchone()
+        return default if found is None else torch.from_numpy(np.frombuffer(found[0], dtype=np.float32).copy())
+
+
+class _SqliteTables:
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def get(self, name: str, default=None) -> _SqliteRows:
+        return _SqliteRows(self.db, name)
+
+
+class DiskTokenState(TokenState):
+    """A `TokenState` whose rows live in a SQLite file instead of memory (`ref_epoch_cache="disk"`).
+
+    The file is scratch space: a run starts it empty, a checkpoint holds a consistent copy of it, a resume copies it
+    back. Every write is also shared with the other processes (`TokenState.sync`), each of which keeps its own file.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.remove(path)  # another run's values, keyed by another dataset's example indices
+        self._connect()
+
+    def _connect(self) -> None:
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        # Scratch space: the checkpoint's copy is the durable one, so no journal to sync on every write
+        self._db.execute("PRAGMA synchronous = OFF")
+        self._db.execute("PRAGMA journal_mode = MEMORY")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS rows (name TEXT, example INTEGER, row BLOB, PRIMARY KEY (name, example))"
+        )
+        self._tables = _SqliteTables(self._db)
+
+    def _apply(self, name, examples, positions, values) -> None:
+        table = _SqliteRows(self._db, name)
+        for example in examples.unique().tolist():
+            at = examples == example
+            pos = positions[at]
+            row = table.get(example)
+            size = int(pos.max()) + 1
+            if row is None or row.numel() < size:
+                grown = torch.full((size,), float("nan"))
+                if row is not None:
+                    grown[: row.numel()] = row
+                row = grown
+            row[pos] = values[at]
+            self._db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", (name, example, row.numpy().tobytes()))
+        self._db.commit()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}/{example}": torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+            for name, example, blob in self._db.execute("SELECT name, example, row FROM rows")
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._db.execute("DELETE FROM rows")
+        for key, row in state.items():
+            name, example = key.rsplit("/", 1)
+            blob = row.float().contiguous().numpy().tobytes()
+            self._db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", (name, int(example), blob))
+        self._db.commit()
+
+    def backup_to(self, path: str) -> None:
+        target = sqlite3.connect(path)
+        with contextlib.closing(target):
+            self._db.backup(target)
+
+    def restore_from(self, path: str) -> None:
+        self._db.close()
+        shutil.copyfile(path, self.path)
+        self._connect()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+
+
+def _read_sqlite_state(path: str) -> dict[str, torch.Tensor]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {
+            f"{name}/{example}": torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+            for name, example, blob in db.execute("SELECT name, example, row FROM rows")
+        }
+
+
+def reference_is_frozen(reference: Reference, policy: torch.nn.Module) -> bool:
+    """Whether the reference gives the same values all through training (so they can be kept across epochs).
+
+    A separate model is frozen (`freeze_and_place`); a callback is taken to be (document: set `ref_epoch_cache="none"`
+    for one that changes); the adapter-off base or a starting adapter copy is frozen unless training updates base
+    weights (a trainable parameter outside every adapter). Any other kind says so with a `frozen` attribute.
+    """
+    if isinstance(reference, ModelReference | CallbackReference):
+        return True
+    if isinstance(reference, AdapterReference):
+        adapters = tuple(f".{name}." for name in getattr(policy, "peft_config", {}))
+        return not any(p.requires_grad and not any(a in n for a in adapters) for n, p in policy.named_parameters())
+    return bool(getattr(reference, "frozen", False))
+
+
+class EpochCache(Reference):
+    """The reference with a per-token memory: a training micro-batch whose supervised tokens were all scored before
+    reads their values instead of running the reference (for the later epochs of a multi-epoch run).
+
+    Values are stored, at each supervised token's identity (`example_index`, `token_position` of the token it
+    scores), while the run has more than one epoch to go over them again. Under several processes the decision to
+    skip is taken by all of them together (a sharded reference's forward is collective), and every write is shared.
+    A value read back was computed in another batch: equal to the online value up to float rounding of padding.
+    """
+
+    def __init__(
+        self, reference: Reference, state: TokenState, accelerator, should_store: Callable[[], bool], mode: str
+    ):
+        self.reference = reference
+        self.state = state
+        self.accelerator = accelerator
+        self.should_store = should_store
+        self.mode = mode
+        self.description = f"{reference.description}, values kept per token after their first epoch ({mode})"
+        self.forwards = 0  # reference forwards run through this cache
+
+    @classmethod
+    def for_trainer(cls, trainer) -> EpochCache | None:
+        """The trainer's epoch cache, or None: no per-token identity, a column reference, or a reference that moves."""
+        reference = trainer.reference
+        specs = trainer._column_specs
+        if trainer.args.ref_epoch_cache == "none" or reference is None or isinstance(reference, ColumnReference):
+            return None
+        if "example_index" not in specs or "token_position" not in specs:
+            return None
+        if not reference_is_frozen(reference, trainer.model):
+            logger.info("trl-priority: the reference changes during training; its values are not kept per token.")
+            return None
+        mode = trainer.args.ref_epoch_cache
+        if mode == "disk":
+            path = os.path.join(
+                trainer.args.output_dir, EPOCH_CACHE_NAME, f"rank-{trainer.accelerator.process_index}.sqlite"
+            )
+            state = DiskTokenState(path)
+        else:
+            state = TokenState()
+        cache = cls(reference, state, trainer.accelerator, lambda: trainer.state.num_train_epochs > 1, mode)
+        logger.info(
+            f"trl-priority: reference values kept per token for later epochs ({mode}).", main_process_only=True
+        )
+        return cache
+
+    def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
+        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+        identity = (columns["example_index"][:, 1:].to(mask.device), columns["token_position"][:, 1:].to(mask.device))
+        self.state.bind(*identity, writable=True)
+        known = {f"ref_{name}": self.state.get(f"ref_{name}") for name in names}  # (B, T-1), NaN where unknown
+        hit = all(not value[mask].isnan().any() for value in known.values())
+        if self.accelerator.num_processes > 1:  # skip only if every process can
+            hit = bool(self.accelerator.gather(torch.tensor([hit], device=mask.device)).all())
+        if hit:
+            return {key: torch.where(mask, value, 0.0) for key, value in known.items()}, None
+        self.forwards += 1
+        statistics, distribution_ = self.reference.statistics(policy, inputs, names, args, columns, distribution)
+        if self.should_store():
+            for key, value in statistics.items():
+                self.state.set(key, value, where=mask & known[key].isnan())
+            self.state.sync(self.accelerator)
+        return statistics, distribution_
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        if isinstance(self.state, DiskTokenState):
+            self.state.backup_to(os.path.join(directory, f"{EPOCH_CACHE_NAME}.sqlite"))
+            return
+        state = self.state.state_dict() or {"__empty__/0": torch.zeros(0)}
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, os.path.join(directory, f"{EPOCH_CACHE_NAME}.safetensors")
+        )
+
+    def load(self, directory: str) -> None:
+        tensors = os.path.join(directory, f"{EPOCH_CACHE_NAME}.safetensors")
+        database = os.path.join(directory, f"{EPOCH_CACHE_NAME}.sqlite")
+        if os.path.exists(database) and isinstance(self.state, DiskTokenState):
+            self.state.restore_from(database)
+        elif os.path.exists(database):
+            self.state.load_state_dict(_read_sqlite_state(database))
+        elif os.path.exists(tensors):
+            state = {k: v for k, v in load_file(tensors).items() if not k.startswith("__empty__/")}
+            self.state.load_state_dict(state)
+        else:
+            logger.info(f"trl-priority: {directory} holds no reference epoch cache; it starts empty.")
+
+
+__all__ = [
+    "CacheEntry",
+    "DiskTokenState",
+    "EpochCache",
+    "cache_key",
+    "default_cache_dir",
+    "precompute_reference_statistics",
+    "read_entry",
+    "write_entry",
+]
