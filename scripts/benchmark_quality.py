@@ -6,7 +6,7 @@ trained on. Baselines in the same table: the base model untrained, TRL's `SFTTra
 and `SFTTrainer(loss_type="dft")` (`trl_dft`). `sft` and `dft` of this library reproduce those two bit for bit, so
 the default runs them only as TRL's.
 
-    python scripts/benchmark_quality.py                  # CPU default, about 30 minutes on 2 cores (see --help)
+    python scripts/benchmark_quality.py                  # CPU default, about half an hour on 2 cores (see --help)
     python scripts/benchmark_quality.py --full           # every method, 3 seeds, larger slices: for a GPU
     python scripts/benchmark_quality.py --methods trl_sft,eaft,verifier --seeds 0,1,2
 
@@ -119,20 +119,21 @@ TASK_COLUMNS = {"noisy": ("noise", "unlearn", "nonfactual", "made_up"), "unlearn
 COMPUTED_COLUMNS = ("contrastive_score", "information_gain")
 
 PRESETS = {
-    # About half an hour on 2 CPU cores: 12 LoRA runs of 8 steps x 2 examples (~220 tokens each; ~1-2 min each at
-    # 30-50 training tokens/s) and 13 evaluations (10 + 10 scored pairs, 8 greedy generations; ~1-2 min each).
+    # About half an hour on 2 CPU cores shared with other work: 12 LoRA runs of 6 steps x 2 examples (~220 tokens
+    # each: ~1-2 min at 20-50 training tokens/s) and 13 evaluations (8 + 8 scored pairs, 6 greedy generations:
+    # ~1-2 min each). A first attempt at 8 steps, 10 + 10 pairs and 8 generations projected to over an hour there.
     "default": dict(
         methods="trl_sft,trl_dft,prift_prob,robustft",
         unlearn_methods="trl_sft,forgetting_data",
         seeds="0,1",
-        train_size=16,
-        steps=8,
+        train_size=12,
+        steps=6,
         batch_size=2,
         learning_rate=5e-4,
-        eval_size=10,
-        unlearn_train_size=8,
-        unlearn_eval_size=10,
-        generate_size=8,
+        eval_size=8,
+        unlearn_train_size=6,
+        unlearn_eval_size=8,
+        generate_size=6,
     ),
     # Every registered method, 3 seeds, a larger slice: for a GPU (hours on a CPU)
     "full": dict(
@@ -463,38 +464,39 @@ def train(method: str, dataset: Dataset, cli, seed: int, model_path: str, tokeni
     """Fine-tune a fresh copy of the base model with LoRA; return the trained model, adapter merged."""
     set_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="quality-"),
-        max_steps=cli.steps,
-        per_device_train_batch_size=cli.batch_size,
-        learning_rate=cli.learning_rate,
-        lr_scheduler_type="linear",
-        max_length=cli.max_length,
-        seed=seed,
-        bf16=torch.cuda.is_available(),
-        gradient_checkpointing=False,  # a 135M model needs no recomputation
-        report_to="none",
-        save_strategy="no",
-        logging_steps=max(1, cli.steps // 4),
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    if method in BASELINES:
-        args = SFTConfig(**common, loss_type=BASELINES[method])
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora()
+    with tempfile.TemporaryDirectory(prefix="quality-") as output_dir:  # nothing is saved; TRL wants a folder
+        common = dict(
+            output_dir=output_dir,
+            max_steps=cli.steps,
+            per_device_train_batch_size=cli.batch_size,
+            learning_rate=cli.learning_rate,
+            lr_scheduler_type="linear",
+            max_length=cli.max_length,
+            seed=seed,
+            bf16=torch.cuda.is_available(),
+            gradient_checkpointing=False,  # a 135M model needs no recomputation
+            report_to="none",
+            save_strategy="no",
+            logging_steps=max(1, cli.steps // 4),
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
-    else:
-        args = PrioritySFTConfig(**common, priority=method, priority_args=cli.priority_args.get(method))
-        trainer = PrioritySFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=lora(),
-            ref_model=ref_model,
-        )
-    trainer.train()
+        if method in BASELINES:
+            args = SFTConfig(**common, loss_type=BASELINES[method])
+            trainer = SFTTrainer(
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora()
+            )
+        else:
+            args = PrioritySFTConfig(**common, priority=method, priority_args=cli.priority_args.get(method))
+            trainer = PrioritySFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=lora(),
+                ref_model=ref_model,
+            )
+        trainer.train()
     trained = trainer.model.merge_and_unload()  # one plain model: faster to score and generate with
     del trainer
     gc.collect()
@@ -734,6 +736,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     cli = parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401  (the chart is drawn at the end: fail now, not after the runs)
+    except ImportError as error:
+        raise SystemExit("The chart needs matplotlib: pip install matplotlib (or pip install -e '.[dev]').") from error
     started = time.perf_counter()
     model_path = builtin.resolve_model(cli.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
