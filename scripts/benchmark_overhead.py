@@ -1,42 +1,133 @@
 """Overhead of each priority method against TRL's own SFTTrainer, measured in the same run.
 
-For every method, the same model is trained on the same batches by `trl.SFTTrainer` (`loss_type="nll"`) and by
-`PrioritySFTTrainer`, alternately, and the script prints the ratio of their median optimizer-step times and of their
-peak memory (CUDA allocator peak on a GPU; on the CPU, the peak resident-set growth during training, sampled every
-2 ms, which is coarse). Ratios, never absolute timings, are what to compare across machines.
+Every method trains the same model on the same batches as `trl.SFTTrainer` (`loss_type="nll"`), and the script
+reports, per method, the ratio of its time per optimizer step and of its peak memory to TRL's: the median over
+`--repeats` and the spread (min-max). Ratios, never absolute timings, are what to compare across machines.
 
-    python scripts/benchmark_overhead.py                       # CPU default: a few minutes on 2 cores
-    python scripts/benchmark_overhead.py --methods sft,dft,prift_prob --modes lora --repeats 3
+    python scripts/benchmark_overhead.py --repeats 3                      # the default run (see docs)
+    python scripts/benchmark_overhead.py --methods sft,dft,eaft --modes lora --references online --repeats 3
 
-The model is a Llama-shaped config with random weights and SmolLM2's vocabulary size (49,152): the LM head is where a
-priority's costs appear. Data are random token ids with a prompt and a completion. Reference methods use their
-default reference: the base with the adapter off (LoRA) or a frozen copy of the starting model (full fine-tuning);
-`rho1` and `forgetting` are given a separate frozen model (they and the full fine-tuning reference methods therefore
-hold a second copy of the weights, which the memory ratio includes). Methods with a differentiable full-distribution
-term (`asft`, `target_sft`) must stay within 1.2x of SFT's peak memory: they never build `(batch, seq, vocab)` logits.
+Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhead.png` (the chart) to `--output-dir`
+(default `docs/benchmarks/`). `docs/benchmarks_overhead.md` describes the method in full; in short:
+
+- Time: from one optimizer step's end to the next, so it counts what runs before a step begins (fetching the
+  micro-batches, a step-wide selection's scoring pass): wall time on a GPU (CUDA synchronised); on the CPU the
+  process's CPU time, which other jobs on a shared machine inflate far less than wall time (`--clock`; the CSV has
+  both). Every example has the same length, so every step does the same work: the first step is not timed, and a
+  run's value is its fastest timed step.
+- Memory: the peak a run adds from before its trainer (and the policy's copy of the weights) is made: the CUDA
+  allocator peak on a GPU; on the CPU, the resident-set peak sampled every 2 ms (coarse).
+- Pairing: TRL runs bracket every `--baseline-every` methods, in an order shuffled per repeat, and each method is
+  divided by the mean of the TRL runs just before and after it, so that a shared machine's drift cancels.
+- Reference axis (`--references online,cached`): "online" runs the method's reference forward each step; "cached"
+  reads its per-token reference statistics from dataset columns `ref_<name>` computed once before timing
+  (`precomputed_ref_columns=True`, `trl_priority.reference.ColumnReference`). Methods that read the reference's whole
+  next-token distribution (`asft`, `target_sft`) have no exact cache: their cached row is "n/a".
+- Targets (judged on the median): a method that reads no reference ≤ 1.05x time and memory; a cached reference
+  ≤ 1.05x; an online reference ≤ 1.4x time; a method that computes a full next-token distribution ≤ 1.2x memory.
+
+Models (random weights): on the CPU, a small Llama-shaped model with SmolLM2's vocabulary (49,152), where the LM head
+is most of the compute, so a priority's costs show; on a GPU, a Qwen2-0.5B-shaped model (151,936 vocabulary, tied
+embeddings) in bfloat16. Gradient checkpointing is on, as in TRL's `SFTConfig` default.
+
+Data are random token ids with a prompt and a completion. Methods that read data get synthetic columns (see
+`make_dataset`): per-token scores (`critical`'s contrastive score, `tshirt`'s information gain) uniform in [0, 1),
+example-level columns (noise, unlearn marks) 0 and 1 in turn, and every span column two spans per completion (its
+first and third quarter of the text, valued 1 and -1: a verifier's "verified" and "wrong"). A method name may carry a
+granularity, `dft@word` or `dft@span` (`priority_granularity`). Reference methods use their default reference: the
+base with the adapter off (LoRA) or a frozen copy of the starting model (full fine-tuning); methods that require an
+explicit reference (`rho1`, `forgetting`, `selectkd`, `swift`, `token_cleaning`) are given a frozen copy of the
+starting weights, which the memory ratio includes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import ctypes
+import gc
+import math
 import os
+import platform
+import random
+import shlex
 import statistics
+import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import datasets
 import torch
+import transformers
 from datasets import Dataset
 from peft import LoraConfig
 from tokenizers import Tokenizer, models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainerCallback,
+)
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, available_priorities, get_priority
-from trl_priority.statistics import DATA_STATISTICS
+from trl_priority.statistics import DATA_STATISTICS, DISTRIBUTION_STATISTICS, add_distribution_head, forward_statistics
 
 
+# Targets, judged on the median ratio to TRL's SFTTrainer
+POLICY_ONLY = 1.05  # time and memory of a method that reads no reference
+CACHED_REFERENCE = 1.05  # time and memory with the reference's statistics read from columns
+ONLINE_REFERENCE = 1.4  # time with a reference forward every step
+FULL_DISTRIBUTION_MEMORY = 1.2  # memory of a method that computes a whole next-token distribution
+TARGET_LINES = (POLICY_ONLY, FULL_DISTRIBUTION_MEMORY, ONLINE_REFERENCE)
+
+# Shapes by device, overridable from the command line
+PRESETS = {
+    # ~28M parameters, 80% of them in the embedding and the LM head: the head is most of a step's compute
+    "cpu": dict(
+        model="llama",
+        vocab=49152,
+        hidden=256,
+        layers=4,
+        intermediate=768,
+        heads=4,
+        kv_heads=2,
+        batch_size=2,
+        seq_len=128,
+        steps=3,
+        tied=False,
+    ),
+    # Qwen2-0.5B's shape (494M parameters), random weights, bfloat16
+    "gpu": dict(
+        model="qwen2",
+        vocab=151936,
+        hidden=896,
+        layers=24,
+        intermediate=4864,
+        heads=14,
+        kv_heads=2,
+        batch_size=4,
+        seq_len=1024,
+        steps=10,
+        tied=True,
+    ),
+}
+# Full fine-tuning, by default, for a few methods that stand for the rest: the baseline, the policy's full
+# distribution, an online (and cached) reference, a distribution term, an explicit reference with a step-wide selection
+DEFAULT_FULL_METHODS = "sft,eaft,prift_prob,asft,rho1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, data
+# ------------------------------------------------------------------------------------------------------------------
 def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {f"t{i}": i for i in range(vocab_size - 2)} | {"<pad>": vocab_size - 2, "<eos>": vocab_size - 1}
     return PreTrainedTokenizerFast(
@@ -44,33 +135,95 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
-def make_dataset(n: int, prompt_len: int, completion_len: int, vocab_size: int) -> Dataset:
+def make_model(shape: dict, dtype: torch.dtype) -> torch.nn.Module:
+    kwargs = dict(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max(2 * shape["seq_len"], 2048),
+        tie_word_embeddings=shape["tied"],
+        pad_token_id=shape["vocab"] - 2,
+        eos_token_id=shape["vocab"] - 1,
+    )
+    torch.manual_seed(0)
+    if shape["model"] == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kwargs, rope_theta=1e6)).to(dtype)
+    return LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype)
+
+
+def make_dataset(n: int, prompt_len: int, completion_len: int, tokenizer) -> Dataset:
+    """`n` tokenized examples of a prompt of `prompt_len` tokens and a completion of `completion_len`, with a
+    synthetic value for every data column a registered method may read. Every example has the same length, so that
+    every step does the same work and a run's fastest step is its cost."""
+    vocab_size = len(tokenizer)
     generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(completion_len // 2, completion_len + 1, (n,), generator=generator).tolist()
+    lengths = [completion_len] * n
     ids = [torch.randint(0, vocab_size - 2, (prompt_len + c,), generator=generator).tolist() for c in lengths]
-    masks = [[0] * prompt_len + [1] * c for c in lengths]
-    columns = {"input_ids": ids, "completion_mask": masks}
-    # Methods that read an example-level column (RobustFT's noise, Forgetting's unlearn marks) get one: 0 and 1 in turn
+    columns = {"input_ids": ids, "completion_mask": [[0] * prompt_len + [1] * c for c in lengths]}
+    # Character length of each completion as the trainer decodes it, to place the spans
+    text_lengths = [len(tokenizer.decode(row[prompt_len:])) for row in ids]
     for spec in DATA_STATISTICS.values():
-        if spec.level == "example" and not spec.generated:
+        if spec.generated or spec.column in columns:
+            continue
+        if spec.level == "example":  # noise scores, unlearn marks: 0 and 1 in turn
             columns[spec.column] = [float(i % 2) for i in range(n)]
+        elif spec.level == "token":  # per-token scores (contrastive, information gain): uniform in [0, 1)
+            columns[spec.column] = [torch.rand(len(row), generator=generator).tolist() for row in ids]
+        else:  # spans: the first and third quarter of each completion's text, valued 1 and -1
+            columns[spec.column] = [
+                [[0.0, float(length // 4), 1.0], [float(length // 2), float(3 * length // 4), -1.0]]
+                for length in text_lengths
+            ]
     return Dataset.from_dict(columns)
 
 
-class StepTimer(TrainerCallback):
-    """Wall time from one optimizer step's end to the next: everything a step costs, including what runs before
-    `on_step_begin` (fetching the micro-batches and a step-wide selection's scoring pass)."""
+@torch.no_grad()
+def reference_columns(base, dataset: Dataset, names, args, device: str, bf16: bool) -> dict[str, list[list[float]]]:
+    """The reference's per-token statistics `names` as `ColumnReference` reads them: one value per token of
+    `input_ids`, the value at i scoring token i (index 0 holds 0). The reference is the starting model (the
+    benchmark's reference for every method), run once per example with TRL's fused head, as the trainer runs it."""
+    reference = copy.deepcopy(base).to(device).eval()
+    add_fused_lm_head(reference, outputs=("log_probs", "entropy"))
+    add_distribution_head(reference)
+    columns = {f"ref_{name}": [] for name in names}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        for ids in dataset["input_ids"]:
+            input_ids = torch.tensor([ids], device=device)
+            inputs = {"input_ids": input_ids, "labels": input_ids}  # every position scored
+            _, values = forward_statistics(reference, inputs, names, args, keep_outputs=False)
+            for name in names:
+                columns[f"ref_{name}"].append([0.0, *values[name][0].float().tolist()])
+    del reference
+    return columns
 
-    def __init__(self):
-        self.times: list[float] = []
-        self.last: float | None = None
+
+# ------------------------------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------------------------------
+class StepTimer(TrainerCallback):
+    """Time from one optimizer step's end to the next: everything a step costs, including what runs before
+    `on_step_begin` (fetching the micro-batches and a step-wide selection's scoring pass).
+
+    Two clocks: wall time (CUDA synchronised), and `cpu_clock`, the process's CPU time less the memory sampler's (on
+    the CPU: the work a step costs, which other jobs on a shared machine do not inflate as they inflate wall time).
+    """
+
+    def __init__(self, cpu_clock):
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.cpu_clock = cpu_clock
+        self.last: tuple[float, float] | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = (time.perf_counter(), self.cpu_clock())
         if self.last is not None:
-            self.times.append(now - self.last)
+            self.wall.append(now[0] - self.last[0])
+            self.cpu.append(now[1] - self.last[1])
         self.last = now
 
 
@@ -79,8 +232,20 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def release_memory() -> None:
+    """Return freed memory before the next run, so that its growth is measured from a clean start."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:  # glibc keeps freed heap pages; give them back so that the next run's RSS growth is its own
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
 class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or sampled RSS growth on the CPU."""
+    """Peak memory a block adds: CUDA allocator peak, or sampled resident-set growth on the CPU."""
 
     def __enter__(self):
         if torch.cuda.is_available():
@@ -99,23 +264,89 @@ class PeakMemory:
             self.peak = max(self.peak, rss_bytes())
             time.sleep(0.002)
 
+    def cpu_seconds(self) -> float:
+        """The process's CPU time (user + system, every thread) less the sampler thread's own."""
+        sampler = 0.0
+        if getattr(self, "thread", None) is not None and self.thread.is_alive():
+            sampler = time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
+        return time.process_time() - sampler
+
     def __exit__(self, *exc):
         if torch.cuda.is_available():
-            self.value = torch.cuda.max_memory_allocated()
+            torch.cuda.synchronize()
+            self.value = torch.cuda.max_memory_allocated() - self.base
         else:
             self.running = False
             self.thread.join()
             self.value = self.peak - self.base
 
 
-def run_once(method, lora, model, dataset, tokenizer, cli, output_dir):
-    """Train `cli.steps` steps; return (median step time after the first, peak memory)."""
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a method (None: TRL's SFTTrainer) in a mode, with its reference online or cached."""
+
+    mode: str  # "lora" or "full"
+    method: str | None  # "name" or "name@granularity"
+    reference: str = "-"  # "online", "cached", or "-" for a method that reads no reference
+
+    @property
+    def name(self) -> str:
+        return "trl" if self.method is None else self.method.split("@")[0]
+
+    @property
+    def granularity(self) -> str:
+        return self.method.split("@")[1] if self.method and "@" in self.method else "token"
+
+
+@dataclass
+class Result:
+    case: Case
+    category: str  # "policy-only", "online reference", "cached reference"
+    time_target: float | None
+    memory_target: float | None
+    note: str = ""  # why a case is not measured
+    times: list[float] = field(default_factory=list)  # the method's median step time, per repeat (s)
+    base_times: list[float] = field(default_factory=list)  # TRL's, bracketing it (s)
+    wall_times: list[float] = field(default_factory=list)  # the method's median wall time, per repeat (s)
+    memories: list[float] = field(default_factory=list)  # bytes
+    base_memories: list[float] = field(default_factory=list)
+
+    @property
+    def time_ratios(self) -> list[float]:
+        return [t / b for t, b in zip(self.times, self.base_times)]
+
+    @property
+    def memory_ratios(self) -> list[float]:
+        return [m / b if b > 0 else math.nan for m, b in zip(self.memories, self.base_memories)]
+
+
+def classify(case: Case) -> tuple[str, float | None, float | None, str]:
+    """`(category, time target, memory target, note)` of a case; a note means it cannot be measured."""
+    priority = get_priority(case.name)
+    args = priority.resolve_args(None)
+    uses_reference = priority.reference_used(args)
+    policy_distribution = any(name in DISTRIBUTION_STATISTICS for name in priority.statistics_from("policy", args))
+    reference_distribution = any(name in DISTRIBUTION_STATISTICS for name in priority.reference_statistics_for(args))
+    if not uses_reference:
+        memory = FULL_DISTRIBUTION_MEMORY if policy_distribution else POLICY_ONLY
+        return "policy-only", POLICY_ONLY, memory, ""
+    if case.reference == "cached":
+        note = "n/a: needs the reference's whole distribution" if priority.needs_reference_distribution else ""
+        memory = FULL_DISTRIBUTION_MEMORY if policy_distribution else CACHED_REFERENCE
+        return "cached reference", CACHED_REFERENCE, memory, note
+    full = policy_distribution or reference_distribution or priority.needs_reference_distribution
+    return "online reference", ONLINE_REFERENCE, FULL_DISTRIBUTION_MEMORY if full else None, ""
+
+
+def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[float, float, float]:
+    """Train `cli.steps` steps from a copy of `base`; return the fastest step after the first (on `cli.clock`), the
+    fastest on the wall clock, and the peak memory."""
     common = dict(
         output_dir=output_dir,
         max_steps=cli.steps,
         per_device_train_batch_size=cli.batch_size,
         learning_rate=1e-4,
-        bf16=torch.cuda.is_available(),
+        bf16=cli.bf16,
         gradient_checkpointing=True,  # TRL's default
         report_to="none",
         save_strategy="no",
@@ -123,20 +354,30 @@ def run_once(method, lora, model, dataset, tokenizer, cli, output_dir):
         disable_tqdm=True,
         max_length=None,
         seed=0,
+        dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if lora else None
-    kwargs = {}
-    if method is None:
-        args = SFTConfig(**common, loss_type="nll")
-        trainer_cls = SFTTrainer
-    else:
-        args = PrioritySFTConfig(**common, priority=method)
-        trainer_cls = PrioritySFTTrainer
-        if get_priority(method).reference == "explicit":
-            kwargs["ref_model"] = copy.deepcopy(model)
-    timer = StepTimer()
-    # Memory from before the trainer is built, so that a frozen reference copy counts
+    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if case.mode == "lora" else None
+    release_memory()
+    # Memory from before the policy's copy and the trainer are made: the policy's weights, a frozen reference copy,
+    # the optimizer state and the activations all count
     with PeakMemory() as memory:
+        timer = StepTimer(memory.cpu_seconds)
+        model = copy.deepcopy(base)
+        kwargs = {}
+        if case.method is None:
+            args = SFTConfig(**common, loss_type="nll")
+            trainer_cls = SFTTrainer
+        else:
+            cached = case.reference == "cached"
+            args = PrioritySFTConfig(
+                **common,
+                priority=case.name,
+                priority_granularity=case.granularity,
+                precomputed_ref_columns=cached,
+            )
+            trainer_cls = PrioritySFTTrainer
+            if get_priority(case.name).reference == "explicit" and not cached:
+                kwargs["ref_model"] = copy.deepcopy(base)
         trainer = trainer_cls(
             model=model,
             args=args,
@@ -146,75 +387,332 @@ def run_once(method, lora, model, dataset, tokenizer, cli, output_dir):
             callbacks=[timer],
             **kwargs,
         )
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
-    return statistics.median(timer.times), memory.value
+    del trainer, model, kwargs
+    release_memory()
+    # Every step does the same work, and interference only ever adds time: the fastest step is the run's cost
+    wall = min(timer.wall)
+    return (wall if cli.clock == "wall" else min(timer.cpu)), wall, memory.value
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(available_priorities()))
-    parser.add_argument("--modes", default="lora,full", help="lora, full or both")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run; the first is not timed")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=49152)
-    cli = parser.parse_args()
+def measure(results: list[Result], mode: str, base, dataset, cached_dataset, tokenizer, cli, output_dir) -> None:
+    """Fill in `results` (all of one mode): per repeat, TRL runs bracket every `cli.baseline_every` cases, in an
+    order shuffled per repeat; each case is divided by the mean of the TRL runs on either side of its block."""
+    measured = [result for result in results if not result.note]
+    baseline = Case(mode, None)
+    for repeat in range(cli.repeats):
+        order = measured[:]
+        random.Random(repeat).shuffle(order)
+        before = run_once(baseline, base, dataset, tokenizer, cli, output_dir)
+        for start in range(0, len(order), cli.baseline_every):
+            block = order[start : start + cli.baseline_every]
+            values = []
+            for result in block:
+                data = cached_dataset[result.case.name] if result.case.reference == "cached" else dataset
+                values.append(run_once(result.case, base, data, tokenizer, cli, output_dir))
+            after = run_once(baseline, base, dataset, tokenizer, cli, output_dir)
+            for result, (step_time, wall, peak) in zip(block, values):
+                result.times.append(step_time)
+                result.wall_times.append(wall)
+                result.memories.append(peak)
+                result.base_times.append((before[0] + after[0]) / 2)
+                result.base_memories.append((before[2] + after[2]) / 2)
+                print(f"  [{repeat + 1}/{cli.repeats}] {row_label(result)}: {fmt_row(result)}", flush=True)
+            before = after
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device}; torch {torch.__version__}")
-    config = LlamaConfig(
-        vocab_size=cli.vocab,
-        hidden_size=cli.hidden,
-        intermediate_size=cli.hidden * 3,
-        num_hidden_layers=cli.layers,
-        num_attention_heads=max(1, cli.hidden // 64),
-        num_key_value_heads=max(1, cli.hidden // 128),
-        max_position_embeddings=cli.seq_len * 2,
-        pad_token_id=cli.vocab - 2,
-        eos_token_id=cli.vocab - 1,
-    )
-    tokenizer = make_tokenizer(cli.vocab)
-    prompt_len = cli.seq_len // 4
-    dataset = make_dataset(cli.batch_size * cli.steps, prompt_len, cli.seq_len - prompt_len, cli.vocab)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config)
-    print(
-        f"model: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, vocab {cli.vocab}, "
-        f"batch {cli.batch_size} x {cli.seq_len} tokens, {cli.steps} steps x {cli.repeats} repeats"
-    )
 
-    rows = []
-    with tempfile.TemporaryDirectory() as output_dir:
-        # One untimed run first: allocator, thread pools and caches warm up before anything is compared
-        run_once(None, True, copy.deepcopy(base), dataset, tokenizer, cli, output_dir)
-        for mode in cli.modes.split(","):
-            for method in cli.methods.split(","):
-                time_ratios, memory_ratios = [], []
-                for _ in range(cli.repeats):
-                    # Alternate: TRL, then the method, each from the same starting weights
-                    t_ref, m_ref = run_once(
-                        None, mode == "lora", copy.deepcopy(base), dataset, tokenizer, cli, output_dir
-                    )
-                    t, m = run_once(method, mode == "lora", copy.deepcopy(base), dataset, tokenizer, cli, output_dir)
-                    time_ratios.append(t / t_ref)
-                    memory_ratios.append(m / m_ref if m_ref > 0 else float("nan"))
-                rows.append((mode, method, time_ratios, memory_ratios))
-                print(
-                    f"  {mode:5s} {method:11s} time x{statistics.median(time_ratios):.3f}  "
-                    f"memory x{statistics.median(memory_ratios):.3f}",
-                    flush=True,
+# ------------------------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------------------------
+def row_label(result: Result) -> str:
+    case = result.case
+    reference = "" if case.reference == "-" else f", {case.reference} ref"
+    return f"{case.method} ({case.mode}{reference})"
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, math.nan
+    return statistics.median(finite), min(finite), max(finite)
+
+
+def fmt_ratio(values: list[float]) -> str:
+    median, low, high = spread(values)
+    return f"{median:.2f} ({low:.2f}-{high:.2f})" if math.isfinite(median) else "-"
+
+
+def verdict(values: list[float], target: float | None) -> str:
+    median = spread(values)[0]
+    if target is None or not math.isfinite(median):
+        return "-"
+    return f"{'met' if median <= target else 'missed'} (≤ {target:g})"
+
+
+def fmt_row(result: Result) -> str:
+    return f"time x{fmt_ratio(result.time_ratios)}, memory x{fmt_ratio(result.memory_ratios)}"
+
+
+def markdown_table(results: list[Result]) -> str:
+    lines = [
+        "| mode | method | reference | time ratio, median (min-max) | time target | "
+        "memory ratio, median (min-max) | memory target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        case = r.case
+        if r.note:
+            lines.append(f"| {case.mode} | `{case.method}` | {case.reference} | {r.note} | | | |")
+            continue
+        lines.append(
+            f"| {case.mode} | `{case.method}` | {case.reference} | {fmt_ratio(r.time_ratios)} | "
+            f"{verdict(r.time_ratios, r.time_target)} | {fmt_ratio(r.memory_ratios)} | "
+            f"{verdict(r.memory_ratios, r.memory_target)} |"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(results: list[Result], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "mode",
+                "method",
+                "reference",
+                "category",
+                "repeat",
+                "time_ratio",
+                "memory_ratio",
+                "step_time_s",
+                "trl_step_time_s",
+                "wall_step_time_s",
+                "peak_memory_mib",
+                "trl_peak_memory_mib",
+                "time_target",
+                "memory_target",
+                "note",
+            ]
+        )
+        for r in results:
+            case = r.case
+            head = [case.mode, case.method, case.reference, r.category]
+            targets = [
+                "" if r.time_target is None else r.time_target,
+                "" if r.memory_target is None else r.memory_target,
+            ]
+            if r.note:
+                writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, r.note])
+            rows = zip(
+                r.time_ratios, r.memory_ratios, r.times, r.base_times, r.wall_times, r.memories, r.base_memories
+            )
+            for repeat, (tr, mr, t, bt, wt, m, bm) in enumerate(rows):
+                writer.writerow(
+                    [
+                        *head,
+                        repeat,
+                        f"{tr:.4f}",
+                        f"{mr:.4f}",
+                        f"{t:.4f}",
+                        f"{bt:.4f}",
+                        f"{wt:.4f}",
+                        f"{m / 2**20:.1f}",
+                        f"{bm / 2**20:.1f}",
+                        *targets,
+                        "",
+                    ]
                 )
 
-    print("\n| mode | method | time ratio (median, min-max) | peak memory ratio (median, min-max) |")
-    print("|---|---|---|---|")
-    for mode, method, time_ratios, memory_ratios in rows:
-        print(
-            f"| {mode} | {method} | {statistics.median(time_ratios):.3f} ({min(time_ratios):.3f}-{max(time_ratios):.3f})"
-            f" | {statistics.median(memory_ratios):.3f} ({min(memory_ratios):.3f}-{max(memory_ratios):.3f}) |"
-        )
+
+def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"policy-only": "tab:blue", "online reference": "tab:orange", "cached reference": "tab:green"}
+    rows = results[::-1]  # first row at the top
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.3 * len(rows) + 2.4), sharey=True)
+    y = list(range(len(rows)))
+    for ax, key, label in (
+        (axes[0], "time_ratios", "time per optimizer step / TRL SFTTrainer"),
+        (axes[1], "memory_ratios", "peak memory / TRL SFTTrainer"),
+    ):
+        medians, lows, highs = zip(*(spread(getattr(r, key)) if not r.note else (math.nan,) * 3 for r in rows))
+        finite = [v for v in highs if math.isfinite(v)]
+        xmax = max([ONLINE_REFERENCE * 1.1, *(v * 1.05 for v in finite)])
+        for i, (r, median, low, high) in enumerate(zip(rows, medians, lows, highs)):
+            if r.note:
+                ax.text(0.02, i, "n/a", va="center", fontsize=8, color="gray")
+                continue
+            target = r.time_target if key == "time_ratios" else r.memory_target
+            missed = target is not None and median > target
+            ax.barh(i, median, color=colors[r.category], edgecolor="red" if missed else "none", linewidth=1.5)
+            ax.errorbar(median, i, xerr=[[median - low], [high - median]], fmt="none", ecolor="black", capsize=2)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        for line, style in zip(TARGET_LINES, (":", "--", "-.")):
+            ax.axvline(line, color="gray", linestyle=style, linewidth=1, label=f"target {line:g}")
+        ax.set_xlim(0, xmax)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [row_label(r) for r in rows], fontsize=8)
+    axes[0].set_ylim(-0.7, len(rows) - 0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    lines, names = axes[1].get_legend_handles_labels()
+    axes[1].legend(
+        [*handles, *lines], [*colors, *names], loc="lower right", fontsize=7, title="red edge: target missed",
+        title_fontsize=7,
+    )  # fmt: skip
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.01, 0.005, footer, fontsize=7, family="monospace", wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="all", help="comma-separated, `name@word` for a granularity; all")
+    parser.add_argument("--modes", default="lora,full", help="lora, full or both")
+    parser.add_argument(
+        "--full-methods",
+        default=DEFAULT_FULL_METHODS,
+        help=f"methods run in full fine-tuning (within --methods); 'all' for every one (default: {DEFAULT_FULL_METHODS})",
+    )
+    parser.add_argument("--references", default="online,cached", help="online, cached or both")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed TRL runs first (allocator, thread pools)")
+    parser.add_argument("--baseline-every", type=int, default=4, help="TRL runs bracket blocks of this many cases")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run; the first is not timed")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu when CUDA is available, else cpu")
+    parser.add_argument(
+        "--clock",
+        choices=("auto", "wall", "cpu"),
+        default="auto",
+        help="step time: wall time, or the process's CPU time (auto: wall on a GPU, cpu on the CPU)",
+    )
+    parser.add_argument("--output-dir", default="docs/benchmarks")
+    cli = parser.parse_args(argv)
+    cli.preset = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    shape = dict(PRESETS[cli.preset])
+    for key in ("steps", "batch_size", "seq_len", "hidden", "layers", "vocab"):
+        if getattr(cli, key) is not None:
+            shape[key] = getattr(cli, key)
+    if cli.hidden is not None:  # keep the preset's proportions
+        shape["intermediate"] = 3 * cli.hidden
+        shape["heads"] = max(1, cli.hidden // 64)
+        shape["kv_heads"] = max(1, shape["heads"] // 2)
+    cli.shape = shape
+    for key in ("steps", "batch_size", "seq_len"):
+        setattr(cli, key, shape[key])
+    if cli.steps < 2:
+        parser.error("--steps must be at least 2: the first step is not timed")
+    cli.bf16 = torch.cuda.is_available()
+    if cli.clock == "auto":
+        cli.clock = "wall" if torch.cuda.is_available() else "cpu"
+    return cli
+
+
+def build_cases(cli) -> list[Result]:
+    names = available_priorities()
+    methods = names if cli.methods == "all" else [m.strip() for m in cli.methods.split(",") if m.strip()]
+    full_methods = names if cli.full_methods == "all" else cli.full_methods.split(",")
+    for method in methods:
+        get_priority(method.split("@")[0])  # an unknown name fails here, with the closest one
+    references = cli.references.split(",")
+    results = []
+    for mode in cli.modes.split(","):
+        if mode not in ("lora", "full"):
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use lora, full or lora,full")
+        for method in methods:
+            if mode == "full" and method.split("@")[0] not in full_methods and method not in full_methods:
+                continue
+            for reference in references:
+                case = Case(mode, method, reference)
+                category, time_target, memory_target, note = classify(case)
+                if category == "policy-only":
+                    if reference != references[0]:
+                        continue  # a method without a reference has one row
+                    case = Case(mode, method, "-")
+                results.append(Result(case, category, time_target, memory_target, note))
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    cli = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    shape = cli.shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = make_tokenizer(shape["vocab"])
+    prompt_len = cli.seq_len // 4
+    dataset = make_dataset(cli.batch_size * cli.steps, prompt_len, cli.seq_len - prompt_len, tokenizer)
+    base = make_model(shape, torch.bfloat16 if cli.bf16 else torch.float32)
+    results = build_cases(cli)
+    command = "python scripts/benchmark_overhead.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    description = (
+        f"{shape['model']} {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters (vocab {shape['vocab']}, "
+        f"hidden {shape['hidden']}, {shape['layers']} layers{', bf16' if cli.bf16 else ', fp32'}), batch "
+        f"{cli.batch_size} x {cli.seq_len} tokens, gradient checkpointing on, {cli.steps} steps per run (first "
+        f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
+    )
+    print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
+
+    # Reference columns for the cached cases, computed once per method before anything is timed
+    cached_dataset = {}
+    for result in results:
+        name = result.case.name
+        if result.case.reference == "cached" and not result.note and name not in cached_dataset:
+            priority = get_priority(name)
+            args = priority.resolve_args(None)
+            columns = reference_columns(base, dataset, priority.reference_statistics_for(args), args, device, cli.bf16)
+            cached_dataset[name] = Dataset.from_dict({**dataset.to_dict(), **columns})
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as output_dir:
+        # Untimed runs first: allocator, thread pools and caches warm up before anything is compared
+        for _ in range(cli.warmup):
+            run_once(
+                Case(results[0].case.mode if results else "lora", None), base, dataset, tokenizer, cli, output_dir
+            )
+        for mode in dict.fromkeys(r.case.mode for r in results):
+            rows = [r for r in results if r.case.mode == mode]
+            measure(rows, mode, base, dataset, cached_dataset, tokenizer, cli, output_dir)
+    minutes = (time.perf_counter() - started) / 60
+
+    table = markdown_table(results)
+    title = f"trl-priority overhead against TRL's SFTTrainer, {machine()}"
+    footer = f"{command}\n{description}; {minutes:.0f} min"
+    print(f"\n{table}\n\n{footer}")
+    output = Path(cli.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "overhead.md").write_text(
+        f"# Overhead against TRL's SFTTrainer\n\n- machine: {machine()}\n- model: {description}\n"
+        f"- command: `{command}` ({minutes:.0f} min)\n\n{table}\n"
+    )
+    write_csv(results, output / "overhead.csv")
+    draw_chart(results, output / "overhead.png", title, footer)
+    print(f"wrote {output / 'overhead.md'}, {output / 'overhead.csv'}, {output / 'overhead.png'}")
+    return results
 
 
 if __name__ == "__main__":
