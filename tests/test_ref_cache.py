@@ -512,3 +512,138 @@ def test_docs_worked_example_calls_the_teacher_once_per_row(make_model, tokenize
     scored.clear()
     exec(compile(block, str(DOCS), "exec"), dict(names, model=make_model()))
     assert scored == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Whole-distribution methods: the top-k cache
+# ------------------------------------------------------------------------------------------------------------------
+def logged(trainer, key: str) -> list[float]:
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+DISTRIBUTION_CASES = {
+    # LoRA: the base with the adapter off is the reference; a high learning rate so that the KL moves off 0
+    "asft_lora": ("asft", {"kl_weight": 1.0}, "kl_anchor"),
+    # A separate reference; alpha="reference" also reads the cached `ref_logps`
+    "target_sft": ("target_sft", {"alpha": "reference", "prior": "reference"}, "soft_target"),
+}
+
+
+@pytest.mark.parametrize("case", list(DISTRIBUTION_CASES))
+def test_the_whole_vocabulary_cached_gives_the_online_losses(
+    case, make_model, tokenizer, datasets_, make_args, tmp_path
+):
+    from peft import LoraConfig
+
+    method, priority_args, term = DISTRIBUTION_CASES[case]
+    lora = case.endswith("_lora")
+
+    def run(**settings):
+        args = make_args(
+            priority=method, priority_args=priority_args, max_steps=3, learning_rate=5e-2, ref_epoch_cache="none",
+            **settings,
+        )  # fmt: skip
+        trainer = PrioritySFTTrainer(
+            model=make_model(), args=args, train_dataset=datasets_.prompt_completion(6), processing_class=tokenizer,
+            ref_model=None if lora else make_model(seed=1),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None,
+        )  # fmt: skip
+        trainer.train()
+        return trainer
+
+    vocab = len(tokenizer)
+    cached = run(ref_cache_dir=str(tmp_path / "cache"), ref_cache_topk=vocab, ref_cache_batch_size=4)
+    online = run()
+    assert isinstance(cached.reference, ref_cache.CachedColumns) and cached.reference.topk == vocab
+    assert not isinstance(online.reference, ColumnReference)
+    assert cached.train_dataset[0]["ref_topk_ids"][1].__len__() == vocab
+    terms = torch.tensor(logged(cached, f"loss/{term}"))
+    assert len(terms) == 3 and terms.abs().max() > 1e-3  # the term is not trivially 0
+    torch.testing.assert_close(terms, torch.tensor(logged(online, f"loss/{term}")), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(logged(cached, "loss")), torch.tensor(logged(online, "loss")), atol=1e-5, rtol=1e-4
+    )
+
+
+def topk_kl_oracle(policy, reference, rows, collator, k: int, kl_weight: float) -> float:
+    """kl_weight · Σ_t KL(π̂_t ‖ π_θ) / N over the supervised tokens of `rows` (padded), from full logits: π̂ the
+    reference's top-k with the rest of its mass shaped like the policy's (`topk_of`, `dense_logprobs`)."""
+    from trl_priority.priorities.distribution import kl_to_reference
+    from trl_priority.topk_reference import dense_logprobs, topk_of
+
+    batch = collator([{k_: v for k_, v in row.items() if not k_.startswith("ref_")} for row in rows])
+    with torch.no_grad():
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        policy_logprobs = policy(**inputs).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+        ref_logprobs = reference(**inputs).logits[:, :-1].float().log_softmax(-1)  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    ids, logps, label_logps = topk_of(ref_logprobs[mask], labels[mask], k)
+    policy_rows = policy_logprobs[mask]  # (N, V)
+    approx = dense_logprobs(ids, logps, label_logps, labels[mask], policy_rows.size(-1), tail_logprobs=policy_rows)
+    return kl_weight * kl_to_reference(policy_rows, labels[mask], approx).sum().item() / int(mask.sum())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_topk_kl_anchor_of_the_first_step_equals_an_oracle(
+    layout, make_model, tokenizer, datasets_, make_args, tmp_path
+):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    k, n = 8, 6
+    ref, counter = counted_reference(make_model, seed=1)
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, ref, n=n, method="asft", priority_args={"kl_weight": 0.5},
+        ref_cache_dir=str(tmp_path / "cache"), ref_cache_topk=k, per_device_train_batch_size=n, max_steps=1,
+        **LAYOUTS[layout],
+    )  # fmt: skip
+    assert trainer.train_dataset.features["ref_topk_ids"].feature.length == k
+    counter.calls = 0
+    trainer.train()
+    assert counter.calls == 0
+    # The same tokens, padded, whatever the layout trained on (one batch holds every row: the same N)
+    rows = list(make_trainer(make_model, tokenizer, datasets_, make_args, None, n=n, method="dft").train_dataset)
+    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    expected = topk_kl_oracle(make_model(), make_model(seed=1), rows, collator, k, kl_weight=0.5)
+    exact = topk_kl_oracle(make_model(), make_model(seed=1), rows, collator, len(tokenizer), kl_weight=0.5)
+    assert abs(expected - exact) > 1e-4  # k < V: the top-k term is not the exact one
+    (first,) = logged(trainer, "loss/kl_anchor")
+    assert first == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_the_topk_cache_runs_no_reference_forward_and_k_is_part_of_the_key(
+    make_model, tokenizer, datasets_, make_args, tmp_path
+):
+    cache = str(tmp_path / "cache")
+    settings = dict(method="asft", ref_cache_dir=cache, ref_cache_topk=4)
+    ref, counter = counted_reference(make_model, seed=1)
+    trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref, **settings)
+    assert counter.calls > 0 and trainer._epoch_cache is None
+    assert isinstance(trainer.reference, ref_cache.CachedColumns) and trainer.reference.topk == 4
+    counter.calls = 0
+    trainer.train()
+    assert counter.calls == 0 and len(logged(trainer, "loss/kl_anchor")) == 2
+    meta = ref_cache._read_meta(trainer.ref_cache_entries[0].path)
+    assert meta["components"]["distribution"] == {"topk": 4, "tail": "policy"}
+    assert meta["columns"]["ref_topk_ids"]["dtype"] == "int32"
+    # The same k is reused without a reference forward; another k is another entry
+    again, counter_again = counted_reference(make_model, seed=1)
+    assert make_trainer(make_model, tokenizer, datasets_, make_args, again, **settings).ref_cache_entries[0].reused
+    assert counter_again.calls == 0
+    other, _ = counted_reference(make_model, seed=1)
+    entry = make_trainer(
+        make_model, tokenizer, datasets_, make_args, other, **{**settings, "ref_cache_topk": 16}
+    ).ref_cache_entries[0]
+    assert not entry.reused and any(d.startswith("distribution.topk 4 → 16") for d in entry.differences)
+
+
+def test_a_batch_without_the_topk_columns_is_named(make_model, tokenizer, datasets_, make_args, tmp_path):
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, make_model(seed=1), method="asft",
+        ref_cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    batch = trainer.data_collator(list(trainer.train_dataset.select(range(2))))
+    assert batch["ref_topk_ids"].shape == (*batch["input_ids"].shape, 64)
+    inputs = {k: v for k, v in batch.items() if k not in trainer._token_columns}
+    with pytest.raises(ValueError, match=r"no column \['ref_topk_ids', 'ref_topk_logps'\]"):
+        trainer.reference.statistics(trainer.model, inputs, (), {}, {"ref_logps": batch["ref_logps"]}, True)

@@ -225,7 +225,8 @@ class TokenColumnCollator:
     """Wrap a collator so that per-token columns come out padded like `input_ids`.
 
     Under padding-free the base collator concatenates the examples into one row; the columns are concatenated the
-    same way. The result has the shape of `batch["input_ids"]`, `(B, T)`.
+    same way. The result has the shape of `batch["input_ids"]`, `(B, T)`, or `(B, T, k)` for a column that holds a
+    vector per token (the reference cache's top-k ids and log-probabilities), padded with the same value.
     """
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -241,8 +242,8 @@ class TokenColumnCollator:
             if self.padding_free:
                 rows = [torch.cat(rows)]
             dtype = rows[0].dtype if rows[0].is_floating_point() else torch.long
-            out = torch.full(shape, self.padding.get(column, 0.0), dtype=dtype)
+            out = torch.full((*shape, *rows[0].shape[1:]), self.padding.get(column, 0.0), dtype=dtype)
             for i, row in enumerate(rows):
-                out[i, : row.numel()] = row
+                out[i, : row.shape[0]] = row
             batch[column] = out
         return batch

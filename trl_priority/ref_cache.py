@@ -29,8 +29,16 @@ every epoch, although its values never change. Two ways to pay for them once:
    one row per prepared row) and `<key>/meta.json` (the components, the columns and their kind, written last). It
    is written into a hidden temporary sibling and moved into place with `os.replace` once complete, so an
    interrupted write leaves nothing that looks like an entry; an entry that fails to load is ignored and
-   recomputed. Another kind of statistic (a top-k of the distribution) is another column, described in
-   `meta.json["columns"]`.
+   recomputed.
+
+   Methods whose loss reads the reference's whole next-token distribution (`asft`, `target_sft` with a reference
+   prior or trust) cache it as its top k tokens per position (`ref_cache_topk`, default 64): the columns
+   `ref_topk_ids` (`list<fixed_size_list<int32, k>>`) and `ref_topk_logps` (`list<fixed_size_list<float32, k>>`),
+   next to the exact `ref_logps` of the label, 8·k + 4 bytes per token. They are computed from the reference's
+   final hidden states through its LM head a chunk of supervised positions at a time (never `(B, T, V)` logits),
+   and training passes them as a `TopKReferenceDistribution` to the chunked distribution pass, which rebuilds each
+   chunk's distribution with the tail shaped like the policy's (`trl_priority.topk_reference`). k and the tail rule
+   are part of the key (`components["distribution"]`).
 
 2. **The lazy epoch cache** (`ref_epoch_cache`, `EpochCache`). Without `ref_cache_dir`, the values the reference
    computes during training are kept per token, keyed by the per-token identity (`example_index`,
@@ -77,6 +85,7 @@ from .reference import (
     is_callback_reference,
 )
 from .state import TokenState
+from .topk_reference import TopKReferenceDistribution, topk_of
 
 
 logger = get_logger(__name__)
@@ -91,6 +100,10 @@ EPOCH_CACHE_MODES = ("memory", "disk", "none")
 _MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
 # Columns of a prepared row that the reference's values depend on (the rest is text or other statistics)
 _CONTENT_COLUMNS = ("input_ids", "labels", "position_ids", "seq_lengths", "attention_mask")
+# The top-k cache of the reference's distribution: (k,) ids and log-probabilities per token
+TOPK_COLUMNS = ("ref_topk_ids", "ref_topk_logps")
+# How the tail mass beyond the k cached tokens is shared at training time (`TopKRows.logprobs`): like the policy's
+TOPK_TAIL = "policy"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -110,11 +123,21 @@ def resolve_cache_dir(value: str) -> str:
 
 
 def cached_statistics(priority, priority_args: Mapping[str, Any]) -> tuple[str, ...]:
-    """The reference statistics a configuration reads that a cache can hold (without `ref_`), or () when it reads
-    none, or reads the reference's whole distribution (its loss term runs the reference inside the forward)."""
-    if priority is None or not priority.reference_used(priority_args) or priority.needs_reference_distribution:
+    """The reference statistics a configuration reads that a cache holds (without `ref_`), or () when it reads none.
+    A method reading the reference's whole distribution always caches `logps` (the label's, exact), next to the
+    top-k columns (`cached_topk`)."""
+    if priority is None or not priority.reference_used(priority_args):
         return ()
-    return priority.reference_statistics_for(priority_args)
+    names = priority.reference_statistics_for(priority_args)
+    return tuple(dict.fromkeys(("logps", *names))) if priority.needs_reference_distribution else names
+
+
+def cached_topk(args, priority, priority_args: Mapping[str, Any]) -> int | None:
+    """k of the top-k columns a cache holds for this configuration (`ref_cache_topk`), or None when its method does
+    not read the reference's whole distribution."""
+    if priority is None or not priority.reference_used(priority_args) or not priority.needs_reference_distribution:
+        return None
+    return int(args.ref_cache_topk)
 
 
 def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | None:
@@ -129,12 +152,6 @@ def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | Non
     name = getattr(priority, "name", None)
     if priority is None or not priority.reference_used(priority_args):
         logger.warning(f"Priority '{name}' reads no reference statistics; `ref_cache_dir` is ignored.")
-        return None
-    if priority.needs_reference_distribution:
-        logger.warning(
-            f"Priority '{name}' reads the reference's whole next-token distribution, which `ref_cache_dir` does not "
-            "hold: the reference runs during training, as without a cache."
-        )
         return None
     scheduled = [
         hp
@@ -159,6 +176,7 @@ def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_d
         and cache_dir is None
         and not args.precomputed_ref_columns
         and bool(cached_statistics(priority, priority_args))
+        and not priority.needs_reference_distribution  # the distribution is projected in the policy's forward
         and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
         and (args.max_steps > 0 or args.num_train_epochs > 1)
     )
@@ -326,6 +344,9 @@ def cache_components(
         "settings": settings,
         "statistics": statistics,
     }
+    topk = cached_topk(args, trainer.priority, trainer.priority_args)
+    if topk is not None:  # only then: the keys of the entries of other methods stay as they were
+        components["distribution"] = {"topk": topk, "tail": TOPK_TAIL}
     return _jsonable(components), lengths
 
 
@@ -420,13 +441,17 @@ def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], me
     temporary = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
     try:
         arrays = {}
-        for column, rows in columns.items():  # one list<float32> column: offsets and values, no Python floats
+        for column, rows in columns.items():  # one list column: offsets and values, no Python numbers
             offsets = np.zeros(len(rows) + 1, dtype=np.int64)
             np.cumsum([len(row) for row in rows], out=offsets[1:])
-            values = np.concatenate(rows).astype(np.float32) if rows else np.zeros(0, np.float32)
-            arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(
-                pa.list_(pa.float32())
-            )
+            # float32 values, or int32 token ids; a row of shape (L, k) is L fixed-size lists of k
+            dtype = np.int32 if rows and rows[0].dtype.kind in "iu" else np.float32
+            width = rows[0].shape[1] if rows and rows[0].ndim == 2 else None
+            values = np.concatenate(rows).astype(dtype).reshape(-1) if rows else np.zeros(0, dtype)
+            values, item = pa.array(values), pa.from_numpy_dtype(dtype)
+            if width is not None:
+                values, item = pa.FixedSizeListArray.from_arrays(values, width), pa.list_(item, width)
+            arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
         Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
         _write_meta(temporary, meta)  # last: a folder without it is not an entry
         if os.path.isdir(final):
@@ -447,13 +472,16 @@ def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], me
 # Computing the statistics over prepared rows
 # ------------------------------------------------------------------------------------------------------------------
 def _split_rows(value: torch.Tensor, lengths: Sequence[int], padding_free: bool) -> list[np.ndarray]:
-    """A batch statistic `(B, T-1)` (position t scores token t + 1) as one array per row of `lengths[b]` values, the
-    value at i scoring token i (0 at i = 0, which nothing predicts). Padding-free batches are one row of examples."""
-    value = value.detach().float().cpu()
+    """A batch statistic `(B, T-1)` or `(B, T-1, k)` (position t scores token t + 1) as one array per row of
+    `lengths[b]` values (float32, or int32 for token ids), the value at i scoring token i (0 at i = 0, which nothing
+    predicts). Padding-free batches are one row of examples."""
+    value = value.detach().cpu()
+    dtype = np.float32 if value.is_floating_point() else np.int32
+    value = value.float() if value.is_floating_point() else value
     rows, offset = [], 0
     for b, length in enumerate(lengths):
         scored = value[0, offset : offset + length - 1] if padding_free else value[b, : length - 1]
-        rows.append(np.concatenate([np.zeros(1, np.float32), scored.numpy().astype(np.float32)]))
+        rows.append(np.concatenate([np.zeros((1, *scored.shape[1:]), dtype), scored.numpy().astype(dtype)]))
         offset += length
     return rows
 
@@ -473,11 +501,70 @@ def _check_layout(batch: Mapping[str, Any], rows: Sequence[Sequence[int]], paddi
             )
 
 
+def reference_topk(
+    distribution: stats_vocab.ReferenceDistribution,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    args: Mapping[str, Any],
+    k: int,
+    chunk_elements: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The top-k cache of a reference's distribution, from its final hidden states `(B, T, H)`.
+
+    The supervised positions are projected through the reference's LM head a chunk at a time (float32 logits, as the
+    training pass projects them: `_Head.logits_fp32`), and of each chunk's log π_ref `(n, V)` are kept
+
+        ref_topk_ids    (B, T-1, k) int32    the k most likely next tokens, most likely first (`topk_of`)
+        ref_topk_logps  (B, T-1, k) float32  their log-probabilities
+        ref_<name>      (B, T-1)    float32  each statistic of `names` (`logps`: log π_ref(y_t)), exact
+
+    all 0 at positions whose label is not supervised. k is capped at the vocabulary size.
+    """
+    hidden = distribution.hidden
+    shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
+    mask = shifted != -100  # (B, T-1)
+    rows_hidden = hidden[:, :-1][mask]  # (N, H)
+    rows_labels = shifted[mask]  # (N,)
+    num_rows = rows_labels.numel()
+    stats = {
+        name: stats_vocab.DISTRIBUTION_STATISTICS.get(name) or stats_vocab._FUSED_FROM_CHUNK[name] for name in names
+    }
+    kwargs = {name: {hp: args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
+    dtype = stats_vocab._compute_dtype(hidden)
+    with torch.no_grad(), stats_vocab.gathered_head(distribution.causal_lm) as head:
+        vocab = head.weight.shape[0]
+        k = min(k, vocab)
+        step = max(1, (chunk_elements or stats_vocab.CHUNK_ELEMENTS) // vocab)
+        values = {f"ref_{name}": hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}  # (N,)
+        ids = torch.zeros(num_rows, k, dtype=torch.int32, device=hidden.device)  # (N, k)
+        logps = torch.zeros(num_rows, k, dtype=torch.float32, device=hidden.device)  # (N, k)
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            logprobs = head.transform(head.logits_fp32(rows_hidden[rows], dtype)).log_softmax(-1)  # (n, V)
+            top_ids, logps[rows], _ = topk_of(logprobs, rows_labels[rows], k)
+            ids[rows] = top_ids.int()
+            for name, stat in stats.items():
+                values[f"ref_{name}"][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs[name])
+    out = {}
+    for name, value in {**values, "ref_topk_ids": ids, "ref_topk_logps": logps}.items():
+        full = value.new_zeros((*mask.shape, *value.shape[1:]))  # (B, T-1) or (B, T-1, k)
+        full[mask] = value
+        out[name] = full
+    return out
+
+
 def compute_reference_columns(
-    trainer, reference: Reference, dataset: Dataset, names: Sequence[str], collator, description: str
+    trainer,
+    reference: Reference,
+    dataset: Dataset,
+    names: Sequence[str],
+    collator,
+    description: str,
+    topk: int | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """`{"ref_<name>": one float32 array per row}` over every row of `dataset`, computed data-parallel: each process
-    scores a shard (longest rows first, so batches pad little), and the shards are gathered on every process."""
+    scores a shard (longest rows first, so batches pad little), and the shards are gathered on every process. With
+    `topk`, also `ref_topk_ids` / `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
     args, accelerator = trainer.args, trainer.accelerator
     batch_size = args.ref_cache_batch_size or args.per_device_eval_batch_size
     trainer._set_signature_columns_if_needed()
@@ -508,41 +595,76 @@ def compute_reference_columns(
             _check_layout(batch, columns["input_ids"], trainer.padding_free)
             inputs = trainer._prepare_inputs(dict(batch))
             inputs["use_cache"] = False
-            statistics, _ = reference.statistics(policy, inputs, names, trainer.priority_args)
+            statistics, distribution = reference.statistics(
+                policy, inputs, names, trainer.priority_args, distribution=topk is not None
+            )
             mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+            if topk is not None:
+                if not isinstance(distribution, stats_vocab.ReferenceDistribution):
+                    raise ValueError(
+                        f"The reference ({reference.description}) gives no next-token distribution, which the top-k "
+                        "cache is computed from. Use a reference model (`ref_model=`, `ref_model_name_or_path`, or "
+                        "none for the starting model), or unset `ref_cache_dir`."
+                    )
+                statistics = reference_topk(distribution, inputs["labels"], names, trainer.priority_args, topk)
             row_lengths = [len(ids) for ids in columns["input_ids"]]
-            split = {
-                name: _split_rows(torch.where(mask, statistics[f"ref_{name}"], 0.0), row_lengths, trainer.padding_free)
-                for name in names
-            }
+            split = {}
+            for key, value in statistics.items():
+                supervised = mask.view(*mask.shape, *(1,) * (value.dim() - 2))  # (B, T-1) or (B, T-1, 1)
+                split[key] = _split_rows(torch.where(supervised, value, 0), row_lengths, trainer.padding_free)
             for j, index in enumerate(chunk):
-                values[index] = {name: split[name][j] for name in names}
+                values[index] = {key: split[key][j] for key in split}
             bar.update(len(chunk))
     bar.close()
     merged: dict[int, dict[str, np.ndarray]] = {}
     for part in gather_object([values]):
         merged.update(part)
-    return {f"ref_{name}": [merged[i][name] for i in range(len(dataset))] for name in names}
+    keys = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
+    return {key: [merged[i][key] for i in range(len(dataset))] for key in keys}
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # The trainer's entry point
 # ------------------------------------------------------------------------------------------------------------------
 class CachedColumns(ColumnReference):
-    """The reference statistics read from the columns that `precompute_reference_statistics` attached to the rows."""
+    """The reference statistics read from the columns that `precompute_reference_statistics` attached to the rows.
 
-    def __init__(self, root: str):
-        self.description = f"statistics cached in {root} (no reference forward)"
+    With `topk` (a method reading the reference's whole distribution), the distribution is the cached top-k columns,
+    returned as a `TopKReferenceDistribution` for the policy's chunked pass (`trl_priority.topk_reference`); the
+    statistics `names` are read from their exact columns.
+    """
+
+    def __init__(self, root: str, topk: int | None = None):
+        self.topk = topk
+        what = "statistics" if topk is None else f"statistics and top-{topk} distribution"
+        self.description = f"{what} cached in {root} (no reference forward)"
 
     def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
-        missing = [f"ref_{name}" for name in names if f"ref_{name}" not in (columns or {})]
+        wanted = [f"ref_{name}" for name in names]
+        if distribution:
+            if self.topk is None:
+                raise ValueError(
+                    "The cached reference statistics hold no distribution, which this method's loss reads. Rebuild "
+                    "the trainer with `ref_cache_dir`, which caches the top-k distribution for such methods."
+                )
+            wanted += ["ref_logps", *TOPK_COLUMNS]
+        missing = [column for column in dict.fromkeys(wanted) if column not in (columns or {})]
         if missing:
             raise ValueError(
                 f"The batch has no column {missing}: the reference statistics were cached for the datasets the "
                 "trainer was built with, and the reference model was freed. Collate rows of `trainer.train_dataset` "
                 "or `trainer.eval_dataset`, or build a trainer with this dataset (and `ref_cache_dir`) to evaluate it."
             )
-        return super().statistics(policy, inputs, names, args, columns, distribution)
+        statistics, _ = super().statistics(policy, inputs, names, args, columns, distribution)
+        if not distribution:
+            return statistics, None
+        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+        reference = TopKReferenceDistribution(
+            ids=columns["ref_topk_ids"][:, 1:].to(mask.device).long(),  # (B, T-1, k)
+            logps=columns["ref_topk_logps"][:, 1:].to(mask.device).float(),  # (B, T-1, k)
+            label_logps=columns["ref_logps"][:, 1:].to(mask.device).float(),  # (B, T-1)
+        )
+        return statistics, reference
 
 
 @dataclasses.dataclass
@@ -611,9 +733,10 @@ def precompute_reference_statistics(
     names = cached_statistics(trainer.priority, trainer.priority_args)
     if not names:
         raise ValueError(
-            f"Priority '{getattr(trainer.priority, 'name', None)}' reads no reference statistics that a cache can "
-            "hold (none, or the reference's whole distribution): there is nothing to precompute."
+            f"Priority '{getattr(trainer.priority, 'name', None)}' reads no reference statistics: there is nothing "
+            "to precompute."
         )
+    topk = cached_topk(trainer.args, trainer.priority, trainer.priority_args)
     if isinstance(trainer.reference, ColumnReference):
         raise ValueError("The trainer already reads its reference statistics from columns: nothing to precompute.")
     if getattr(trainer, "_is_vision_dataset", False):
@@ -624,7 +747,7 @@ def precompute_reference_statistics(
     build_reference = build_reference or (lambda: trainer.reference)
     collator = trainer.data_collator
     base_collator = collator.base if isinstance(collator, TokenColumnCollator) else collator
-    columns = [f"ref_{name}" for name in names]
+    columns = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
 
     datasets = {"train": trainer.train_dataset}
     evaluation = trainer.eval_dataset
@@ -654,7 +777,7 @@ def precompute_reference_statistics(
             start = time.perf_counter()
             reference = reference or build_reference()
             values = compute_reference_columns(
-                trainer, reference, dataset, names, base_collator, f"Reference statistics of the {name} dataset"
+                trainer, reference, dataset, names, base_collator, f"Reference statistics of the {name} dataset", topk
             )
             writer = accelerator.is_main_process or (
                 trainer.args.save_on_each_node and accelerator.is_local_main_process
@@ -664,7 +787,7 @@ def precompute_reference_statistics(
                     "format": FORMAT_VERSION,
                     "key": key,
                     "components": components,
-                    "columns": {column: {"level": "token", "dtype": "float32"} for column in columns},
+                    "columns": {column: _column_kind(column, topk) for column in columns},
                     "num_rows": len(dataset),
                     "num_tokens": int(lengths.sum()),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -685,7 +808,7 @@ def precompute_reference_statistics(
             dataset = dataset.flatten_indices()
         attached[name] = concatenate_datasets([dataset, cached], axis=1)
         entries.append(entry)
-        _log_entry(trainer, entry, names)
+        _log_entry(trainer, entry, [column.removeprefix("ref_") for column in columns])
 
     trainer.train_dataset = attached.pop("train")
     if isinstance(evaluation, Mapping):
@@ -698,12 +821,20 @@ def precompute_reference_statistics(
     padding = {column: spec.padding for column, spec in trainer._column_specs.items()}
     trainer.data_collator = TokenColumnCollator(base_collator, trainer._token_columns, trainer.padding_free, padding)
     previous = trainer.reference
-    trainer.reference = CachedColumns(root)
+    trainer.reference = CachedColumns(root, topk)
     trainer._epoch_cache = None
     trainer._reference_sources = None
     release_reference(trainer, reference or previous, starting_adapter=identity["kind"] == "starting_adapter")
     trainer.ref_cache_entries = entries
     return entries
+
+
+def _column_kind(column: str, topk: int | None) -> dict[str, Any]:
+    """A cached column as `meta.json` describes it."""
+    if column in TOPK_COLUMNS:
+        dtype = "int32" if column == "ref_topk_ids" else "float32"
+        return {"level": "token", "dtype": dtype, "shape": [topk], "tail": TOPK_TAIL}
+    return {"level": "token", "dtype": "float32"}
 
 
 def _log_entry(trainer, entry: CacheEntry, names: Sequence[str]) -> None:
