@@ -39,9 +39,10 @@ CHAT_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (about 300 tokens) trained in-process on the test sentences."""
+# The builders are plain functions, so that scripts launched outside pytest (tests/distributed_worker.py) build the
+# same tokenizer, models, datasets and arguments; the fixtures below wrap them.
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (about 300 tokens) trained in-process on the test sentences (deterministic)."""
     corpus = [text for pair in QUESTIONS for text in pair] * 4
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,6 +58,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.chat_template = CHAT_TEMPLATE
     return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
 
 
 def _tiny_llama(vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int) -> LlamaForCausalLM:
@@ -76,26 +82,64 @@ def _tiny_llama(vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int
     return LlamaForCausalLM(config)
 
 
+def build_model(tokenizer, seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
+    """A fresh 2-layer Llama (about 30k parameters), float32, for `tokenizer`."""
+    return _tiny_llama(vocab_size or len(tokenizer), seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+
+
+def save_model_dir(
+    directory, tokenizer, seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True
+) -> str:
+    """`build_model(tokenizer, seed)` and its tokenizer saved as a model folder under `directory`; returns the path."""
+    path = os.path.join(directory, f"tiny-llama-{seed}-{vocab_size or len(tokenizer)}")
+    build_model(tokenizer, seed, vocab_size).save_pretrained(path)
+    if with_tokenizer:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def prompt_completion_dataset(n: int = 8) -> Dataset:
+    rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
+    return Dataset.from_dict({"prompt": [q + " " for q, _ in rows], "completion": [a for _, a in rows]})
+
+
+def build_args(output_dir: str, **overrides) -> PrioritySFTConfig:
+    """A `PrioritySFTConfig` for fast, deterministic CPU runs of a few steps."""
+    defaults = dict(
+        output_dir=output_dir,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        max_length=64,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return PrioritySFTConfig(**defaults)
+
+
 @pytest.fixture
 def make_model(tokenizer):
     """`make_model(seed=0, vocab_size=None)`: a fresh 2-layer Llama (about 30k parameters), float32."""
 
     def make(seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
-        return _tiny_llama(vocab_size or len(tokenizer), seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        return build_model(tokenizer, seed, vocab_size)
 
     return make
 
 
 @pytest.fixture
-def model_dir(tmp_path, make_model, tokenizer):
+def model_dir(tmp_path, tokenizer):
     """`model_dir(seed=0)`: the tiny model and its tokenizer saved as a model folder; returns the path."""
 
     def save(seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True) -> str:
-        path = tmp_path / f"tiny-llama-{seed}-{vocab_size or len(tokenizer)}"
-        make_model(seed, vocab_size).save_pretrained(path)
-        if with_tokenizer:
-            tokenizer.save_pretrained(path)
-        return str(path)
+        return save_model_dir(tmp_path, tokenizer, seed, vocab_size, with_tokenizer)
 
     return save
 
@@ -105,10 +149,7 @@ def datasets_():
     """Factories for every dataset format SFTTrainer accepts, built from `QUESTIONS`."""
 
     class Factory:
-        @staticmethod
-        def prompt_completion(n: int = 8) -> Dataset:
-            rows = [QUESTIONS[i % len(QUESTIONS)] for i in range(n)]
-            return Dataset.from_dict({"prompt": [q + " " for q, _ in rows], "completion": [a for _, a in rows]})
+        prompt_completion = staticmethod(prompt_completion_dataset)
 
         @staticmethod
         def conversational_prompt_completion(n: int = 8) -> Dataset:
@@ -155,22 +196,32 @@ def make_args(tmp_path):
     """`make_args(**overrides)`: a `PrioritySFTConfig` for fast, deterministic CPU runs of a few steps."""
 
     def make(**overrides) -> PrioritySFTConfig:
-        defaults = dict(
-            output_dir=str(tmp_path / "out"),
-            max_steps=2,
-            per_device_train_batch_size=2,
-            learning_rate=1e-3,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=1,
-            seed=0,
-            max_length=64,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        defaults.update(overrides)
-        return PrioritySFTConfig(**defaults)
+        return build_args(**{"output_dir": str(tmp_path / "out"), **overrides})
 
     return make
+
+
+@pytest.fixture
+def gsm8k_dir(tmp_path):
+    """A folder laid out like /work/shared/data/gsm8k, built from `QUESTIONS`: `train.jsonl` (16 rows, `question` and
+    `answer` ending `#### N`) and `example_model_solutions.jsonl` (8 rows, `ground_truth` ending `A: N` and four model
+    solutions, the first one incorrect: its answer plus one). Returns the folder's path."""
+    import json
+    import re
+
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    with (folder / "train.jsonl").open("w", encoding="utf-8") as handle:
+        for i in range(16):
+            question, answer = QUESTIONS[i % len(QUESTIONS)]
+            handle.write(json.dumps({"question": f"{question} (problem {i})", "answer": answer}) + "\n")
+    with (folder / "example_model_solutions.jsonl").open("w", encoding="utf-8") as handle:
+        for question, answer in QUESTIONS:
+            final = answer.rsplit("####", 1)[1].strip()
+            truth = answer.replace(f"#### {final}", f"A: {final}")
+            wrong = re.sub(rf"\b{final}\b", str(int(final) + 1), truth)
+            solutions = {"6b_finetuning": {"solution": wrong, "is_correct": False}}
+            for name in ("6b_verification", "175b_finetuning", "175b_verification"):
+                solutions[name] = {"solution": truth, "is_correct": True}
+            handle.write(json.dumps({"question": question, "ground_truth": truth, **solutions}) + "\n")
+    return str(folder)

@@ -155,7 +155,78 @@ def test_distribution_statistics_are_computed_inside_the_model_forward(monkeypat
         return original(causal_lm)
 
     monkeypatch.setattr(stats, "gathered_head", recording)
+    # The policy's statistics come from TRL's fused head, which gathers the head itself: record where it serves them
+    fused = stats._statistics_in_fused_head
+
+    def recording_fused(job):
+        if job is not None:
+            seen.append(bool(inside) and inside[-1])
+        return fused(job)
+
+    monkeypatch.setattr(stats, "_statistics_in_fused_head", recording_fused)
     for keep_outputs in (True, False):  # the policy (fused head) and a reference (backbone alone)
         with torch.no_grad():
             stats.forward_statistics(wrapper, batch(), ["logps", "mass"], {}, keep_outputs=keep_outputs)
     assert seen == [True, True]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+@pytest.mark.parametrize("autocast", [False, True])  # float32, bf16 products accumulated in float32
+@pytest.mark.parametrize("compact", [False, True])  # TRL's layout off Triton (every position) or on it (supervised)
+def test_policy_statistics_come_from_the_fused_heads_own_tiles(kind, autocast, compact, monkeypatch):
+    """One LM-head projection per forward: the distribution statistics are computed from the tiles TRL's fused head
+    projects, and its log-probs, entropy, top-1 flags and gradients stay TRL's. The tiles hold fewer rows than TRL's
+    (bounded memory), and a float32 GEMM's sums depend on the row count: float32 values may differ from TRL's in the
+    last bit (about 2e-7 here); in bf16 the product rounded to bf16 is TRL's tile (equal here)."""
+    import trl.trainer.utils as trl_utils
+
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 3 * 50)  # three positions per tile
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 16)  # TRL folds the vocabulary in 4 chunks
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)  # the layout only; folds stay in torch
+    names, args = ["logps", "entropy", "mass", "topk_entropy"], {"k": 5}
+
+    def run(fused: bool):
+        model = tiny(kind)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+        passes = []
+        original = stats._distribution_pass
+        with monkeypatch.context() as patch:
+            patch.setattr(stats, "_distribution_pass", lambda *a: passes.append(1) or original(*a))
+            if not fused:
+                patch.setattr(stats, "_tile_statistics_for", lambda *a: None)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                outputs, got = stats.forward_statistics(model, batch(), names, args)
+                (outputs.loss + 0.1 * outputs.entropy.sum()).backward()  # gradients through log_probs and entropy
+        grads = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+        return outputs, got, grads, len(passes)
+
+    expected, expected_stats, expected_grads, expected_passes = run(fused=False)
+    outputs, got, grads, passes = run(fused=True)
+    assert (expected_passes, passes) == (1, 0)  # the fused head served every statistic: no second projection
+    assert torch.equal(outputs.is_top1, expected.is_top1)
+    for field in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(outputs, field), getattr(expected, field), rtol=1e-6, atol=1e-6, msg=field)
+    assert grads.keys() == expected_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name in names:
+        torch.testing.assert_close(got[name], expected_stats[name], rtol=1e-6, atol=1e-6, msg=name)
+        assert not got[name].requires_grad
+    mask = batch()["labels"][:, 1:] != -100
+    assert (got["mass"][~mask] == 0).all() and (got["mass"][mask] > 0).all()
+    import trl.kernels.chunked_logprob as trl_kernel
+
+    assert trl_utils._ChunkedLogProbFunction is trl_kernel.ChunkedLogProbFunction  # TRL's kernel is back
+
+
+def test_policy_statistics_fall_back_to_the_chunked_pass_when_the_fused_head_cannot_serve_them():
+    """At a temperature other than 1, TRL's head scores another distribution than the statistics describe: the
+    statistics come from the separate pass, at temperature 1, as the full logits give them."""
+    model = tiny("llama")
+    inputs = batch()
+    expected = full_logits_statistics(model, inputs, k=5)
+    add_fused_lm_head(model, temperature=2.0, outputs=("log_probs", "entropy"))
+    with torch.no_grad():
+        _, got = stats.forward_statistics(model, inputs, ["mass", "topk_entropy"], {"k": 5})
+    for name in ("mass", "topk_entropy"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)

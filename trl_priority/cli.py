@@ -1,11 +1,16 @@
 """The `trl-priority` command line.
 
     trl-priority sft --config recipes/<method>.yaml [--key value ...] [--accelerate_config multi_gpu|zero2|...]
+    trl-priority precompute-ref --config recipes/<method>.yaml [--ref_cache_dir DIR] [--accelerate_config ...]
     trl-priority list
+    trl-priority inspect --config recipes/<method>.yaml --num-examples N [--output priorities.html] [--terminal]
 
 `sft` parses the recipe with TRL's `TrlParser` (so a wrong key or priority argument fails at once), then launches
-`trl_priority/scripts/sft.py` through `accelerate launch`, exactly as TRL's own `trl sft` launches its script; the
-accelerate configs TRL ships (`multi_gpu`, `zero2`, `zero3`, `fsdp2`, ...) are accepted by name.
+`trl_priority/scripts/sft.py` through `accelerate launch`, exactly as TRL's own `trl sft` launches its script.
+`--accelerate_config NAME` takes the configs shipped in `trl_priority/accelerate_configs` (`multi_gpu`, `zero2`,
+`zero3`, `fsdp2`), then TRL's (`fsdp1`, `zero1`, ...), then a file path (docs/distributed.md). `precompute-ref`
+launches the same script with `--precompute_only`: it builds the trainer as `sft` does, which fills the reference
+cache (`ref_cache_dir`, default `auto`: `~/.cache/trl-priority/ref`), and exits before training.
 """
 
 from __future__ import annotations
@@ -74,21 +79,22 @@ def _print_list() -> int:
     return 0
 
 
-def _run_sft(argv: list[str]) -> int:
+def _run_sft(argv: list[str], command: str = "sft") -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from trl.cli.accelerate_config import resolve_accelerate_config_argument
     from trl.cli.commands.training import _subtract_subsequence
 
     from .scripts import sft
 
-    parser = sft.make_parser(prog="trl-priority sft")
+    if command == "precompute-ref":  # the same script, launched the same way, stopping before training
+        argv = [*argv, "--precompute_only", "true"]
+    parser = sft.make_parser(prog=f"trl-priority {command}")
     # Parse here first: `-h`, an unknown method or a bad priority argument fail before anything is launched.
     *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
     )
     launch_parser = launch_command_parser()
-    _check_unknown_settings(parser, launch_parser, config_remaining, cli_remaining)
-    launch_args = resolve_accelerate_config_argument(config_remaining + cli_remaining)
+    _check_unknown_settings(parser, launch_parser, config_remaining, cli_remaining, command)
+    launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
     script_args = _subtract_subsequence(argv, cli_remaining)
     script = str(files("trl_priority.scripts").joinpath("sft.py"))
     with _forward_stop_signals():
@@ -100,11 +106,46 @@ def _run_sft(argv: list[str]) -> int:
     return 0
 
 
+def accelerate_config_path(name: str) -> str:
+    """The file `--accelerate_config NAME` means: ours (`trl_priority/accelerate_configs/NAME.yaml`, set up for token
+    priorities: see each file's header), else TRL's (`trl/accelerate_configs/NAME.yaml`: fsdp1, zero1, ...), else
+    NAME as the path of an accelerate config file."""
+    shipped = {}
+    for package in ("trl_priority", "trl"):
+        directory = files(package).joinpath("accelerate_configs")
+        shipped[package] = sorted(f.name[:-5] for f in directory.iterdir() if f.name.endswith(".yaml"))
+        if name in shipped[package]:
+            return str(directory.joinpath(f"{name}.yaml"))
+    if os.path.isfile(name):
+        return name
+    ours, trls = (", ".join(shipped[package]) for package in ("trl_priority", "trl"))
+    raise SystemExit(
+        f"--accelerate_config '{name}' is neither a config shipped with trl-priority ({ours}) or TRL ({trls}) nor a "
+        "file. Pass one of these names, or the path of an accelerate config file (`accelerate config` writes one)."
+    )
+
+
+def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
+    """`--accelerate_config NAME` (or `=NAME`) in the launch arguments, replaced by `--config_file PATH`."""
+    for index, arg in enumerate(launch_args):
+        if arg == "--accelerate_config" or arg.startswith("--accelerate_config="):
+            if "=" in arg:
+                name, rest = arg.split("=", 1)[1], launch_args[index + 1 :]
+            elif index + 1 < len(launch_args):
+                name, rest = launch_args[index + 1], launch_args[index + 2 :]
+            else:
+                raise SystemExit("--accelerate_config needs a value: a config name (e.g. zero3) or a file path.")
+            return ["--config_file", accelerate_config_path(name), *launch_args[:index], *rest]
+    return launch_args
+
+
 def _option_names(parser) -> set[str]:
     return {option.lstrip("-") for action in parser._actions for option in action.option_strings}
 
 
-def _check_unknown_settings(parser, launch_parser, config_remaining: list[str], cli_remaining: list[str]) -> None:
+def _check_unknown_settings(
+    parser, launch_parser, config_remaining: list[str], cli_remaining: list[str], command: str = "sft"
+) -> None:
     """Settings that are neither the recipe's (TRL's and ours) nor `accelerate launch`'s are typos: name them before
     anything is launched, with the closest valid name, instead of an accelerate usage error."""
     launch = _option_names(launch_parser) | {"accelerate_config"}
@@ -118,7 +159,7 @@ def _check_unknown_settings(parser, launch_parser, config_remaining: list[str], 
                 continue
             close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else " `trl-priority sft --help` lists the settings."
-            raise SystemExit(f"trl-priority sft: unknown setting '{name}' in {source}.{hint}")
+            raise SystemExit(f"trl-priority {command}: unknown setting '{name}' in {source}.{hint}")
 
 
 def _children(pid: int) -> list[int]:
@@ -159,12 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trl-priority", description="Token-priority supervised fine-tuning.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("sft", help="train with a token priority from a YAML recipe", add_help=False)
+    commands.add_parser(
+        "precompute-ref",
+        help="compute a recipe's reference statistics once into `ref_cache_dir` (default: auto), without training",
+        add_help=False,
+    )
     commands.add_parser("list", help="list the priority methods, their regime, signal source, needs and paper")
+    commands.add_parser("inspect", help="show the Φ of a recipe on its first examples", add_help=False)
     args, _ = parser.parse_known_args(argv[:1])
     if args.command == "list":
         return _print_list()
-    if args.command == "sft":
-        return _run_sft(argv[1:])
+    if args.command in ("sft", "precompute-ref"):
+        return _run_sft(argv[1:], args.command)
+    if args.command == "inspect":
+        from . import inspect
+
+        return inspect.main(argv[1:])
     parser.print_help()
     return 0
 

@@ -35,10 +35,13 @@ import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import trl.kernels.chunked_logprob as _trl_kernel
+import trl.trainer.utils as _trl_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 
@@ -251,9 +254,51 @@ def vocab_size_of(causal_lm) -> int:
     weight = head.weight
     if hasattr(weight, "ds_shape"):
         return int(weight.ds_shape[0])
-    if weight.dim() == 2 and weight.numel() > 0:
+    if weight.dim() == 2 and weight.numel() > 0 and not is_quantized_weight(weight):
         return int(weight.shape[0])
+    # A bitsandbytes head packs its weight (4-bit: `(V·H/2, 1)` bytes), so its shape is no guide
     return int(getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size)
+
+
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    """A bitsandbytes weight: 4-bit `Params4bit` (packed, with a `quant_state`, stored as uint8 or as the
+    `bnb_4bit_quant_storage` float dtype) or 8-bit `Int8Params` (int8)."""
+    return hasattr(weight, "quant_state") or not weight.is_floating_point()
+
+
+def dequantize_lm_head(causal_lm) -> bool:
+    """Replace a 4-bit bitsandbytes LM head of `causal_lm` by a frozen `nn.Linear` with the same weight, dequantized.
+
+    transformers keeps the LM head unquantized when it loads a model in 4-bit (it skips the output embeddings), but a
+    `BitsAndBytesConfig(llm_int8_skip_modules=[...])` that does not name it quantizes it too. TRL's fused LM head and
+    the chunked pass here project with `head.weight` itself, which a 4-bit head stores packed: dequantizing it once
+    gives the logits the quantized head computes (`Linear4bit` dequantizes the same weight on every call), at the cost
+    of `V × H` values of its compute dtype. Returns whether the head was replaced. An 8-bit head cannot be turned back
+    into the weight it multiplies with the same numerics, so it is an error.
+    """
+    head = causal_lm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or not is_quantized_weight(weight):
+        return False
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None or hasattr(head, "base_layer"):  # 8-bit, or a PEFT layer around the quantized head
+        raise ValueError(
+            f"The LM head ({type(head).__name__}) is quantized in a way the per-token statistics cannot project with "
+            "(8-bit, or an adapter on a quantized head). Keep the LM head unquantized: transformers does so by default; "
+            "if you set `llm_int8_skip_modules` in the `BitsAndBytesConfig`, add 'lm_head' to it."
+        )
+    import bitsandbytes
+
+    dtype = getattr(head, "compute_dtype", None) or quant_state.dtype
+    dense = bitsandbytes.functional.dequantize_4bit(weight.data, quant_state).to(dtype)  # (V, H)
+    linear = torch.nn.Linear(*dense.shape[::-1], bias=head.bias is not None, device=dense.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+        if head.bias is not None:
+            linear.bias.copy_(head.bias.to(dtype))
+    linear.requires_grad_(False)
+    causal_lm.set_output_embeddings(linear)
+    return True
 
 
 def _logit_transform(config) -> tuple[float, float | None]:
@@ -283,8 +328,8 @@ class _Head:
     def logits_fp32(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`(n, V)` float32 raw logits of `hidden` `(n, H)`: products in `dtype`, accumulated in float32.
 
-        Rounding the logits to bf16 before the softmax would cost about 1e-2 in log-probability; TRL's chunked kernel
-        keeps them in float32 the same way.
+        Rounding the logits to bf16 before the softmax would cost about 1e-2 in log-probability. (TRL's fused head
+        rounds its tile to the compute dtype for `log_probs`; the distribution statistics keep float32 logits.)
         """
         hidden = hidden.to(dtype)
         weight = self.weight.to(dtype)
@@ -297,7 +342,8 @@ class _Head:
         return logits
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits * self.scale
+        if self.scale != 1.0:  # most models: no copy of the (n, V) chunk
+            logits = logits * self.scale
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
@@ -413,9 +459,11 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
     term_rows.update({f"ref_{name}": values[f"ref_{name}"] for name in ref_names})  # filled chunk by chunk
     dtype = _compute_dtype(hidden)
 
-    ref_context = nullcontext(None)
-    if request.reference is not None:
+    ref_context, topk_rows = nullcontext(None), None
+    if isinstance(request.reference, ReferenceDistribution):
         ref_context = gathered_head(request.reference.causal_lm)
+    elif request.reference is not None:  # a cached top-k (`trl_priority.topk_reference.TopKReferenceDistribution`)
+        topk_rows = request.reference.rows(mask)  # (N, k) rows, aligned with `rows_labels`
     with gathered_head(causal_lm) as head, ref_context as ref_head:
         vocab = head.weight.shape[0]
         chunk_rows = max(1, (request.chunk_elements or CHUNK_ELEMENTS) // vocab)
@@ -433,6 +481,10 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
                     if ref_head is not None:
                         ref_raw = ref_head.logits_fp32(ref_rows_hidden[rows], ref_dtype)
                         ref_logprobs = ref_head.transform(ref_raw).log_softmax(-1)  # (n, V)
+                    elif topk_rows is not None:  # π̂ rebuilt, the tail shaped like this chunk's policy (detached)
+                        policy_logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
+                        ref_logprobs = topk_rows.logprobs(rows, rows_labels[rows], policy_logprobs)  # (n, V)
+                    if ref_logprobs is not None:
                         for name, stat in ref_stats.items():
                             values[f"ref_{name}"][rows] = stat.fn(ref_logprobs, rows_labels[rows], **ref_kwargs[name])
                 yield rows, raw, ref_logprobs
@@ -482,6 +534,186 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
         (request.values if name in values else request.term_values)[name] = full
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The policy's distribution statistics from the fused head's own tiles: one LM-head projection, not two
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _TileStatistics:
+    """Distribution statistics that TRL's fused head computes from its own projected tiles, for one forward.
+
+    Set (through `_TILE_STATISTICS`) while the policy's fused forward runs; `_LogProbWithStatistics` fills `values`,
+    one entry per row it projects. Left unfilled (`done` False) when the call does not match the expected rows, and
+    the forward then falls back to the separate chunked pass.
+    """
+
+    statistics: dict[str, DistributionStatistic]
+    kwargs: dict[str, dict[str, Any]]
+    mask: torch.Tensor  # (B, T-1): the supervised positions of the call
+    chunk_elements: int
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) per projected row
+    rows: torch.Tensor | None = None  # (N,) bool: the projected rows that are supervised (None: all of them)
+    done: bool = False
+
+    def per_position(self) -> dict[str, torch.Tensor]:
+        """The statistics as `(B, T-1)` float32, 0 at positions that are not supervised."""
+        out = {}
+        for name, value in self.values.items():
+            mask = self.mask.to(value.device)
+            if value.numel() == mask.numel():  # every position was projected (TRL's layout off Triton)
+                out[name] = torch.where(mask, value.view(mask.shape), 0.0)
+            else:  # only the supervised positions, in order
+                full = torch.zeros(mask.shape, dtype=torch.float32, device=value.device)
+                full[mask] = value
+                out[name] = full
+        return out
+
+
+_TILE_STATISTICS: ContextVar[_TileStatistics | None] = ContextVar("trl_priority_tile_statistics", default=None)
+
+
+class _LogProbWithStatistics(_trl_kernel.ChunkedLogProbFunction):
+    """TRL's `ChunkedLogProbFunction` whose forward also yields distribution statistics from the tiles it projects.
+
+    The forward projects `n` rows at a time over the whole vocabulary, accumulating in float32 (the products in the
+    compute dtype: `_Head.logits_fp32`), and then:
+
+    - folds the tile into TRL's online log-sum-exp with TRL's own fold (`_forward_kernel` on Triton devices,
+      `_forward_tile` elsewhere), vocabulary chunk by vocabulary chunk as TRL does, on the tile as TRL computes it
+      (the float32 product rounded to the compute dtype, bias added in it), so `log_probs`, `entropy`, `is_top1`,
+      ... are TRL's;
+    - computes each requested statistic from the float32 log-softmax of the same tile (supervised rows only).
+
+    The backward is TRL's, unchanged (inherited), from the same saved tensors, so gradients are TRL's. Without an
+    active `_TileStatistics`, or at a temperature other than 1 (the statistics are the model's own distribution), the
+    forward is TRL's own.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=_trl_kernel.OPTIONAL_OUTPUTS,
+    ):
+        job = _TILE_STATISTICS.get()
+        num_rows = hidden.shape[0]
+        layouts = (job.mask.numel(), int(job.mask.sum())) if job is not None else ()
+        if job is None or temperature != 1.0 or num_rows not in layouts:
+            return _trl_kernel.ChunkedLogProbFunction.forward(
+                ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
+                outputs,
+            )  # fmt: skip
+        # As TRL's forward, up to the projection
+        ctx.set_materialize_grads(False)
+        device, vocab = hidden.device, weight.shape[0]
+        autocast = torch.is_autocast_enabled(device.type)
+        compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        kernel_args = {
+            "logit_scale": logit_scale,
+            "softcap": final_logit_softcapping or 1.0,
+            "inv_t": 1 / temperature,
+            "HAS_SOFTCAP": final_logit_softcapping is not None,
+        }
+        output_flags = {f"HAS_{name.upper()}": name in outputs for name in _trl_kernel.OPTIONAL_OUTPUTS}
+        zeros = functools.partial(torch.zeros, (num_rows,), device=device, dtype=torch.float32)
+        running_max, max_before_target = zeros().fill_(-torch.inf), zeros().fill_(-torch.inf)
+        sum_exp, x_sum_exp, sq_sum_exp, z_sum, target_logit = zeros(), zeros(), zeros(), zeros(), zeros()
+
+        # Which projected rows are supervised: all of them (Triton devices score only those), or `mask` flattened
+        supervised = None if num_rows != job.mask.numel() or num_rows == layouts[1] else job.mask.reshape(-1)
+        job.values = {name: zeros() for name in job.statistics}
+        head = _Head(weight.detach().to(compute_dtype), None, logit_scale, final_logit_softcapping)  # cast once
+        tile_bias = bias.detach().to(compute_dtype) if bias is not None else None
+        triton = _trl_kernel._use_triton(device)
+        step = max(1, min(_trl_kernel.TOKEN_CHUNK_SIZE, job.chunk_elements // vocab))
+        with torch.no_grad():
+            for start in range(0, num_rows, step):
+                rows = slice(start, min(start + step, num_rows))
+                n = rows.stop - start
+                logits = head.logits_fp32(hidden[rows].detach(), compute_dtype)  # (n, V) float32, no bias yet
+                # TRL's tile: its GEMM's output in the compute dtype (a float32 accumulation, rounded), plus the bias
+                tile = logits if compute_dtype == torch.float32 else logits.to(compute_dtype)  # (n, V)
+                if tile_bias is not None:
+                    tile = tile + tile_bias
+                    logits = logits + bias.detach().float()
+                for v_start in range(0, vocab, chunk_size):
+                    width = min(chunk_size, vocab - v_start)
+                    columns = tile[:, v_start : v_start + width]
+                    fold = _trl_kernel._forward_kernel[(n,)] if triton else _trl_kernel._forward_tile
+                    fold(
+                        columns, tile.stride(0), targets[rows], running_max[rows], sum_exp[rows], x_sum_exp[rows],
+                        sq_sum_exp[rows], z_sum[rows], max_before_target[rows], target_logit[rows], v_start, width,
+                        BLOCK_SIZE=_trl_kernel._BLOCK_SIZE, **output_flags, **kernel_args,
+                    )  # fmt: skip
+                del tile
+                keep = None if supervised is None else supervised[rows].nonzero().squeeze(1)  # (n',)
+                if keep is not None and keep.numel() == 0:
+                    continue
+                if keep is not None and keep.numel() < n:
+                    logits = logits.index_select(0, keep)
+                logprobs = head.transform(logits).log_softmax(-1)  # (n', V) float32
+                labels = targets[rows] if keep is None else targets[rows].index_select(0, keep)
+                for name, stat in job.statistics.items():
+                    value = stat.fn(logprobs, labels, **job.kwargs[name])  # (n',)
+                    if keep is None:
+                        job.values[name][rows] = value
+                    else:
+                        job.values[name][rows].index_copy_(0, keep, value.float())
+        job.done = True
+
+        # As TRL's forward, from the folded statistics on
+        log_z = running_max + torch.log(sum_exp)
+        logprobs = target_logit - log_z
+        entropy = log_z - x_sum_exp / sum_exp if "entropy" in outputs else None
+        log_sum_sq_probs = torch.log(sq_sum_exp) - 2 * torch.log(sum_exp) if "log_sum_sq_probs" in outputs else None
+        mean_logits = z_sum / vocab if "mean_logits" in outputs else None
+        is_top1 = (target_logit >= running_max) & (target_logit > max_before_target) if "is_top1" in outputs else None
+        ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
+        ctx.compute_dtype = compute_dtype
+        ctx.chunk_size = chunk_size
+        ctx.kernel_args = kernel_args
+        ctx.mark_non_differentiable(*(x for x in (log_sum_sq_probs, mean_logits, is_top1) if x is not None))
+        return logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1
+
+
+def _tile_statistics_for(request: DistributionRequest, labels: torch.Tensor | None) -> _TileStatistics | None:
+    """The policy's statistics of `request` as a job for the fused head's tiles; None when the chunked pass must run
+    anyway (distribution terms need the policy's logits with their own gradient, a reference's distribution is
+    projected there) or there is nothing to compute."""
+    if not request.statistics or request.terms or request.reference is not None or labels is None:
+        return None
+    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in request.statistics}
+    return _TileStatistics(
+        statistics=stats,
+        kwargs={name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()},
+        mask=labels[:, 1:] != -100,
+        chunk_elements=request.chunk_elements or CHUNK_ELEMENTS,
+    )
+
+
+@contextmanager
+def _statistics_in_fused_head(job: _TileStatistics | None):
+    """While the block runs, TRL's fused head (`add_fused_lm_head`, which looks its kernel up in `trl.trainer.utils`
+    at call time) computes `job`'s statistics from its own tiles."""
+    if job is None:
+        yield
+        return
+    token = _TILE_STATISTICS.set(job)  # per thread: another thread's call finds no job and runs TRL's forward
+    _trl_utils._ChunkedLogProbFunction = _LogProbWithStatistics
+    try:
+        yield
+    finally:
+        # TRL's own class, not the value found on entry: concurrent calls (DataParallel threads) cannot leave it patched
+        _trl_utils._ChunkedLogProbFunction = _trl_kernel.ChunkedLogProbFunction
+        _TILE_STATISTICS.reset(token)
+
+
 def add_distribution_head(causal_lm) -> None:
     """Let `causal_lm`'s forward serve a `DistributionRequest`, after TRL's `add_fused_lm_head` patched it.
 
@@ -515,12 +747,17 @@ def add_distribution_head(causal_lm) -> None:
         def hook(module, hook_args, output):
             captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+        job = _tile_statistics_for(request, labels)
         handle = self.base_model.register_forward_hook(hook)
         try:
-            outputs = fused_forward(*args, **kwargs)
+            with _statistics_in_fused_head(job):
+                outputs = fused_forward(*args, **kwargs)
         finally:
             handle.remove()
-        _distribution_pass(captured["hidden"], labels, self, request)
+        if job is not None and job.done:
+            request.values.update(job.per_position())
+        else:  # terms, a reference's distribution, or a call the fused head did not serve: the chunked pass
+            _distribution_pass(captured["hidden"], labels, self, request)
         return outputs
 
     causal_lm.forward = types.MethodType(forward, causal_lm)

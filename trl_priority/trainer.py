@@ -40,6 +40,7 @@ from trl.trainer.utils import (
     global_then_local_main_first,
 )
 
+from . import ref_cache
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
@@ -60,7 +61,14 @@ from .reference import (
 from .schedules import blend_with_uniform, pool_over_groups, schedule_value, warmup_weight
 from .selection import select_in_batch, select_in_examples, select_over_step
 from .state import TokenState
-from .statistics import DataStatistic, DistributionRequest, add_distribution_head, causal_lm_of, forward_statistics
+from .statistics import (
+    DataStatistic,
+    DistributionRequest,
+    add_distribution_head,
+    causal_lm_of,
+    dequantize_lm_head,
+    forward_statistics,
+)
 
 
 logger = get_logger(__name__)
@@ -120,6 +128,33 @@ def check_model_path(path: str, which: str) -> None:
                 f"The {which} folder '{path}' has no config.json, so it holds no model saved with "
                 "`save_pretrained` (an adapter-only folder needs its base model: load it with PEFT and pass the model)."
             )
+
+
+def check_quantized_has_adapter(model, quantization_config, model_init_kwargs, peft_config) -> None:
+    """Fail before loading when a bitsandbytes 4-bit or 8-bit model would train without an adapter.
+
+    Quantized weights are frozen integers (4-bit NF4/FP4 codes, or int8) with no gradient: only an adapter on top of
+    them trains (QLoRA, Dettmers et al. 2023, arXiv 2305.14314). transformers also refuses, but only once the model is
+    loaded, and without naming the recipe settings.
+    """
+    if peft_config is not None:
+        return
+    if isinstance(model, str):
+        config = quantization_config or (model_init_kwargs or {}).get("quantization_config")
+        read = config.get if isinstance(config, Mapping) else functools.partial(getattr, config)  # a YAML dict too
+        flags = read("load_in_4bit", False), read("load_in_8bit", False)
+    elif is_peft_model(model):
+        return
+    else:
+        flags = getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False)
+    bits = 4 if flags[0] else 8 if flags[1] else None
+    if bits is not None:
+        raise ValueError(
+            f"The model is loaded in {bits}-bit (`load_in_{bits}bit`), and {bits}-bit weights cannot be fully "
+            "fine-tuned: they are frozen quantized codes, and only an adapter on top of them trains (QLoRA). Set "
+            "`use_peft: true` in the recipe (with `lora_r`, `lora_alpha`, `lora_target_modules`) or pass "
+            f"`peft_config=LoraConfig(...)`; or drop `load_in_{bits}bit` to fine-tune every weight."
+        )
 
 
 class _ArgsOverride:
@@ -188,12 +223,16 @@ class PrioritySFTTrainer(SFTTrainer):
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
         self._mask_prompt_labels = False
+        self._epoch_cache: ref_cache.EpochCache | None = None  # the reference's values kept per token across epochs
+        self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
+        epoch_columns: tuple[str, ...] = ()
         starting_model = None
 
         if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
             raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
         if isinstance(model, str):
             check_model_path(model, "model")
+        check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
         if self.priority is not None:
             self._uses_reference = self.priority.reference_used(self.priority_args)
             self._check_compatible(args, compute_loss_func, ref_model, model)
@@ -218,6 +257,11 @@ class PrioritySFTTrainer(SFTTrainer):
             selection = self.priority.selection
             if selection is not None and selection.scope_of(self.priority_args) == "example":
                 identity += ("example_index",)  # per-example selection: rows of packed batches hold several examples
+            self._ref_cache_dir = ref_cache.cache_dir_for(args, self.priority, self.priority_args)
+            if ref_cache.epoch_cache_wanted(args, self.priority, self.priority_args, self._ref_cache_dir):
+                # The lazy epoch cache keys the reference's values by the token they score
+                epoch_columns = tuple(c for c in ("example_index", "token_position") if c not in identity)
+                identity += epoch_columns
             for name in self._data_statistics + identity:  # not `if self.priority_state`: an empty state is falsy
                 spec = stats_vocab.DATA_STATISTICS[name]
                 self._column_specs[spec.column] = spec
@@ -263,10 +307,14 @@ class PrioritySFTTrainer(SFTTrainer):
                 f"No training example is left after preparation: every one was dropped as fully masked, usually "
                 f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
             )
+        self._dequantize_lm_head(causal_lm_of(self.model), "model")
         if self.priority is None:
             return
         self._check_parallelism()
         add_distribution_head(causal_lm_of(self.model))
+        if epoch_columns and self._skip_prepare_dataset:  # rows not prepared here carry no per-token identity
+            for column in epoch_columns:
+                self._column_specs.pop(column)
         if self._token_columns:
             if self._is_vision_dataset:
                 raise ValueError(
@@ -277,10 +325,16 @@ class PrioritySFTTrainer(SFTTrainer):
             self.data_collator = TokenColumnCollator(
                 self.data_collator, self._token_columns, self.padding_free, padding
             )
-        self.reference = self._build_reference(ref_model, starting_model, quantization_config)
+        self._reference_sources = ref_cache.ReferenceSources(ref_model, model, starting_model, quantization_config)
+        build_reference = functools.partial(self._build_reference, ref_model, starting_model, quantization_config)
+        if self._ref_cache_dir is not None:  # computed once or read back: no reference forward during training
+            ref_cache.precompute_reference_statistics(self, self._ref_cache_dir, build_reference=build_reference)
+        else:
+            self.reference = build_reference()
+            self._epoch_cache = ref_cache.EpochCache.for_trainer(self)
         summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
         if self.reference is not None:
-            summary += f", reference: {self.reference.description}"
+            summary += f", reference: {(self._epoch_cache or self.reference).description}"
         logger.info(summary, main_process_only=True)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -289,6 +343,11 @@ class PrioritySFTTrainer(SFTTrainer):
     @property
     def _token_columns(self) -> tuple[str, ...]:
         return tuple(self._column_specs)
+
+    def precompute_reference(self, cache_dir: str | None = None) -> list[ref_cache.CacheEntry]:
+        """Compute the reference statistics the method reads once over the prepared datasets (or reuse a matching
+        entry of `cache_dir`), and read them as columns from then on: `trl_priority.ref_cache`."""
+        return ref_cache.precompute_reference_statistics(self, cache_dir)
 
     @staticmethod
     def _as_priority_config(args, model) -> PrioritySFTConfig:
@@ -388,6 +447,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 path = get_config_model_id(self.model.config)
                 starting_model = self._load_like_policy(path, self.args.model_init_kwargs, quantization_config)
             ref_model = starting_model
+        self._dequantize_lm_head(ref_model, "reference model")
         check_same_vocabulary(ref_model, causal_lm_of(self.model), self._tokenizer, ref_tokenizer)
         add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
         add_distribution_head(ref_model)
@@ -397,6 +457,8 @@ class PrioritySFTTrainer(SFTTrainer):
     def _load_like_policy(self, path: str, init_kwargs, quantization_config) -> PreTrainedModel:
         kwargs = dict(init_kwargs or {})
         if quantization_config is not None:
+            # A QLoRA policy's separate reference is quantized the same way (one 4-bit copy more, not a 16-bit one),
+            # unless `ref_model_init_kwargs` sets its own `quantization_config` (None: unquantized)
             kwargs.setdefault("quantization_config", quantization_config)
         if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
             kwargs["device_map"] = None  # distributed training requires device_map=None ("auto" fails)
@@ -408,6 +470,19 @@ class PrioritySFTTrainer(SFTTrainer):
         if attn_implementation is not None:
             kwargs.setdefault("attn_implementation", attn_implementation)
         return create_model_from_path(path, **kwargs)
+
+    @staticmethod
+    def _dequantize_lm_head(causal_lm, which: str) -> None:
+        if dequantize_lm_head(causal_lm):
+            head = causal_lm.get_output_embeddings()
+            size = head.weight.numel() * head.weight.element_size() / 2**20
+            logger.warning(
+                f"The {which}'s LM head was loaded in 4-bit; it is dequantized once ({size:.0f} MiB in "
+                f"{head.weight.dtype}), since the fused per-token log-probabilities project with its whole weight. The "
+                "logits are the ones the 4-bit head computes. To save this memory, keep the head unquantized "
+                "(transformers' default: leave `llm_int8_skip_modules` unset).",
+                main_process_only=True,
+            )
 
     @contextlib.contextmanager
     def _saveable_args(self):
@@ -524,21 +599,25 @@ class PrioritySFTTrainer(SFTTrainer):
         max_steps = getattr(self.state, "max_steps", 0) or 0
         return min(1.0, self.state.global_step / max_steps) if max_steps > 0 else 0.0
 
-    def _gather_statistics(self, model, inputs: dict[str, Any], training: bool, ahead=None):
+    def _gather_statistics(self, model, inputs: dict[str, Any], training: bool, ahead=None, train_batch=None):
         """Run the reference (unless `ahead` carries its statistics) and the policy; return everything Φ reads.
 
         Returns `(outputs, statistics, request)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), the
         statistics are `(B, T-1)` tensors without gradient (plus `progress` and `state`), `request` holds the
         distribution terms (with gradient) the forward computed.
         """
-        columns = {column: inputs.pop(column) for column in self._token_columns}  # not model inputs
+        # Not model inputs. A batch collated elsewhere may lack the identity columns, which only training reads
+        columns = {column: inputs.pop(column) for column in self._token_columns if column in inputs}
         mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
         # The reference runs first, so that its transient memory never adds to the policy's saved activations
         reference_statistics, reference_distribution = {}, None
         if ahead is not None and ahead.get("reference") is not None and not self.priority.needs_reference_distribution:
             reference_statistics = ahead["reference"]
         elif self.reference is not None:
-            reference_statistics, reference_distribution = self.reference.statistics(
+            # A training batch (also in the step-wide scoring pass) reads the reference's values kept from earlier epochs
+            train_batch = training if train_batch is None else train_batch
+            reference = self._epoch_cache if train_batch and self._epoch_cache is not None else self.reference
+            reference_statistics, reference_distribution = reference.statistics(
                 model,
                 inputs,
                 self._reference_statistics,
@@ -634,7 +713,7 @@ class PrioritySFTTrainer(SFTTrainer):
             for batch in batch_samples:
                 inputs = self._prepare_inputs(dict(batch))
                 inputs["use_cache"] = False
-                _, statistics, _ = self._gather_statistics(model, inputs, training=False)
+                _, statistics, _ = self._gather_statistics(model, inputs, training=False, train_batch=True)
                 scores.append(self.priority.selection_scores(statistics, self._step_args))
                 masks.append(statistics["mask"])
                 references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
@@ -655,6 +734,25 @@ class PrioritySFTTrainer(SFTTrainer):
             `log_probs`; 0 where the label is ignored. The model runs in eval mode, without gradient; a step-wide
             selection is made over this batch alone, and a stateful method's history is read, not written.
         """
+        return self.token_statistics(batch, label_logps=False)["phi"]
+
+    @torch.no_grad()
+    def token_statistics(
+        self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Dataset, label_logps: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Φ for every target token of a batch (`token_priorities`), with the per-token statistics it came from.
+
+        Args:
+            batch: as for `token_priorities`.
+            label_logps: also return `logps`, the policy's log-probability of each label, and, for a model or adapter
+                reference, `ref_logps`, the reference's (one more reference pass when the method reads other
+                reference statistics only).
+
+        Returns:
+            `(batch, seq_len - 1)` tensors, position t scoring `labels[:, t + 1]`: `phi` (exactly what
+            `token_priorities` returns), `mask` (the supervised labels), every per-token statistic the method read
+            (`ref_logps`, `entropy`, a data column, its `selected` tokens, ...), and `logps` / `ref_logps` as above.
+        """
         if isinstance(batch, Dataset):
             batch = list(batch)
         rows = [batch] if isinstance(batch, Mapping) else list(batch)
@@ -672,11 +770,27 @@ class PrioritySFTTrainer(SFTTrainer):
                 "with `trainer.data_collator`, which builds them, or add `labels` (-100 where ignored)."
             )
         inputs = self._prepare_inputs(dict(batch))
+        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
         if self.priority is None:
-            return (inputs["labels"][:, 1:] != -100).float()
+            result = {"phi": mask.float(), "mask": mask}
+            if label_logps:
+                with eval_mode(self.model):
+                    result["logps"] = self.model(**inputs, fused_lm_head=True).log_probs.float()  # (B, T-1)
+            return result
         with eval_mode(self.model):
-            _, phi, _, _ = self._forward_with_priority(self.model, inputs)
-        return phi
+            outputs, phi, statistics, _ = self._forward_with_priority(self.model, inputs)  # pops the data columns
+            result = {
+                name: value
+                for name, value in statistics.items()
+                if not name.startswith("_") and isinstance(value, torch.Tensor) and value.shape == phi.shape
+            }
+            result.update(phi=phi, mask=mask)
+            if label_logps:
+                result["logps"] = torch.where(mask, outputs.log_probs.detach().float(), 0.0)  # (B, T-1)
+                if "ref_logps" not in result and isinstance(self.reference, ModelReference | AdapterReference):
+                    reference, _ = self.reference.statistics(self.model, inputs, ("logps",), self._step_args)
+                    result["ref_logps"] = reference["ref_logps"]
+        return result
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -841,6 +955,8 @@ class PrioritySFTTrainer(SFTTrainer):
                 json.dump(self._priority_record(), file, indent=2, default=str)
             if self.priority_state is not None:
                 self.priority_state.save(output_dir)
+            if self._epoch_cache is not None:
+                self._epoch_cache.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -862,3 +978,5 @@ class PrioritySFTTrainer(SFTTrainer):
                 )
         if self.priority_state is not None:
             self.priority_state.load(checkpoint)
+        if self._epoch_cache is not None:
+            self._epoch_cache.load(checkpoint)

@@ -11,6 +11,7 @@ It is TRL's `trl sft` script (same `ScriptArguments`, `ModelConfig` and dataset 
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from datasets import load_dataset
@@ -25,7 +26,20 @@ from trl import (
     get_quantization_config,
 )
 
-from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin, get_priority, ref_cache
+
+
+@dataclass
+class PriorityScriptArguments(ScriptArguments):
+    """TRL's script arguments, plus `precompute_only` (what `trl-priority precompute-ref` passes)."""
+
+    precompute_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Build the trainer, which computes the method's reference statistics into `ref_cache_dir` "
+            "(default 'auto'), and exit without training."
+        },
+    )
 
 
 def load_data(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, training_args: PrioritySFTConfig):
@@ -69,7 +83,9 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def main(script_args, training_args, model_args, dataset_args):
+def build_trainer(script_args, training_args, model_args, dataset_args, callbacks=None) -> PrioritySFTTrainer:
+    """The trainer `main` trains, built from the parsed recipe without training: model (with its PEFT adapter),
+    datasets, reference. `trl-priority inspect` builds it the same way to show the priorities of a recipe."""
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -85,15 +101,42 @@ def main(script_args, training_args, model_args, dataset_args):
         training_args.ref_model_name_or_path = builtin.resolve_model(training_args.ref_model_name_or_path)
         train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args)
 
-    trainer = PrioritySFTTrainer(
+    return PrioritySFTTrainer(
         model=model_path,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
-        callbacks=[stop := StopOnSignal()],
+        callbacks=callbacks,
     )
+
+
+def precompute(script_args, training_args, model_args, dataset_args) -> PrioritySFTTrainer:
+    """`trl-priority precompute-ref`: build the trainer exactly as for training, which fills the reference cache (or
+    finds it filled), and stop. A later `sft` run with the same recipe and `--ref_cache_dir` reads it."""
+    method = None if training_args.priority is None else get_priority(training_args.priority)
+    resolved = {} if method is None else method.resolve_args(training_args.priority_args)
+    if not ref_cache.cached_statistics(method, resolved):
+        raise SystemExit(
+            f"precompute-ref: priority '{training_args.priority}' reads no reference statistics and not the "
+            "reference's distribution: there is nothing to precompute."
+        )
+    training_args.ref_cache_dir = training_args.ref_cache_dir or "auto"
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
+    folder = ref_cache.resolve_cache_dir(training_args.ref_cache_dir)
+    trainer.accelerator.print(
+        f"Reference statistics cached in {folder}. Train without a reference forward: trl-priority sft "
+        f"--config <recipe> --ref_cache_dir {folder}"
+    )
+    return trainer
+
+
+def main(script_args, training_args, model_args, dataset_args):
+    if script_args.precompute_only:
+        return precompute(script_args, training_args, model_args, dataset_args)
+    trainer = build_trainer(script_args, training_args, model_args, dataset_args)
+    trainer.add_callback(stop := StopOnSignal())  # after DefaultFlowCallback, so that its `should_save` is overridden
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
@@ -111,7 +154,7 @@ def main(script_args, training_args, model_args, dataset_args):
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser((ScriptArguments, PrioritySFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
+    return TrlParser((PriorityScriptArguments, PrioritySFTConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
 
 
 if __name__ == "__main__":
