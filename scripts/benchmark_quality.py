@@ -62,7 +62,7 @@ gets its `contrastive_score` column from that model and one trained the same way
 Summary: per method, the mean over seeds and the spread, shown as ± half the min-max range (with two seeds the
 interval is exactly the two values); the JSON also has min, max and the standard deviation. The base model is
 deterministic and evaluated once. Outputs in `--output-dir`: `quality.md` (the table), `quality.json` (every run, the
-settings, the corrupted rows), `quality.png` (one panel per metric, bars = mean, whiskers = min-max, dots = seeds).
+settings, the corrupted rows), `quality.png` (one panel per metric: the mean, the min-max range and each seed).
 """
 
 from __future__ import annotations
@@ -636,10 +636,9 @@ def plot(summary: list[dict], runs: list[dict], path: Path) -> None:
     for ax, (key, title, better) in zip(axes.flat, metrics):
         present = [row for row in summary if key in row]
         y = list(range(len(present)))
-        means = [row[key]["mean"] for row in present]
-        low = [row[key]["mean"] - row[key]["min"] for row in present]
-        high = [row[key]["max"] - row[key]["mean"] for row in present]
-        ax.barh(y, means, xerr=[low, high], color="#8fb3d9", ecolor="#333333", capsize=3)
+        # Points, not bars: the axes zoom on the values, and a bar's length from a cut axis would mislead
+        ax.hlines(y, [row[key]["min"] for row in present], [row[key]["max"] for row in present], color="#333333")
+        ax.plot([row[key]["mean"] for row in present], y, "|", color="#1f4e79", markersize=14, markeredgewidth=2)
         for i, row in enumerate(present):
             values = [r["metrics"][key] for r in runs if (r["task"], r["method"]) == (row["task"], row["method"])]
             ax.plot(values, [i] * len(values), "o", color="#c0392b", markersize=3)
@@ -650,10 +649,11 @@ def plot(summary: list[dict], runs: list[dict], path: Path) -> None:
         lo = min(row[key]["min"] for row in present)
         hi = max(row[key]["max"] for row in present)
         pad = (hi - lo) * 0.15 or abs(hi) * 0.05 or 0.05
-        ax.set_xlim(lo - pad if lo - pad > 0 or lo < 0 else 0, hi + pad)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.grid(axis="x", alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
-    fig.suptitle("GSM8K quality: mean over seeds (bars), min-max (whiskers), each seed (dots)", fontsize=10)
+    fig.suptitle("GSM8K quality: mean over seeds (blue tick), min-max (line), each seed (red dots)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
