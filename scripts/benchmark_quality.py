@@ -679,9 +679,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=(
             "Runtime: the default (4 methods on the noisy task, 2 on the unlearn task, the base model, 2 seeds: 12 "
             "short LoRA runs and 13 evaluations) is sized to finish in about half an hour on 2 CPU cores, where LoRA "
-            "training of this model runs at about 50 tokens/s (slower on a shared machine; docs/benchmarks_quality.md "
-            "gives the measured time). --full (every method, 3 seeds, ~1,000 training problems, 200 held-out ones) "
-            "is for a GPU."
+            "training of this model runs at about 50 tokens/s, slower on a shared machine (measured: 28 minutes with "
+            "OMP_NUM_THREADS=1 on a shared 2-core machine, docs/benchmarks_quality.md). --full (every method, 3 "
+            "seeds, ~1,000 training problems, 200 held-out ones) is for a GPU."
         ),
     )
     parser.add_argument("--full", action="store_true", help="the preset for a GPU: every method, 3 seeds, more data")
