@@ -173,7 +173,8 @@ def test_distribution_statistics_are_computed_inside_the_model_forward(monkeypat
 @pytest.mark.parametrize("kind", ["llama", "gemma2"])
 @pytest.mark.parametrize("autocast", [False, True])  # float32, bf16 products accumulated in float32
 @pytest.mark.parametrize("compact", [False, True])  # TRL's layout off Triton (every position) or on it (supervised)
-def test_policy_statistics_come_from_the_fused_heads_own_tiles(kind, autocast, compact, monkeypatch):
+@pytest.mark.parametrize("names", [("logps", "entropy", "mass", "topk_entropy"), ("topk_entropy",)])
+def test_policy_statistics_come_from_the_fused_heads_own_tiles(kind, autocast, compact, names, monkeypatch):
     """One LM-head projection per forward: the distribution statistics are computed from the tiles TRL's fused head
     projects, and its log-probs, entropy, top-1 flags and gradients stay TRL's. The tiles hold fewer rows than TRL's
     (bounded memory), and a float32 GEMM's sums depend on the row count: float32 values may differ from TRL's in the
@@ -183,7 +184,7 @@ def test_policy_statistics_come_from_the_fused_heads_own_tiles(kind, autocast, c
     monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 3 * 50)  # three positions per tile
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 16)  # TRL folds the vocabulary in 4 chunks
     monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)  # the layout only; folds stay in torch
-    names, args = ["logps", "entropy", "mass", "topk_entropy"], {"k": 5}
+    args = {"k": 5}  # topk_entropy alone: shift-invariant, computed from the logits without their log-softmax
 
     def run(fused: bool):
         model = tiny(kind)
@@ -213,7 +214,7 @@ def test_policy_statistics_come_from_the_fused_heads_own_tiles(kind, autocast, c
         torch.testing.assert_close(got[name], expected_stats[name], rtol=1e-6, atol=1e-6, msg=name)
         assert not got[name].requires_grad
     mask = batch()["labels"][:, 1:] != -100
-    assert (got["mass"][~mask] == 0).all() and (got["mass"][mask] > 0).all()
+    assert (got["topk_entropy"][~mask] == 0).all() and (got["topk_entropy"][mask] > 0).all()
     import trl.kernels.chunked_logprob as trl_kernel
 
     assert trl_utils._ChunkedLogProbFunction is trl_kernel.ChunkedLogProbFunction  # TRL's kernel is back
@@ -230,3 +231,26 @@ def test_policy_statistics_fall_back_to_the_chunked_pass_when_the_fused_head_can
         _, got = stats.forward_statistics(model, inputs, ["mass", "topk_entropy"], {"k": 5})
     for name in ("mass", "topk_entropy"):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("keep_outputs", [True, False])  # the fused head's tiles, or the reference's chunked pass
+def test_statistics_under_bf16_autocast_are_accumulated_in_fp32(keep_outputs):
+    """Under CPU autocast, `mm` runs in bf16: the projection turns autocast off and accumulates in float32, as without
+    autocast, instead of rounding every logit to bf16."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # realistic logit magnitudes (a few units), where bf16 rounding shows
+    add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    inputs = batch()
+    captured = []
+    model.model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, got = stats.forward_statistics(model, inputs, ["mass"], {}, keep_outputs=keep_outputs)
+
+    mask = inputs["labels"][:, 1:] != -100
+    rows, targets = captured[0][:, :-1][mask].to(torch.bfloat16), inputs["labels"][:, 1:][mask]
+    weight = model.lm_head.weight.to(torch.bfloat16)
+    exact = stats.mass((rows.float() @ weight.float().t()).log_softmax(-1), targets)
+    rounded = stats.mass((rows @ weight.t()).float().log_softmax(-1), targets)  # logits rounded to bf16
+    torch.testing.assert_close(got["mass"][mask], exact, rtol=0, atol=1e-4)
+    assert (rounded - exact).abs().max() > 3e-4  # the test can tell the two apart

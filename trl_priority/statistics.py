@@ -55,7 +55,8 @@ except ImportError:  # pragma: no cover
 
 # ------------------------------------------------------------------------------------------------------------------
 # Distribution statistics: pure functions of a chunk of next-token log-probabilities.
-#   logprobs: (n, V) float32, log-softmax of the next-token logits at n supervised positions
+#   logprobs: (n, V) float32, log-softmax of the next-token logits at n supervised positions (the logits themselves
+#             for a statistic registered `shift_invariant`, when no other statistic needs the log-softmax)
 #   labels:   (n,)   the label at each position
 #   returns:  (n,)
 # ------------------------------------------------------------------------------------------------------------------
@@ -82,7 +83,12 @@ def topk_entropy(logprobs: torch.Tensor, labels: torch.Tensor, *, k: int) -> tor
 
 @dataclass(frozen=True)
 class DistributionStatistic:
+    """A distribution statistic's function. `shift_invariant`: `fn` gives the same value when every row of its input
+    is shifted by a constant, so it may be given the logits instead of the log-probabilities (log_softmax subtracts
+    one constant per row), and the fused head skips the `(n, V)` log-softmax when no other statistic needs it."""
+
     fn: Callable[..., torch.Tensor]
+    shift_invariant: bool = False
 
     @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
@@ -92,7 +98,7 @@ class DistributionStatistic:
 
 DISTRIBUTION_STATISTICS: dict[str, DistributionStatistic] = {
     "mass": DistributionStatistic(mass),
-    "topk_entropy": DistributionStatistic(topk_entropy),
+    "topk_entropy": DistributionStatistic(topk_entropy, shift_invariant=True),  # renormalised over the top k
 }
 
 # Statistic name -> field of TRL's `FusedCausalLMOutput`
@@ -333,10 +339,12 @@ class _Head:
         """
         hidden = hidden.to(dtype)
         weight = self.weight.to(dtype)
-        if hidden.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-        else:
-            logits = torch.mm(hidden.float(), weight.float().t())
+        # The dtypes are explicit here: under autocast (CPU's puts `mm` in bf16) the product would be rounded to bf16
+        with torch.autocast(hidden.device.type, enabled=False):
+            if hidden.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+                logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            else:
+                logits = torch.mm(hidden.float(), weight.float().t())
         if self.bias is not None:
             logits = logits + self.bias.float()
         return logits
@@ -657,7 +665,9 @@ class _LogProbWithStatistics(_trl_kernel.ChunkedLogProbFunction):
                     continue
                 if keep is not None and keep.numel() < n:
                     logits = logits.index_select(0, keep)
-                logprobs = head.transform(logits).log_softmax(-1)  # (n', V) float32
+                logprobs = head.transform(logits)  # (n', V) float32: logits, made log-probabilities if needed
+                if not all(stat.shift_invariant for stat in job.statistics.values()):
+                    logprobs = logprobs.log_softmax(-1)
                 labels = targets[rows] if keep is None else targets[rows].index_select(0, keep)
                 for name, stat in job.statistics.items():
                     value = stat.fn(logprobs, labels, **job.kwargs[name])  # (n',)
