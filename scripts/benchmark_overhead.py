@@ -20,9 +20,10 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
 - Pairing: TRL runs bracket every `--baseline-every` methods, in an order shuffled per repeat, and each method is
   divided by the mean of the TRL runs just before and after it, so that a shared machine's drift cancels.
 - Reference axis (`--references online,cached`): "online" runs the method's reference forward each step; "cached"
-  reads its per-token reference statistics from dataset columns `ref_<name>` computed once before timing
-  (`precomputed_ref_columns=True`, `trl_priority.reference.ColumnReference`). Methods that read the reference's whole
-  next-token distribution (`asft`, `target_sft`) have no exact cache: their cached row is "n/a".
+  sets `ref_cache_dir` (`trl_priority.ref_cache`): the reference statistics are computed once, before timing, into a
+  fresh cache, and every timed run reads them back as columns with no reference forward. Methods that read the
+  reference's whole next-token distribution (`asft`, `target_sft`) cache its top `ref_cache_topk` tokens (64), an
+  approximation of the exact distribution their online row uses.
 - Targets (judged on the median): a method that reads no reference ≤ 1.05x time and memory; a cached reference
   ≤ 1.05x; an online reference ≤ 1.4x time; a method that computes a full next-token distribution ≤ 1.2x memory.
 
@@ -76,10 +77,9 @@ from transformers import (
     TrainerCallback,
 )
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.utils import add_fused_lm_head
 
 from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, available_priorities, get_priority
-from trl_priority.statistics import DATA_STATISTICS, DISTRIBUTION_STATISTICS, add_distribution_head, forward_statistics
+from trl_priority.statistics import DATA_STATISTICS, DISTRIBUTION_STATISTICS
 
 
 # Targets, judged on the median ratio to TRL's SFTTrainer
@@ -178,26 +178,6 @@ def make_dataset(n: int, prompt_len: int, completion_len: int, tokenizer) -> Dat
                 for length in text_lengths
             ]
     return Dataset.from_dict(columns)
-
-
-@torch.no_grad()
-def reference_columns(base, dataset: Dataset, names, args, device: str, bf16: bool) -> dict[str, list[list[float]]]:
-    """The reference's per-token statistics `names` as `ColumnReference` reads them: one value per token of
-    `input_ids`, the value at i scoring token i (index 0 holds 0). The reference is the starting model (the
-    benchmark's reference for every method), run once per example with TRL's fused head, as the trainer runs it."""
-    reference = copy.deepcopy(base).to(device).eval()
-    add_fused_lm_head(reference, outputs=("log_probs", "entropy"))
-    add_distribution_head(reference)
-    columns = {f"ref_{name}": [] for name in names}
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        for ids in dataset["input_ids"]:
-            input_ids = torch.tensor([ids], device=device)
-            inputs = {"input_ids": input_ids, "labels": input_ids}  # every position scored
-            _, values = forward_statistics(reference, inputs, names, args, keep_outputs=False)
-            for name in names:
-                columns[f"ref_{name}"].append([0.0, *values[name][0].float().tolist()])
-    del reference
-    return columns
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -331,16 +311,16 @@ def classify(case: Case) -> tuple[str, float | None, float | None, str]:
         memory = FULL_DISTRIBUTION_MEMORY if policy_distribution else POLICY_ONLY
         return "policy-only", POLICY_ONLY, memory, ""
     if case.reference == "cached":
-        note = "n/a: needs the reference's whole distribution" if priority.needs_reference_distribution else ""
-        memory = FULL_DISTRIBUTION_MEMORY if policy_distribution else CACHED_REFERENCE
-        return "cached reference", CACHED_REFERENCE, memory, note
+        # A whole-distribution method's cache holds the reference's top-k (`ref_cache_topk`): the policy's
+        # distribution is still projected, with gradient, for its term
+        full = policy_distribution or priority.needs_reference_distribution
+        return "cached reference", CACHED_REFERENCE, FULL_DISTRIBUTION_MEMORY if full else CACHED_REFERENCE, ""
     full = policy_distribution or reference_distribution or priority.needs_reference_distribution
     return "online reference", ONLINE_REFERENCE, FULL_DISTRIBUTION_MEMORY if full else None, ""
 
 
-def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[float, float, float]:
-    """Train `cli.steps` steps from a copy of `base`; return the fastest step after the first (on `cli.clock`), the
-    fastest on the wall clock, and the peak memory."""
+def make_trainer(case: Case, model, dataset, tokenizer, cli, output_dir, callbacks=(), ref_model=None):
+    """TRL's SFTTrainer (`case.method` None) or PrioritySFTTrainer for the case, training `cli.steps` steps."""
     common = dict(
         output_dir=output_dir,
         max_steps=cli.steps,
@@ -357,46 +337,72 @@ def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[flo
         dataloader_num_workers=0,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if case.mode == "lora" else None
+    kwargs = {} if ref_model is None else {"ref_model": ref_model}
+    if case.method is None:
+        args, trainer_cls = SFTConfig(**common, loss_type="nll"), SFTTrainer
+    else:
+        cached = case.reference == "cached"
+        args = PrioritySFTConfig(
+            **common,
+            priority=case.name,
+            priority_granularity=case.granularity,
+            ref_cache_dir=cli.ref_cache_dir if cached else None,
+        )
+        trainer_cls = PrioritySFTTrainer
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def needs_explicit_reference(case: Case) -> bool:
+    return case.method is not None and get_priority(case.name).reference == "explicit"
+
+
+def fill_cache(case: Case, base, dataset, tokenizer, cli, output_dir) -> None:
+    """Build the cached case's trainer once, untimed: `ref_cache_dir` computes the reference statistics over the
+    prepared rows and stores them; the timed runs find them under the same key and run no reference."""
+    ref_model = copy.deepcopy(base) if needs_explicit_reference(case) else None
+    make_trainer(case, copy.deepcopy(base), dataset, tokenizer, cli, output_dir, ref_model=ref_model)
+    release_memory()
+
+
+def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[float, float, float]:
+    """Train `cli.steps` steps from a copy of `base`; return the fastest step after the first (on `cli.clock`), the
+    fastest on the wall clock, and the peak memory."""
+    # An explicit reference read from the cache is needed only for the cache key, while the trainer is built (the
+    # trainer frees it): made before the memory count starts, and dropped before training
+    cached_reference = None
+    if needs_explicit_reference(case) and case.reference == "cached":
+        cached_reference = copy.deepcopy(base)
     release_memory()
     # Memory from before the policy's copy and the trainer are made: the policy's weights, a frozen reference copy,
     # the optimizer state and the activations all count
     with PeakMemory() as memory:
         timer = StepTimer(memory.cpu_seconds)
         model = copy.deepcopy(base)
-        kwargs = {}
-        if case.method is None:
-            args = SFTConfig(**common, loss_type="nll")
-            trainer_cls = SFTTrainer
-        else:
-            cached = case.reference == "cached"
-            args = PrioritySFTConfig(
-                **common,
-                priority=case.name,
-                priority_granularity=case.granularity,
-                precomputed_ref_columns=cached,
-            )
-            trainer_cls = PrioritySFTTrainer
-            if get_priority(case.name).reference == "explicit" and not cached:
-                kwargs["ref_model"] = copy.deepcopy(base)
-        trainer = trainer_cls(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[timer],
-            **kwargs,
-        )
-        trainer.remove_callback(PrinterCallback)
+        ref_model = cached_reference
+        if needs_explicit_reference(case) and case.reference != "cached":
+            ref_model = copy.deepcopy(base)
+        trainer = make_trainer(case, model, dataset, tokenizer, cli, output_dir, [timer], ref_model)
+        if cached_reference is not None:
+            ref_model = cached_reference = None
         trainer.train()
-    del trainer, model, kwargs
+    del trainer, model, ref_model
     release_memory()
     # Every step does the same work, and interference only ever adds time: the fastest step is the run's cost
     wall = min(timer.wall)
     return (wall if cli.clock == "wall" else min(timer.cpu)), wall, memory.value
 
 
-def measure(results: list[Result], mode: str, base, dataset, cached_dataset, tokenizer, cli, output_dir) -> None:
+def measure(results: list[Result], mode: str, base, dataset, tokenizer, cli, output_dir) -> None:
     """Fill in `results` (all of one mode): per repeat, TRL runs bracket every `cli.baseline_every` cases, in an
     order shuffled per repeat; each case is divided by the mean of the TRL runs on either side of its block."""
     measured = [result for result in results if not result.note]
@@ -409,8 +415,7 @@ def measure(results: list[Result], mode: str, base, dataset, cached_dataset, tok
             block = order[start : start + cli.baseline_every]
             values = []
             for result in block:
-                data = cached_dataset[result.case.name] if result.case.reference == "cached" else dataset
-                values.append(run_once(result.case, base, data, tokenizer, cli, output_dir))
+                values.append(run_once(result.case, base, dataset, tokenizer, cli, output_dir))
             after = run_once(baseline, base, dataset, tokenizer, cli, output_dir)
             for result, (step_time, wall, peak) in zip(block, values):
                 result.times.append(step_time)
@@ -662,7 +667,6 @@ def main(argv: list[str] | None = None) -> list[Result]:
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     shape = cli.shape
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = make_tokenizer(shape["vocab"])
     prompt_len = cli.seq_len // 4
     dataset = make_dataset(cli.batch_size * cli.steps, prompt_len, cli.seq_len - prompt_len, tokenizer)
@@ -677,18 +681,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
-    # Reference columns for the cached cases, computed once per method before anything is timed
-    cached_dataset = {}
-    for result in results:
-        name = result.case.name
-        if result.case.reference == "cached" and not result.note and name not in cached_dataset:
-            priority = get_priority(name)
-            args = priority.resolve_args(None)
-            columns = reference_columns(base, dataset, priority.reference_statistics_for(args), args, device, cli.bf16)
-            cached_dataset[name] = Dataset.from_dict({**dataset.to_dict(), **columns})
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
+        # The cached cases' reference statistics, computed once before anything is timed (a fresh cache per run)
+        cli.ref_cache_dir = cache_dir
+        for result in results:
+            if result.case.reference == "cached" and not result.note:
+                fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
         # Untimed runs first: allocator, thread pools and caches warm up before anything is compared
         for _ in range(cli.warmup):
             run_once(
@@ -696,7 +695,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             )
         for mode in dict.fromkeys(r.case.mode for r in results):
             rows = [r for r in results if r.case.mode == mode]
-            measure(rows, mode, base, dataset, cached_dataset, tokenizer, cli, output_dir)
+            measure(rows, mode, base, dataset, tokenizer, cli, output_dir)
     minutes = (time.perf_counter() - started) / 60
 
     table = markdown_table(results)

@@ -54,11 +54,16 @@ def test_benchmark_writes_table_csv_and_chart(tmp_path):
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_methods_without_an_exact_cache_are_marked_not_measured():
+def test_cases_and_their_targets():
     script = load_script()
-    cli = script.parse_args(["--methods", "asft,eaft", "--modes", "lora", "--references", "online,cached"])
+    cli = script.parse_args(["--methods", "asft,eaft,sft", "--modes", "lora", "--references", "online,cached"])
     rows = {(r.case.method, r.case.reference): r for r in script.build_cases(cli)}
-    assert set(rows) == {("asft", "online"), ("asft", "cached"), ("eaft", "-")}
-    assert rows[("asft", "cached")].note.startswith("n/a") and not rows[("asft", "online")].note
-    assert rows[("asft", "online")].memory_target == script.FULL_DISTRIBUTION_MEMORY  # a distribution term
+    # a method without a reference has one row; asft's cache is a top-k of the reference's distribution
+    assert set(rows) == {("asft", "online"), ("asft", "cached"), ("eaft", "-"), ("sft", "-")}
+    assert not any(r.note for r in rows.values())
+    assert rows[("asft", "online")].time_target == script.ONLINE_REFERENCE
+    assert rows[("asft", "cached")].time_target == script.CACHED_REFERENCE
+    for key in (("asft", "online"), ("asft", "cached"), ("eaft", "-")):  # a whole next-token distribution
+        assert rows[key].memory_target == script.FULL_DISTRIBUTION_MEMORY, key
     assert rows[("eaft", "-")].time_target == script.POLICY_ONLY  # the policy's own distribution, no reference
+    assert rows[("sft", "-")].memory_target == script.POLICY_ONLY
