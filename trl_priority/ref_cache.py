@@ -902,17 +902,7 @@ class DiskTokenState(TokenState):
 
     def _apply(self, name, examples, positions, values) -> None:
         table = _SqliteRows(self._db, name)
-        for example in examples.unique().tolist():
-            at = examples == example
-            pos = positions[at]
-            row = table.get(example)
-            size = int(pos.max()) + 1
-            if row is None or row.numel() < size:
-                grown = torch.full((size,), float("nan"))
-                if row is not None:
-                    grown[: row.numel()] = row
-                row = grown
-            row[pos] = values[at]
+        for example, row in self._updated_rows(table, examples, positions, values):
             self._db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?, ?)", (name, example, row.numpy().tobytes()))
         self._db.commit()
 

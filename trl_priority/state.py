@@ -78,8 +78,10 @@ class TokenState:
         self._pending.append(update)
 
     # -- the trainer -----------------------------------------------------------------------------------------------
-    def _apply(self, name, examples, positions, values) -> None:
-        table = self._tables.setdefault(name, {})
+    @staticmethod
+    def _updated_rows(table, examples, positions, values):
+        """Yield `(example, row)` for every example written: its stored row (or None), grown with NaN to cover the
+        written positions, with the values written in."""
         for example in examples.unique().tolist():
             at = examples == example
             pos = positions[at]
@@ -89,8 +91,14 @@ class TokenState:
                 grown = torch.full((size,), float("nan"))
                 if row is not None:
                     grown[: row.numel()] = row
-                row = table[example] = grown
+                row = grown
             row[pos] = values[at]
+            yield example, row
+
+    def _apply(self, name, examples, positions, values) -> None:
+        table = self._tables.setdefault(name, {})
+        for example, row in self._updated_rows(table, examples, positions, values):
+            table[example] = row
 
     def sync(self, accelerator=None) -> None:
         """Share this step's writes with every process (each then holds the whole history)."""
