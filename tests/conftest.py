@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
 from trl_priority import PrioritySFTConfig  # noqa: E402
 
@@ -122,6 +122,18 @@ def build_args(output_dir: str, **overrides) -> PrioritySFTConfig:
     )
     defaults.update(overrides)
     return PrioritySFTConfig(**defaults)
+
+
+class StopAfter(TrainerCallback):
+    """Stop training after step `step` (its checkpoint is still written), as a run killed there would have."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
 
 
 @pytest.fixture

@@ -25,6 +25,13 @@ def bq():
     return module
 
 
+# Slices small enough for a 1-step run of the tiny model
+SMALL_SIZES = (
+    "--train-size", "10", "--eval-size", "4", "--unlearn-train-size", "2", "--unlearn-eval-size", "2",
+    "--generate-size", "2", "--max-new-tokens", "4", "--max-length", "64",
+)  # fmt: skip
+
+
 def small_args(bq, data_dir, tmp_path, *extra):
     return bq.parse_args(
         [
@@ -32,20 +39,7 @@ def small_args(bq, data_dir, tmp_path, *extra):
             data_dir,
             "--output-dir",
             str(tmp_path / "out"),
-            "--train-size",
-            "10",
-            "--eval-size",
-            "4",
-            "--unlearn-train-size",
-            "2",
-            "--unlearn-eval-size",
-            "2",
-            "--generate-size",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--max-length",
-            "64",
+            *SMALL_SIZES,
             "--steps",
             "1",
             *extra,
@@ -155,20 +149,7 @@ def test_main_writes_table_json_and_png(bq, gsm8k_dir, tmp_path, model_dir):
             "0,1",
             "--steps",
             "1",
-            "--train-size",
-            "10",
-            "--eval-size",
-            "4",
-            "--unlearn-train-size",
-            "2",
-            "--unlearn-eval-size",
-            "2",
-            "--generate-size",
-            "2",
-            "--max-new-tokens",
-            "4",
-            "--max-length",
-            "64",
+            *SMALL_SIZES,
         ]
     )
     runs = json.loads((out / "quality.json").read_text())["runs"]

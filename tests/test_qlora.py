@@ -56,6 +56,18 @@ def assert_4bit(causal_lm) -> None:
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
 
 
+def qlora_trainer(path, args, dataset, tokenizer) -> PrioritySFTTrainer:
+    """The policy at `path` on an NF4 base with a LoRA adapter."""
+    return PrioritySFTTrainer(
+        model=path,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        quantization_config=nf4(),
+        peft_config=LoraConfig(**LORA),
+    )
+
+
 def fixed_batch(trainer, n: int = 4) -> dict[str, torch.Tensor]:
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
@@ -82,14 +94,7 @@ def test_qlora_trains_the_adapter_on_a_4bit_base_and_the_reference_is_the_base(
     vocabulary from the chunked pass), each on a 4-bit base with one copy of its weights."""
     path = model_dir(seed=0)
     args = make_args(priority=method, max_steps=6, learning_rate=1e-2, lr_scheduler_type="constant")
-    trainer = PrioritySFTTrainer(
-        model=path,
-        args=args,
-        train_dataset=datasets_.prompt_completion(8),
-        processing_class=tokenizer,
-        quantization_config=nf4(),
-        peft_config=LoraConfig(**LORA),
-    )
+    trainer = qlora_trainer(path, args, datasets_.prompt_completion(8), tokenizer)
     assert loaded == [path]  # one model: the reference, when there is one, is no second copy
     base = causal_lm_of(trainer.model)
     assert_4bit(base)
@@ -125,14 +130,7 @@ def test_separate_reference_from_a_path_is_loaded_in_4bit_too(
     """rho1 needs a trained reference: with `ref_model_name_or_path`, it is loaded with the policy's quantization."""
     path, ref_path = model_dir(seed=0), model_dir(seed=1)
     args = make_args(priority="rho1", ref_model_name_or_path=ref_path, max_steps=2)
-    trainer = PrioritySFTTrainer(
-        model=path,
-        args=args,
-        train_dataset=datasets_.prompt_completion(4),
-        processing_class=tokenizer,
-        quantization_config=nf4(),
-        peft_config=LoraConfig(**LORA),
-    )
+    trainer = qlora_trainer(path, args, datasets_.prompt_completion(4), tokenizer)
     assert loaded == [path, ref_path]
     assert isinstance(trainer.reference, ModelReference)
     reference = trainer.reference.model
@@ -156,14 +154,7 @@ def test_reference_settings_of_their_own_load_it_unquantized(
     args = make_args(
         priority="prift_prob", ref_model_name_or_path=path, ref_model_init_kwargs={"quantization_config": None}
     )
-    trainer = PrioritySFTTrainer(
-        model=path,
-        args=args,
-        train_dataset=datasets_.prompt_completion(4),
-        processing_class=tokenizer,
-        quantization_config=nf4(),
-        peft_config=LoraConfig(**LORA),
-    )
+    trainer = qlora_trainer(path, args, datasets_.prompt_completion(4), tokenizer)
     assert loaded == [path, path]
     assert_4bit(causal_lm_of(trainer.model))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.reference.model.modules())

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
+from tests.conftest import StopAfter
 from trl_priority import PrioritySFTTrainer, ref_cache
 from trl_priority.reference import ColumnReference, ModelReference
 
@@ -327,16 +327,6 @@ def test_epoch_cache_is_off_for_one_epoch_and_for_a_reference_that_moves(make_mo
 # ------------------------------------------------------------------------------------------------------------------
 # (e) resume
 # ------------------------------------------------------------------------------------------------------------------
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 def losses_by_step(trainer) -> dict[int, float]:
     return {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
 
@@ -355,7 +345,7 @@ def test_a_resumed_run_gives_the_losses_of_the_uninterrupted_one(
         ref, counter = counted_reference(make_model)
         trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref, n=4, output_dir=output, **settings)
         if stop is not None:
-            trainer.add_callback(StopAt(stop))
+            trainer.add_callback(StopAfter(stop))
         counter.calls = 0
         trainer.train(resume_from_checkpoint=resume)
         return trainer, counter.calls

@@ -19,25 +19,13 @@ import os
 
 import pytest
 import torch
-from transformers import TrainerCallback
 
+from tests.conftest import StopAfter
 from trl_priority import PrioritySFTTrainer
 from trl_priority.state import STATE_FILE, TokenState
 
 
 N, K = 6, 3
-
-
-class StopAfter(TrainerCallback):
-    """Stop training after step `step` (its checkpoint is still written), as a run killed there would have."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
 
 
 def _train(make_model, tokenizer, dataset, args, stop_after=None, resume_from=None, **kwargs):
