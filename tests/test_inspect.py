@@ -219,6 +219,17 @@ def test_compare_refuses_recipes_on_other_data(tmp_path, model_dir):
         main(["inspect", "--config", str(RECIPES / "dft.yaml"), "--num_exmples", "2"])
 
 
+def test_compare_refuses_models_with_other_tokenizers():
+    """Two recipes on the same data but models of different tokenizers cannot be shown token by token."""
+    first, other = synthetic_inspection(), synthetic_inspection()
+    first.vocabulary, other.vocabulary = {"a": 0, "b": 1}, {"a": 0, "c": 1}
+    other.recipe, other.model = "other.yaml", "other-model"
+    with pytest.raises(SystemExit, match=r"r.yaml \(m\) and other.yaml \(other-model\) use different tokenizers"):
+        inspect._check_same_rows(first, other)
+    other.vocabulary = dict(first.vocabulary)
+    inspect._check_same_rows(first, other)  # same tokenizer, same rows: accepted
+
+
 def synthetic_inspection() -> inspect.Inspection:
     """Two rows by hand: a prompt, then supervised tokens of every class (one a newline)."""
     rows = [
