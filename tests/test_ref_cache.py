@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import StopAfter
-from trl_priority import PrioritySFTTrainer, ref_cache
+from trl_priority import PrioritySFTTrainer, epoch_cache, ref_cache
 from trl_priority.reference import ColumnReference, ModelReference
 
 
@@ -320,8 +320,8 @@ def test_epoch_cache_is_off_for_one_epoch_and_for_a_reference_that_moves(make_mo
     assert trainer._epoch_cache is not None  # the adapter-off base is frozen
     # A base weight that trains too (outside every adapter): the adapter-off reference moves with it
     next(p for n, p in trainer.model.named_parameters() if "norm" in n).requires_grad_(True)
-    assert not ref_cache.reference_is_frozen(trainer.reference, trainer.model)
-    assert ref_cache.EpochCache.for_trainer(trainer) is None
+    assert not epoch_cache.reference_is_frozen(trainer.reference, trainer.model)
+    assert epoch_cache.EpochCache.for_trainer(trainer) is None
 
 
 # ------------------------------------------------------------------------------------------------------------------

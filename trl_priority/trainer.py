@@ -40,7 +40,7 @@ from trl.trainer.utils import (
     global_then_local_main_first,
 )
 
-from . import ref_cache
+from . import epoch_cache, ref_cache
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
@@ -223,7 +223,7 @@ class PrioritySFTTrainer(SFTTrainer):
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
         self._mask_prompt_labels = False
-        self._epoch_cache: ref_cache.EpochCache | None = None  # the reference's values kept per token across epochs
+        self._epoch_cache: epoch_cache.EpochCache | None = None  # the reference's values kept per token across epochs
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
         epoch_columns: tuple[str, ...] = ()
         starting_model = None
@@ -258,7 +258,7 @@ class PrioritySFTTrainer(SFTTrainer):
             if selection is not None and selection.scope_of(self.priority_args) == "example":
                 identity += ("example_index",)  # per-example selection: rows of packed batches hold several examples
             self._ref_cache_dir = ref_cache.cache_dir_for(args, self.priority, self.priority_args)
-            if ref_cache.epoch_cache_wanted(args, self.priority, self.priority_args, self._ref_cache_dir):
+            if epoch_cache.epoch_cache_wanted(args, self.priority, self.priority_args, self._ref_cache_dir):
                 # The lazy epoch cache keys the reference's values by the token they score
                 epoch_columns = tuple(c for c in ("example_index", "token_position") if c not in identity)
                 identity += epoch_columns
@@ -331,7 +331,7 @@ class PrioritySFTTrainer(SFTTrainer):
             ref_cache.precompute_reference_statistics(self, self._ref_cache_dir, build_reference=build_reference)
         else:
             self.reference = build_reference()
-            self._epoch_cache = ref_cache.EpochCache.for_trainer(self)
+            self._epoch_cache = epoch_cache.EpochCache.for_trainer(self)
         summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
         if self.reference is not None:
             summary += f", reference: {(self._epoch_cache or self.reference).description}"
