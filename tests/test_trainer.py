@@ -300,8 +300,8 @@ def test_metrics_reach_tensorboard_and_checkpoints_resume(tmp_path, make_model, 
 class RecordingTrainer(PrioritySFTTrainer):
     """Keeps Φ of every training micro-batch, on the supervised tokens, in order."""
 
-    def _priority_of(self, statistics, selected=None):
-        phi = super()._priority_of(statistics, selected)
+    def _priority_of(self, statistics, selected=None, whole_step=False):
+        phi = super()._priority_of(statistics, selected, whole_step)
         if self.model.training:
             self.recorded.append(phi[statistics["mask"]].clone())
         return phi
@@ -320,16 +320,21 @@ def rho1_run(make_model, tokenizer, dataset, make_args, scope, batch, accumulati
         model=make_model(), args=args, train_dataset=dataset, processing_class=tokenizer, ref_model=reference
     )
     trainer.recorded = []
+    scoring_passes = []
+    score_ahead = trainer._select_over_step
+    trainer._select_over_step = lambda batches: scoring_passes.append(len(batches)) or score_ahead(batches)
     trainer.train()
-    return torch.cat(trainer.recorded)
+    return torch.cat(trainer.recorded), scoring_passes
 
 
 def test_rho1_step_selection_does_not_depend_on_accumulation(make_model, tokenizer, datasets_, make_args):
     dataset = datasets_.prompt_completion(4)  # examples of different lengths: the micro-batches pad differently
-    one_batch = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=4, accumulation=1)
-    accumulated = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=2, accumulation=2)
-    per_micro_batch = rho1_run(make_model, tokenizer, dataset, make_args, "micro_batch", batch=2, accumulation=2)
+    one_batch, passes_one = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=4, accumulation=1)
+    accumulated, passes_ga = rho1_run(make_model, tokenizer, dataset, make_args, "step", batch=2, accumulation=2)
+    per_micro_batch, _ = rho1_run(make_model, tokenizer, dataset, make_args, "micro_batch", batch=2, accumulation=2)
 
+    # A step of one micro-batch selects in its training forward; two are scored ahead, both at once
+    assert passes_one == [] and passes_ga == [2]
     assert torch.equal(accumulated, one_batch)  # 2 accumulation steps of 2 select exactly what a batch of 4 does
     assert one_batch.sum() == int(0.3 * one_batch.numel() + 0.5)
     # Selecting within each micro-batch instead keeps round(0.3 n) of each half: another set, so the test can fail

@@ -13,7 +13,10 @@ def rho1(selected, mask, *, ratio: Fraction = 0.6, scope: Literal["step", "micro
 and the trainer computes `selected` generically. With `scope="step"` it scores every micro-batch of the optimizer step
 before the first one trains (one extra forward without gradient, in eval mode; the reference statistics of that pass
 are kept and reused, so the reference still runs once per micro-batch), gathers the scores of every process, and keeps
-the top `fraction` of all of them: 2 accumulation steps of 2 select exactly what one batch of 4 selects. With
+the top `fraction` of all of them: 2 accumulation steps of 2 select exactly what one batch of 4 selects. A step of a
+single micro-batch (no gradient accumulation) needs no scoring pass: the selection is made, over every process, from
+the training forward's own scores (in training mode: with dropout active they carry its noise, where the pass's
+eval-mode scores do not). With
 `scope="example"` each example keeps the top `fraction` of its own tokens (TokenCleaning's and ssToken's per-sample
 selection): the trainer then carries the `example_index` of every token, so that padding-free and packed rows, which
 hold several examples, are split correctly.

@@ -28,6 +28,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from torch.profiler import record_function
 from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -222,6 +223,8 @@ class PrioritySFTTrainer(SFTTrainer):
         self.reference: Reference | None = None
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
+        # A step of one micro-batch selects over the processes from its own training forward (no scoring pass)
+        self._select_step_in_forward = False
         self._mask_prompt_labels = False
         self._epoch_cache: epoch_cache.EpochCache | None = None  # the reference's values kept per token across epochs
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
@@ -617,14 +620,15 @@ class PrioritySFTTrainer(SFTTrainer):
             # A training batch (also in the step-wide scoring pass) reads the reference's values kept from earlier epochs
             train_batch = training if train_batch is None else train_batch
             reference = self._epoch_cache if train_batch and self._epoch_cache is not None else self.reference
-            reference_statistics, reference_distribution = reference.statistics(
-                model,
-                inputs,
-                self._reference_statistics,
-                self._step_args,
-                columns=columns,
-                distribution=self.priority.needs_reference_distribution,
-            )
+            with record_function("trl_priority.reference"):
+                reference_statistics, reference_distribution = reference.statistics(
+                    model,
+                    inputs,
+                    self._reference_statistics,
+                    self._step_args,
+                    columns=columns,
+                    distribution=self.priority.needs_reference_distribution,
+                )
         elif self.priority.needs_reference:  # this configuration reads no reference: its `ref_*` are None
             reference_statistics = {f"ref_{name}": None for name in self.priority.reference_statistics}
         statistics = dict(reference_statistics, mask=mask)
@@ -653,21 +657,28 @@ class PrioritySFTTrainer(SFTTrainer):
             term_inputs={name: statistics[name] for term in terms for name in term.statistics if name in statistics},
             reference=reference_distribution,
         )
-        outputs, policy_statistics = forward_statistics(
-            model, inputs, self._policy_statistics, self._step_args, request=request
-        )
+        with record_function("trl_priority.policy_forward"):
+            outputs, policy_statistics = forward_statistics(
+                model, inputs, self._policy_statistics, self._step_args, request=request
+            )
         statistics.update(policy_statistics)
         return outputs, statistics, request
 
-    def _priority_of(self, statistics: dict[str, Any], selected: torch.Tensor | None = None) -> torch.Tensor:
-        """Φ from the gathered statistics: the method's selection first (over this micro-batch unless given)."""
+    def _priority_of(
+        self, statistics: dict[str, Any], selected: torch.Tensor | None = None, whole_step: bool = False
+    ) -> torch.Tensor:
+        """Φ from the gathered statistics: the method's selection first (over this micro-batch unless given; with
+        `whole_step`, this micro-batch is the whole optimizer step and the selection spans every process)."""
         selection = self.priority.selection
         if selection is not None:
             if selected is None:
                 scores = self.priority.selection_scores(statistics, self._step_args)
                 fraction = selection.kept_fraction(self._step_args, self.progress)
-                if selection.scope_of(self._step_args) == "example":
+                scope = selection.scope_of(self._step_args)
+                if scope == "example":
                     selected = select_in_examples(scores, statistics["mask"], fraction, statistics.get("_example"))
+                elif scope == "step" and whole_step:
+                    selected = select_over_step([scores], [statistics["mask"]], fraction, self.accelerator)[0]
                 else:
                     selected = select_in_batch(scores, statistics["mask"], fraction)
             statistics["selected"] = selected
@@ -688,7 +699,9 @@ class PrioritySFTTrainer(SFTTrainer):
         Returns `(outputs, phi, statistics, request)`; `phi` is `(B, T-1)` without gradient.
         """
         outputs, statistics, request = self._gather_statistics(model, inputs, training, ahead)
-        phi = self._priority_of(statistics, None if ahead is None else ahead["selected"])
+        whole_step = training and ahead is None and self._select_step_in_forward
+        with record_function("trl_priority.priority"):
+            phi = self._priority_of(statistics, None if ahead is None else ahead["selected"], whole_step)
         if self.priority_state is not None and training:
             self.priority_state.sync(self.accelerator)
         return outputs, phi, statistics, request
@@ -696,12 +709,18 @@ class PrioritySFTTrainer(SFTTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Fetch the micro-batches of an optimizer step (as `Trainer` does), and select over all of them when the
         method's selection is step-wide: every micro-batch is scored ahead, without gradient, and the top fraction of
-        every process's supervised tokens is kept."""
+        every process's supervised tokens is kept.
+
+        A step of a single micro-batch needs no scoring pass: its training forward has every score the selection
+        reads, and the selection over the processes is made there (`_priority_of(whole_step=True)`)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._pending_selections.clear()
         selection = None if self.priority is None else self.priority.selection
-        if selection is not None and selection.scope_of(self._step_args) == "step" and batch_samples:
-            self._pending_selections.extend(self._select_over_step(batch_samples))
+        step_wide = selection is not None and selection.scope_of(self._step_args) == "step"
+        self._select_step_in_forward = step_wide and len(batch_samples) == 1
+        if step_wide and len(batch_samples) > 1:
+            with record_function("trl_priority.step_selection"):
+                self._pending_selections.extend(self._select_over_step(batch_samples))
         return batch_samples, num_items_in_batch
 
     @torch.no_grad()

@@ -233,8 +233,8 @@ def test_per_example_selection_edge_cases():
 class StatisticsRecorder(PrioritySFTTrainer):
     """Keeps, for every micro-batch Φ is computed on (training or not), Φ and the statistics it came from."""
 
-    def _priority_of(self, statistics, selected=None):
-        phi = super()._priority_of(statistics, selected)
+    def _priority_of(self, statistics, selected=None, whole_step=False):
+        phi = super()._priority_of(statistics, selected, whole_step)
         self.records.append(
             {
                 "training": self.model.training,

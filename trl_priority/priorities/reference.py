@@ -45,9 +45,10 @@ def rho1(
     `ratio` = 0.6 is the paper's value for its 1.1B model (0.7 for 7B).
 
     Choices (the paper released no training code): the batch is the optimizer step's (`scope="step"`, the default):
-    every micro-batch of the step on every process is scored first (without gradient, in eval mode), and the top k of
-    all their supervised tokens are kept, so the selection does not depend on gradient accumulation or the number of
-    GPUs; `scope="micro_batch"` selects within each micro-batch on each process, without the scoring pass. k =
+    every micro-batch of the step on every process is scored first (without gradient, in eval mode; with a single
+    micro-batch per step, in its training forward, no extra pass), and the top k of all their supervised tokens are
+    kept, so the selection does not depend on gradient accumulation or the number of GPUs; `scope="micro_batch"`
+    selects within each micro-batch on each process, without the scoring pass. k =
     round(ratio · n), at least 1, exactly k tokens kept, ties broken by position. The paper divides the loss by the
     kept count k; here it is divided by all supervised tokens, like every method: a constant factor 1/ratio, which
     AdamW's update does not see (it normalises the gradient's scale away), so the paper's learning rate applies as is.
