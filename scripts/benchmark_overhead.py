@@ -325,6 +325,7 @@ def make_trainer(case: Case, model, dataset, tokenizer, cli, output_dir, callbac
         output_dir=output_dir,
         max_steps=cli.steps,
         per_device_train_batch_size=cli.batch_size,
+        gradient_accumulation_steps=cli.gradient_accumulation_steps,
         learning_rate=1e-4,
         bf16=cli.bf16,
         gradient_checkpointing=True,  # TRL's default
@@ -425,6 +426,96 @@ def measure(results: list[Result], mode: str, base, dataset, tokenizer, cli, out
                 result.base_memories.append((before[2] + after[2]) / 2)
                 print(f"  [{repeat + 1}/{cli.repeats}] {row_label(result)}: {fmt_row(result)}", flush=True)
             before = after
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Profile: where a method's extra time goes
+# ------------------------------------------------------------------------------------------------------------------
+# The regions the trainer marks with `torch.profiler.record_function` (trl_priority/trainer.py). Their times are
+# inclusive: `step_selection` contains the scoring pass's own `reference` and `policy_forward`.
+PROFILE_REGIONS = (
+    "trl_priority.step_selection",
+    "trl_priority.reference",
+    "trl_priority.policy_forward",
+    "trl_priority.priority",
+)
+
+
+class ProfileSteps(TrainerCallback):
+    """torch.profiler over every optimizer step after the first (the same steps the timer times)."""
+
+    def __init__(self):
+        self.profiler = None
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        else:
+            self.steps += 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.profiler is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+
+
+def profile_case(case: Case, base, dataset, tokenizer, cli, output_dir) -> dict:
+    """One profiled run of a case: its step time (wall) and, per step, the time in each marked region and the ops
+    that take the most time themselves."""
+    ref_model = copy.deepcopy(base) if needs_explicit_reference(case) else None
+    timer, profile = StepTimer(time.process_time), ProfileSteps()
+    trainer = make_trainer(case, copy.deepcopy(base), dataset, tokenizer, cli, output_dir, [timer, profile], ref_model)
+    trainer.train()
+    del trainer, ref_model
+    release_memory()
+    events = profile.profiler.key_averages()
+    device = torch.cuda.is_available()
+    per_step = max(profile.steps, 1)
+    regions = {}
+    for event in events:
+        if event.key in PROFILE_REGIONS:
+            total = event.device_time_total if device else event.cpu_time_total
+            regions[event.key] = total / 1e6 / per_step
+    self_time = (lambda e: e.self_device_time_total) if device else (lambda e: e.self_cpu_time_total)
+    ops = sorted((e for e in events if e.key.startswith("aten::")), key=self_time, reverse=True)[:5]
+    return {
+        "step": statistics.mean(timer.wall),
+        "regions": regions,
+        "ops": [(e.key, self_time(e) / 1e6 / per_step) for e in ops],
+    }
+
+
+def profile_cases(results: list[Result], base, dataset, tokenizer, cli, output_dir) -> str:
+    """Profile TRL and every case once per mode (after a warm-up run); return the markdown report."""
+    lines = [
+        "| case | step (s) | × TRL | "
+        + " | ".join(r.split(".")[1] for r in PROFILE_REGIONS)
+        + " | top ops (self time per step) |",
+        "|---|---|---|" + "---|" * len(PROFILE_REGIONS) + "---|",
+    ]
+    for mode in dict.fromkeys(r.case.mode for r in results):
+        cases = [Case(mode, None)] + [r.case for r in results if r.case.mode == mode and not r.note]
+        run_once(Case(mode, None), base, dataset, tokenizer, cli, output_dir)  # warm-up
+        baseline = None
+        for case in cases:
+            found = profile_case(case, base, dataset, tokenizer, cli, output_dir)
+            baseline = baseline or found["step"]
+            label = f"TRL SFTTrainer ({mode})" if case.method is None else row_label(Result(case, "", None, None))
+            cells = [f"{found['regions'][r]:.3f}" if r in found["regions"] else "" for r in PROFILE_REGIONS]
+            ops = ", ".join(f"{name} {seconds:.3f}" for name, seconds in found["ops"])
+            lines.append(
+                f"| {label} | {found['step']:.3f} | {found['step'] / baseline:.2f} | "
+                + " | ".join(cells)
+                + f" | {ops} |"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -604,6 +695,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-every", type=int, default=4, help="TRL runs bracket blocks of this many cases")
     parser.add_argument("--steps", type=int, help="optimizer steps per run; the first is not timed")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step (default 1); with more, a step-wide selection scores them ahead",
+    )
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--layers", type=int)
@@ -614,6 +711,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("auto", "wall", "cpu"),
         default="auto",
         help="step time: wall time, or the process's CPU time (auto: wall on a GPU, cpu on the CPU)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the ratios: one run per case under torch.profiler, the seconds per step spent in each region "
+        "the trainer marks (reference forward, step-wide scoring pass, policy forward, priority) and the top ops; "
+        "writes overhead_profile.md",
     )
     parser.add_argument("--output-dir", default="docs/benchmarks")
     cli = parser.parse_args(argv)
@@ -669,19 +773,42 @@ def main(argv: list[str] | None = None) -> list[Result]:
     shape = cli.shape
     tokenizer = make_tokenizer(shape["vocab"])
     prompt_len = cli.seq_len // 4
-    dataset = make_dataset(cli.batch_size * cli.steps, prompt_len, cli.seq_len - prompt_len, tokenizer)
+    examples = cli.batch_size * cli.gradient_accumulation_steps * cli.steps
+    dataset = make_dataset(examples, prompt_len, cli.seq_len - prompt_len, tokenizer)
     base = make_model(shape, torch.bfloat16 if cli.bf16 else torch.float32)
     results = build_cases(cli)
     command = "python scripts/benchmark_overhead.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     description = (
         f"{shape['model']} {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters (vocab {shape['vocab']}, "
         f"hidden {shape['hidden']}, {shape['layers']} layers{', bf16' if cli.bf16 else ', fp32'}), batch "
-        f"{cli.batch_size} x {cli.seq_len} tokens, gradient checkpointing on, {cli.steps} steps per run (first "
+        f"{cli.batch_size} x {cli.seq_len} tokens"
+        + (f" x {cli.gradient_accumulation_steps} accumulation steps" if cli.gradient_accumulation_steps > 1 else "")
+        + f", gradient checkpointing on, {cli.steps} steps per run (first "
         f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
     )
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
     started = time.perf_counter()
+    if cli.profile:
+        with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
+            cli.ref_cache_dir = cache_dir
+            for result in results:
+                if result.case.reference == "cached" and not result.note:
+                    fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
+            report = profile_cases(results, base, dataset, tokenizer, cli, output_dir)
+        minutes = (time.perf_counter() - started) / 60
+        output = Path(cli.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "overhead_profile.md").write_text(
+            f"# Where the time goes: one profiled run per case\n\n- machine: {machine()}\n- model: {description}\n"
+            f"- command: `{command}` ({minutes:.0f} min)\n- seconds per optimizer step (wall clock), regions "
+            "inclusive and summed over their calls in a step (`step_selection` contains the scoring pass's own reference "
+            "and policy forwards); what no region covers is the backward, the optimizer and data loading\n\n"
+            + report
+            + "\n"
+        )
+        print(f"wrote {output / 'overhead_profile.md'}")
+        return results
     with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
         # The cached cases' reference statistics, computed once before anything is timed (a fresh cache per run)
         cli.ref_cache_dir = cache_dir

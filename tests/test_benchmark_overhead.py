@@ -67,3 +67,40 @@ def test_cases_and_their_targets():
         assert rows[key].memory_target == script.FULL_DISTRIBUTION_MEMORY, key
     assert rows[("eaft", "-")].time_target == script.POLICY_ONLY  # the policy's own distribution, no reference
     assert rows[("sft", "-")].memory_target == script.POLICY_ONLY
+
+
+def profile_rows(script, tmp_path, *options) -> dict[str, dict[str, str]]:
+    argv = [
+        "--profile", "--methods", "sft,rho1", "--modes", "lora", "--references", "online", "--steps", "2",
+        "--vocab", "64", "--hidden", "32", "--layers", "1", "--seq-len", "16", "--batch-size", "2",
+        "--output-dir", str(tmp_path), *options,
+    ]  # fmt: skip
+    script.main(argv)
+    lines = (tmp_path / "overhead_profile.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| case "))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    rows = {}
+    for line in lines:
+        if line.startswith("| ") and not line.startswith(("| case", "|---")):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = dict(zip(columns, cells))
+    assert set(rows) == {"TRL SFTTrainer (lora)", "sft (lora)", "rho1 (lora, online ref)"}, rows.keys()
+    return rows
+
+
+def test_profile_reports_the_regions_the_trainer_marks(tmp_path):
+    """`--profile`: the trainer's marked regions show up where a method runs them, and only there."""
+    script = load_script()
+    rows = profile_rows(script, tmp_path / "one")
+    trl, sft, rho1 = rows["TRL SFTTrainer (lora)"], rows["sft (lora)"], rows["rho1 (lora, online ref)"]
+    assert trl["× TRL"] == "1.00" and "aten::" in trl["top ops (self time per step)"]
+    # TRL's trainer marks nothing; plain sft runs the policy only
+    assert all(trl[region] == "" for region in ("step_selection", "reference", "policy_forward"))
+    assert float(sft["policy_forward"]) > 0 and sft["reference"] == "" and sft["step_selection"] == ""
+    # rho1 runs its reference; with one micro-batch per step it selects in the training forward, without a pass
+    assert float(rho1["reference"]) > 0 and float(rho1["policy_forward"]) > 0 and rho1["step_selection"] == ""
+
+    # Two micro-batches per step: they are scored ahead, and the reference runs only in that pass (training reuses
+    # its values), so the pass contains it
+    rho1 = profile_rows(script, tmp_path / "two", "--gradient-accumulation-steps", "2")["rho1 (lora, online ref)"]
+    assert float(rho1["step_selection"]) >= float(rho1["reference"]) > 0
