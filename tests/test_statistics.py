@@ -254,3 +254,14 @@ def test_statistics_under_bf16_autocast_are_accumulated_in_fp32(keep_outputs):
     rounded = stats.mass((rows @ weight.t()).float().log_softmax(-1), targets)  # logits rounded to bf16
     torch.testing.assert_close(got["mass"][mask], exact, rtol=0, atol=1e-4)
     assert (rounded - exact).abs().max() > 3e-4  # the test can tell the two apart
+
+
+def test_chunk_size_by_device_unless_set(monkeypatch):
+    """Large chunks on CUDA (GEMM efficiency), small ones elsewhere (peak memory); a request or the module setting
+    wins."""
+    assert stats.chunk_elements_for(torch.device("cuda")) == 2**24
+    assert stats.chunk_elements_for(torch.device("cpu")) == 2**22
+    assert stats.chunk_elements_for(torch.device("cpu"), requested=60) == 60
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 120)
+    assert stats.chunk_elements_for(torch.device("cuda")) == 120
+    assert stats.chunk_elements_for(torch.device("cuda"), requested=60) == 60

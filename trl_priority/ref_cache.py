@@ -508,7 +508,7 @@ def reference_topk(
     with torch.no_grad(), stats_vocab.gathered_head(distribution.causal_lm) as head:
         vocab = head.weight.shape[0]
         k = min(k, vocab)
-        step = max(1, (chunk_elements or stats_vocab.CHUNK_ELEMENTS) // vocab)
+        step = max(1, stats_vocab.chunk_elements_for(hidden.device, chunk_elements) // vocab)
         values = {f"ref_{name}": hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}  # (N,)
         ids = torch.zeros(num_rows, k, dtype=torch.int32, device=hidden.device)  # (N, k)
         logps = torch.zeros(num_rows, k, dtype=torch.float32, device=hidden.device)  # (N, k)
