@@ -610,11 +610,11 @@ def write_csv(results: list[Result], path: Path) -> None:
                         repeat,
                         f"{tr:.4f}",
                         f"{mr:.4f}",
-                        f"{t:.4f}",
-                        f"{bt:.4f}",
-                        f"{wt:.4f}",
-                        f"{m / 2**20:.1f}",
-                        f"{bm / 2**20:.1f}",
+                        f"{t:.6f}",
+                        f"{bt:.6f}",
+                        f"{wt:.6f}",
+                        f"{m / 2**20:.4f}",
+                        f"{bm / 2**20:.4f}",
                         *targets,
                         "",
                     ]
@@ -656,15 +656,57 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
     axes[0].set_ylim(-0.7, len(rows) - 0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
     lines, names = axes[1].get_legend_handles_labels()
-    axes[1].legend(
-        [*handles, *lines], [*colors, *names], loc="lower right", fontsize=7, title="red edge: target missed",
-        title_fontsize=7,
+    # Above the panels, where it hides no bar
+    fig.legend(
+        [*handles, *lines], [*colors, *names], loc="upper center", bbox_to_anchor=(0.5, 0.985 - 0.25 / fig.get_figheight()),
+        ncol=len(handles) + len(lines), fontsize=8, title="red edge: target missed", title_fontsize=8, frameon=False,
     )  # fmt: skip
     fig.suptitle(title, fontsize=10)
     fig.text(0.01, 0.005, footer, fontsize=7, family="monospace", wrap=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.9 / fig.get_figheight()))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def read_csv(path: Path) -> list[Result]:
+    """The results of a run, back from its `overhead.csv` (for `--replot`)."""
+    results: dict[tuple[str, str, str], Result] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            case = Case(row["mode"], row["method"], row["reference"])
+            if case not in results:
+                targets = [None if row[k] == "" else float(row[k]) for k in ("time_target", "memory_target")]
+                results[case] = Result(case, row["category"], *targets, note=row["note"])
+            if row["note"]:
+                continue
+            result = results[case]
+            result.times.append(float(row["step_time_s"]))
+            result.base_times.append(float(row["trl_step_time_s"]))
+            result.wall_times.append(float(row["wall_step_time_s"]))
+            result.memories.append(float(row["peak_memory_mib"]) * 2**20)
+            result.base_memories.append(float(row["trl_peak_memory_mib"]) * 2**20)
+    return list(results.values())
+
+
+def replot(output: Path) -> None:
+    """Redraw `overhead.md`'s table and `overhead.png` from `overhead.csv` and the header of `overhead.md`."""
+    results = read_csv(output / "overhead.csv")
+    header = dict(
+        line[2:].split(": ", 1) for line in (output / "overhead.md").read_text().splitlines() if line.startswith("- ")
+    )
+    command, minutes = header["command"].rsplit(" (", 1)
+    footer = f"{command.strip('`')}\n{header['model']}; {minutes.rstrip(')')}"
+    (output / "overhead.md").write_text(
+        f"# Overhead against TRL's SFTTrainer\n\n- machine: {header['machine']}\n- model: {header['model']}\n"
+        f"- command: {header['command']}\n\n{markdown_table(results)}\n"
+    )
+    draw_chart(
+        results,
+        output / "overhead.png",
+        f"trl-priority overhead against TRL's SFTTrainer, {header['machine']}",
+        footer,
+    )
+    print(f"redrew {output / 'overhead.md'} and {output / 'overhead.png'} from {output / 'overhead.csv'}")
 
 
 def machine() -> str:
@@ -719,6 +761,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the trainer marks (reference forward, step-wide scoring pass, policy forward, priority) and the top ops; "
         "writes overhead_profile.md",
     )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="measure nothing: redraw the table and the chart in --output-dir from the overhead.csv a run wrote there",
+    )
     parser.add_argument("--output-dir", default="docs/benchmarks")
     cli = parser.parse_args(argv)
     cli.preset = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -768,6 +815,9 @@ def build_cases(cli) -> list[Result]:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     cli = parse_args(argv)
+    if cli.replot:
+        replot(Path(cli.output_dir))
+        return read_csv(Path(cli.output_dir) / "overhead.csv")
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     shape = cli.shape

@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_overhead.py"
 
@@ -52,6 +54,15 @@ def test_benchmark_writes_table_csv_and_chart(tmp_path):
     table = (tmp_path / "overhead.md").read_text()
     assert "| lora | `prift_prob` | cached |" in table and "python scripts/benchmark_overhead.py" in table
     assert (tmp_path / "overhead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --replot redraws the same table from the CSV, measuring nothing
+    (tmp_path / "overhead.png").unlink()
+    replotted = script.main(["--replot", "--output-dir", str(tmp_path)])
+    assert (tmp_path / "overhead.md").read_text() == table
+    for again, measured in zip(replotted, results, strict=True):
+        assert again.case == measured.case
+        assert again.time_ratios == pytest.approx(measured.time_ratios, rel=1e-3)  # times kept to 1 µs
+    assert (tmp_path / "overhead.png").exists()
 
 
 def test_cases_and_their_targets():
