@@ -834,7 +834,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"{cli.batch_size} x {cli.seq_len} tokens"
         + (f" x {cli.gradient_accumulation_steps} accumulation steps" if cli.gradient_accumulation_steps > 1 else "")
         + f", gradient checkpointing on, {cli.steps} steps per run (first "
-        f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
+        + (
+            "not profiled), one profiled run per case, wall clock"
+            if cli.profile
+            else f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
+        )
     )
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
