@@ -497,21 +497,27 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
             ref_dtype = _compute_dtype(request.reference.hidden)
 
         def chunks():
+            """Per chunk: its rows, the policy's float32 logits, and `reference_of(policy_logprobs)`, which gives the
+            reference's log-probabilities (and fills its statistics) once the policy's, detached, are known."""
             for start in range(0, num_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 with torch.no_grad():
                     raw = head.logits_fp32(rows_hidden[rows].detach(), dtype)  # (n, V) float32
+
+                @torch.no_grad()
+                def reference_of(policy_logprobs, rows=rows):
                     ref_logprobs = None
                     if ref_head is not None:
                         ref_raw = ref_head.logits_fp32(ref_rows_hidden[rows], ref_dtype)
                         ref_logprobs = ref_head.transform(ref_raw).log_softmax(-1)  # (n, V)
                     elif topk_rows is not None:  # π̂ rebuilt, the tail shaped like this chunk's policy (detached)
-                        policy_logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
                         ref_logprobs = topk_rows.logprobs(rows, rows_labels[rows], policy_logprobs)  # (n, V)
                     if ref_logprobs is not None:
                         for name, stat in ref_stats.items():
                             values[f"ref_{name}"][rows] = stat.fn(ref_logprobs, rows_labels[rows], **ref_kwargs[name])
-                yield rows, raw, ref_logprobs
+                    return ref_logprobs
+
+                yield rows, raw, reference_of
 
         def run(rows_hidden_, weight, bias):
             needs_grad = rows_hidden_.requires_grad or weight.requires_grad
@@ -521,10 +527,11 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
                 torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
             )
             total = rows_hidden_.new_zeros((), dtype=torch.float32)
-            for rows, raw, ref_logprobs in chunks():
+            for rows, raw, reference_of in chunks():
                 with torch.enable_grad():
                     raw = raw.requires_grad_(needs_grad)
                     logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
+                    ref_logprobs = reference_of(logprobs.detach())  # the policy's log-softmax, computed once
                     with torch.no_grad():
                         for name, stat in stats.items():
                             values[name][rows] = stat.fn(logprobs.detach(), rows_labels[rows], **stat_kwargs[name])
