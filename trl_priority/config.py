@@ -58,7 +58,9 @@ class PrioritySFTConfig(SFTConfig):
             frozen copy of a starting adapter, or, for full fine-tuning, a frozen copy of the model.
         ref_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for loading `ref_model_name_or_path`. Defaults to `model_init_kwargs`; the reference
-            also inherits the policy's `attn_implementation` and dtype unless these set them.
+            also inherits the policy's `attn_implementation` and dtype unless these set them. Under QLoRA the
+            reference is loaded with the policy's `quantization_config` unless these set one: `{"quantization_config":
+            null}` loads it unquantized (docs/qlora.md).
         precomputed_ref_columns (`bool`, *optional*, defaults to `False`):
             Read the reference statistics (`ref_logps`, ...) from dataset columns `ref_<name>`, one value per token of
             `input_ids` (the value at i scores token i), instead of running a reference model: no reference forward.
@@ -137,7 +139,10 @@ class PrioritySFTConfig(SFTConfig):
     )
     ref_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for loading the reference model. Defaults to `model_init_kwargs`."},
+        metadata={
+            "help": "Keyword arguments for loading the reference model. Defaults to `model_init_kwargs`; a "
+            "`quantization_config` set here (null included) wins over the policy's."
+        },
     )
     precomputed_ref_columns: bool = field(
         default=False,
