@@ -223,8 +223,6 @@ class PrioritySFTTrainer(SFTTrainer):
         self.reference: Reference | None = None
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
-        # A step of one micro-batch selects over the processes from its own training forward (no scoring pass)
-        self._select_step_in_forward = False
         self._mask_prompt_labels = False
         self._epoch_cache: epoch_cache.EpochCache | None = None  # the reference's values kept per token across epochs
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
@@ -699,7 +697,8 @@ class PrioritySFTTrainer(SFTTrainer):
         Returns `(outputs, phi, statistics, request)`; `phi` is `(B, T-1)` without gradient.
         """
         outputs, statistics, request = self._gather_statistics(model, inputs, training, ahead)
-        whole_step = training and ahead is None and self._select_step_in_forward
+        # A step of one micro-batch (`Trainer` counts them per step) selects in its own training forward, no pass
+        whole_step = training and ahead is None and getattr(self, "current_gradient_accumulation_steps", None) == 1
         with record_function("trl_priority.priority"):
             phi = self._priority_of(statistics, None if ahead is None else ahead["selected"], whole_step)
         if self.priority_state is not None and training:
@@ -716,9 +715,7 @@ class PrioritySFTTrainer(SFTTrainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._pending_selections.clear()
         selection = None if self.priority is None else self.priority.selection
-        step_wide = selection is not None and selection.scope_of(self._step_args) == "step"
-        self._select_step_in_forward = step_wide and len(batch_samples) == 1
-        if step_wide and len(batch_samples) > 1:
+        if selection is not None and selection.scope_of(self._step_args) == "step" and len(batch_samples) > 1:
             with record_function("trl_priority.step_selection"):
                 self._pending_selections.extend(self._select_over_step(batch_samples))
         return batch_samples, num_items_in_batch
