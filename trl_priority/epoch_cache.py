@@ -97,10 +97,7 @@ class DiskTokenState(TokenState):
         self._db.commit()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}/{example}": torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
-            for name, example, blob in self._db.execute("SELECT name, example, row FROM rows")
-        }
+        return _state_of(self._db)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self._db.execute("DELETE FROM rows")
@@ -124,12 +121,17 @@ class DiskTokenState(TokenState):
         return self._db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
 
 
+def _state_of(db: sqlite3.Connection) -> dict[str, torch.Tensor]:
+    """Every row of an epoch-cache database, keyed `name/example` as `TokenState.state_dict` keys them."""
+    return {
+        f"{name}/{example}": torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+        for name, example, blob in db.execute("SELECT name, example, row FROM rows")
+    }
+
+
 def _read_sqlite_state(path: str) -> dict[str, torch.Tensor]:
     with contextlib.closing(sqlite3.connect(path)) as db:
-        return {
-            f"{name}/{example}": torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
-            for name, example, blob in db.execute("SELECT name, example, row FROM rows")
-        }
+        return _state_of(db)
 
 
 def reference_is_frozen(reference: Reference, policy: torch.nn.Module) -> bool:
