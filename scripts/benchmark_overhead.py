@@ -668,6 +668,17 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
     plt.close(fig)
 
 
+CHART_TITLE = "trl-priority overhead against TRL's SFTTrainer, {}"  # the machine
+
+
+def write_table(results: list[Result], output: Path, machine_name: str, model: str, command: str) -> None:
+    """`overhead.md`: the machine, the model and the command (with its duration) on top, then the table."""
+    (output / "overhead.md").write_text(
+        f"# Overhead against TRL's SFTTrainer\n\n- machine: {machine_name}\n- model: {model}\n"
+        f"- command: {command}\n\n{markdown_table(results)}\n"
+    )
+
+
 def read_csv(path: Path) -> list[Result]:
     """The results of a run, back from its `overhead.csv` (for `--replot`)."""
     results: dict[tuple[str, str, str], Result] = {}
@@ -696,16 +707,8 @@ def replot(output: Path) -> None:
     )
     command, minutes = header["command"].rsplit(" (", 1)
     footer = f"{command.strip('`')}\n{header['model']}; {minutes.rstrip(')')}"
-    (output / "overhead.md").write_text(
-        f"# Overhead against TRL's SFTTrainer\n\n- machine: {header['machine']}\n- model: {header['model']}\n"
-        f"- command: {header['command']}\n\n{markdown_table(results)}\n"
-    )
-    draw_chart(
-        results,
-        output / "overhead.png",
-        f"trl-priority overhead against TRL's SFTTrainer, {header['machine']}",
-        footer,
-    )
+    write_table(results, output, header["machine"], header["model"], header["command"])
+    draw_chart(results, output / "overhead.png", CHART_TITLE.format(header["machine"]), footer)
     print(f"redrew {output / 'overhead.md'} and {output / 'overhead.png'} from {output / 'overhead.csv'}")
 
 
@@ -843,16 +846,27 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
     started = time.perf_counter()
-    if cli.profile:
-        with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
-            cli.ref_cache_dir = cache_dir
-            for result in results:
-                if result.case.reference == "cached" and not result.note:
-                    fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
+    with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
+        # The cached cases' reference statistics, computed once before anything is timed (a fresh cache per run)
+        cli.ref_cache_dir = cache_dir
+        for result in results:
+            if result.case.reference == "cached" and not result.note:
+                fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
+        if cli.profile:
             report = profile_cases(results, base, dataset, tokenizer, cli, output_dir)
-        minutes = (time.perf_counter() - started) / 60
-        output = Path(cli.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
+        else:
+            # Untimed runs first: allocator, thread pools and caches warm up before anything is compared
+            for _ in range(cli.warmup):
+                run_once(
+                    Case(results[0].case.mode if results else "lora", None), base, dataset, tokenizer, cli, output_dir
+                )
+            for mode in dict.fromkeys(r.case.mode for r in results):
+                rows = [r for r in results if r.case.mode == mode]
+                measure(rows, mode, base, dataset, tokenizer, cli, output_dir)
+    minutes = (time.perf_counter() - started) / 60
+    output = Path(cli.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if cli.profile:
         (output / "overhead_profile.md").write_text(
             f"# Where the time goes: one profiled run per case\n\n- machine: {machine()}\n- model: {description}\n"
             f"- command: `{command}` ({minutes:.0f} min)\n- seconds per optimizer step (wall clock), regions "
@@ -863,34 +877,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         )
         print(f"wrote {output / 'overhead_profile.md'}")
         return results
-    with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
-        # The cached cases' reference statistics, computed once before anything is timed (a fresh cache per run)
-        cli.ref_cache_dir = cache_dir
-        for result in results:
-            if result.case.reference == "cached" and not result.note:
-                fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
-        # Untimed runs first: allocator, thread pools and caches warm up before anything is compared
-        for _ in range(cli.warmup):
-            run_once(
-                Case(results[0].case.mode if results else "lora", None), base, dataset, tokenizer, cli, output_dir
-            )
-        for mode in dict.fromkeys(r.case.mode for r in results):
-            rows = [r for r in results if r.case.mode == mode]
-            measure(rows, mode, base, dataset, tokenizer, cli, output_dir)
-    minutes = (time.perf_counter() - started) / 60
 
-    table = markdown_table(results)
-    title = f"trl-priority overhead against TRL's SFTTrainer, {machine()}"
     footer = f"{command}\n{description}; {minutes:.0f} min"
-    print(f"\n{table}\n\n{footer}")
-    output = Path(cli.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "overhead.md").write_text(
-        f"# Overhead against TRL's SFTTrainer\n\n- machine: {machine()}\n- model: {description}\n"
-        f"- command: `{command}` ({minutes:.0f} min)\n\n{table}\n"
-    )
+    print(f"\n{markdown_table(results)}\n\n{footer}")
+    write_table(results, output, machine(), description, f"`{command}` ({minutes:.0f} min)")
     write_csv(results, output / "overhead.csv")
-    draw_chart(results, output / "overhead.png", title, footer)
+    draw_chart(results, output / "overhead.png", CHART_TITLE.format(machine()), footer)
     print(f"wrote {output / 'overhead.md'}, {output / 'overhead.csv'}, {output / 'overhead.png'}")
     return results
 
