@@ -89,7 +89,9 @@ below, measured on a shared 2-core CPU (see CPU_RATES); the output says which. `
 Outputs in `--output-dir`: `quality.md` (the values, then the differences to `trl_sft` with their intervals),
 `quality.json` (every run with its per-problem values, the summary, the settings, the corrupted rows), `quality.png`
 (one panel per metric: each method's difference to `trl_sft` and its interval), `quality_runs.jsonl` (the finished
-rows). TODO(objectives issue): the composed verifier × prift_prob method joins the default list by itself once it is
+rows). One file on purpose: a benchmark is read and run in one place.
+
+TODO(objectives issue): the composed verifier × prift_prob method joins the default list by itself once it is
 registered as `verified_prift` (see DEFAULT_METHODS).
 """
 
@@ -1102,9 +1104,11 @@ def write_outputs(runs: list[dict], cli, record: dict, output_dir: Path, command
     (output_dir / "quality.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot(summary, output_dir / "quality.png")
     machines = sorted({run.get("machine", "?") for run in runs})
+    commands = list(dict.fromkeys(run.get("command", command) for run in runs))  # a table filled across sessions
     steps = f"{cli.steps} steps" if cli.steps else f"{cli.epochs} epoch(s)"
     (output_dir / "quality.md").write_text(
-        f"# GSM8K quality benchmark\n\n`{command}`\n\n{'; '.join(machines)}; {hours:.2f} h of training and "
+        f"# GSM8K quality benchmark\n\n{'; '.join(f'`{c}`' for c in commands)}\n\n"
+        f"{'; '.join(machines)}; {hours:.2f} h of training and "
         f"evaluation in {len(runs)} runs; {steps} at batch {cli.batch_size}, learning rate {cli.learning_rate}; "
         f"noisy task: {cli.train_size} problems, {len(record['corrupted_rows'])} corrupted; "
         f"{len(record['heldout_rows'])} held-out problems ({record['results']} results); unlearn task: "
@@ -1254,6 +1258,7 @@ def main(argv: list[str] | None = None) -> dict:
             "score_tokens": scored_tokens(evalset, evaluated_tasks(task)),
             "generate_steps": generate_steps(evalset, cli),
             "machine": machine(),
+            "command": command,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         }
         append_row(rows_path, row)
