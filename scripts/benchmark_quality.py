@@ -355,7 +355,7 @@ def evaluate(
     """Per held-out problem, in the evaluation set's order, the values the metrics are pooled from (METRIC_PARTS):
     `nll_clean`, `nll_corrupt`, `result_hits`, `results` (task "noisy" in `which`), `unlearn_nll_correct`,
     `unlearn_nll_wrong` (task "unlearn"), `answer_right` (when there are questions to generate for). `seconds`, when
-    given, receives the time each part took."""
+    given, receives the time each part took, to the millisecond (the estimate divides by it)."""
     seconds = {} if seconds is None else seconds
     clock = time.perf_counter()
     model.eval()
@@ -373,18 +373,18 @@ def evaluate(
         counts = [result_hits(i.offsets, [None] * i.first + ok, i.spans) for i, (_, ok) in zip(evalset.clean, clean)]
         per_problem["result_hits"] = [float(hits) for hits, _ in counts]
         per_problem["results"] = [float(total) for _, total in counts]
-        seconds["noisy"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+        seconds["noisy"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
     if "unlearn" in which and evalset.correct:
         per_problem["unlearn_nll_correct"] = [statistics.fmean(nll) for nll, _ in scored(evalset.correct)]
         per_problem["unlearn_nll_wrong"] = [statistics.fmean(nll) for nll, _ in scored(evalset.wrong)]
-        seconds["unlearn"], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
+        seconds["unlearn"], clock = round(time.perf_counter() - clock, 3), time.perf_counter()
     if evalset.questions:
         texts = generate_answers(model, tokenizer, evalset.questions, cli.max_new_tokens, cli.eval_batch_size)
         per_problem["answer_right"] = [
             float(gold is not None and (got := final_answer(text)) is not None and math.isclose(got, gold))
             for text, gold in zip(texts, evalset.answers)
         ]
-        seconds["generate"] = round(time.perf_counter() - clock, 1)
+        seconds["generate"] = round(time.perf_counter() - clock, 3)
     return per_problem
 
 
@@ -1105,7 +1105,7 @@ def write_outputs(runs: list[dict], cli, record: dict, output_dir: Path, command
     plot(summary, output_dir / "quality.png")
     machines = sorted({run.get("machine", "?") for run in runs})
     commands = list(dict.fromkeys(run.get("command", command) for run in runs))  # a table filled across sessions
-    steps = f"{cli.steps} steps" if cli.steps else f"{cli.epochs} epoch(s)"
+    steps = f"{cli.steps} optimizer step(s)" if cli.steps else f"{cli.epochs} epoch(s)"
     (output_dir / "quality.md").write_text(
         f"# GSM8K quality benchmark\n\n{'; '.join(f'`{c}`' for c in commands)}\n\n"
         f"{'; '.join(machines)}; {hours:.2f} h of training and "
