@@ -835,15 +835,17 @@ def plan_runs(cli) -> list[tuple[str, str, int | None]]:
     return plan
 
 
-def still_to_run(plan: list[tuple], finished: dict[tuple, dict], cli) -> list[tuple]:
-    """The planned runs without a finished row of the same priority_args; all of them with `--force`."""
-    if cli.force:
-        return list(plan)
-    return [
-        run
-        for run in plan
-        if run not in finished or finished[run].get("priority_args") != cli.priority_args.get(run[1])
-    ]
+def still_to_run(plan: list[tuple], finished: dict[tuple, dict], cli, unlearn_scored: bool) -> list[tuple]:
+    """The planned runs without a finished row of the same priority_args (all of them with `--force`). A base row
+    made while the unlearn task was skipped is made again once the task is on (`unlearn_scored`)."""
+
+    def done(run: tuple) -> bool:
+        row = finished.get(run)
+        if row is None or row.get("priority_args") != cli.priority_args.get(run[1]):
+            return False
+        return not (unlearn_scored and run[0] == "base" and "unlearn_nll_correct" not in row["per_problem"])
+
+    return list(plan) if cli.force else [run for run in plan if not done(run)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1222,7 +1224,7 @@ def main(argv: list[str] | None = None) -> dict:
     key = settings_key(cli, record)
     rows_path = output_dir / ROWS_FILE
     finished, left_out = read_rows(rows_path, key)
-    todo = still_to_run(plan_runs(cli), finished, cli)
+    todo = still_to_run(plan_runs(cli), finished, cli, bool(evalset.correct))
     print(
         f"[resume] {rows_path}: {len(finished)} finished rows of these settings (key {key})"
         + (f", {left_out} other lines left out" if left_out else "")

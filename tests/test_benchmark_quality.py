@@ -393,6 +393,9 @@ def test_resume_keeps_finished_rows_and_skips_them(bq, gsm8k_dir, tmp_path, mode
     # other settings (a larger training slice) share no rows with these: everything is to be made again
     plan = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft", "--dry-run", "--train-size", "12")
     assert plan["finished"] == [] and len(plan["todo"]) == 2
+    # the base row was scored without the unlearn task: turning the task on makes it again, with the task's runs
+    plan = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft", "--unlearn-methods", "trl_sft", "--dry-run")
+    assert plan["todo"] == [("base", "base", None), ("unlearn", "trl_sft", 0)]
 
 
 def test_the_estimate_is_printed_and_counts_the_tokens_the_run_uses(
