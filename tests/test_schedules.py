@@ -46,8 +46,8 @@ def test_warmup_scales_a_negative_phi_towards_zero():
 
 
 def test_pooling_keeps_the_sign_of_the_most_negative_token():
-    # One word of three tokens, Φ = 1, −0.5, 0.3 (learned, unlearned, learned); another word, Φ = 0.2, 0.6; an ungrouped
-    # token −1 keeps its own Φ. Whatever the pooling, the first word is unlearned at −0.5, the most negative Φ.
+    # One word of three tokens, Φ = 1, −0.5, 0.3 (learned, unlearned, learned); another word, Φ = 0.2, 0.6; an
+    # ungrouped token −1 keeps its own Φ. Whatever the pooling, the first word is unlearned at −0.5, the most negative Φ.
     phi = torch.tensor([[1.0, -0.5, 0.3, 0.2, 0.6, -1.0]])
     groups = torch.tensor([[0, 0, 0, 1, 1, -1]])
     mask = torch.ones_like(phi, dtype=torch.bool)

@@ -195,7 +195,11 @@ class DistributionTerm:
       gradient; the trainer then runs the reference's backbone), or any per-token statistic of the vocabulary
       (`priority` for Φ, `logps`, `ref_logps`, a data statistic, ...) as `(n,)` rows, no gradient;
 
-    and returns `(n,)` per-position values. The trainer adds `priority_args[weight] · Σ_t term_t / N` to the loss,
+    A term that reads `priority` or a policy statistic gets the values of the same forward: the trainer then computes
+    Φ inside the forward, after TRL's fused head and before the term's chunked pass (at no extra projection, except
+    that a reference whose statistics come from its distribution projects its head once more). It returns `(n,)`
+    per-position values. The trainer
+    adds `priority_args[weight] · Σ_t term_t / N` to the loss,
     logs `loss/<name>`, and never builds a `(batch, seq, vocab)` tensor: the logits exist one chunk at a time, inside
     the model's forward (so the LM head is gathered under ZeRO-3 and FSDP), in float32.
 

@@ -604,7 +604,8 @@ class PrioritySFTTrainer(SFTTrainer):
     @functools.cached_property
     def _distribution_terms(self) -> tuple[Any, ...]:
         """The method's distribution terms, plus the bounded unlikelihood on Φ < 0 when the regime is signed and
-        `negative_loss="unlikelihood"`: computed from the logits in the LM-head pass (`objectives.unlikelihood_term`)."""
+        `negative_loss="unlikelihood"`: computed from the logits in the LM-head pass (`objectives.unlikelihood_term`).
+        """
         unlearn = (UNLIKELIHOOD_TERM,) if self.priority.signed and self.args.negative_loss == "unlikelihood" else ()
         return (*self.priority.distribution_terms, *unlearn)
 
@@ -616,7 +617,7 @@ class PrioritySFTTrainer(SFTTrainer):
         return any(name == "priority" or stats_vocab.source_of(name) in ("policy", "trainer") for name in names)
 
     def _phi_before_terms(self, statistics: dict[str, Any], priority_of: Callable) -> Callable:
-        """The request's `before_terms`: Φ from every statistic (the policy's just computed), then the terms' inputs."""
+        """The request's `before_terms`: Φ from all statistics (the policy's just computed), then the terms' inputs."""
 
         def before_terms(outputs, request: DistributionRequest) -> None:
             statistics.update(fused_statistics(outputs, self._policy_statistics, causal_lm_of(self.model)))

@@ -64,6 +64,9 @@ def asft(logps: torch.Tensor, mask: torch.Tensor, *, kl_weight: NonNegative = 0.
     - Both parts are divided by N, the supervised tokens, as the code divides by its `valid_mask.sum()`; with
       gradient accumulation N counts the whole optimizer step (TRL's `num_items_in_batch`), where the code divides
       each micro-batch by its own count.
+    - Against the position paper (Shen et al. 2026, arXiv 2602.01227, Table 1), which lists Anchored SFT among the
+      hard selections as Φ = 1[D_KL(P_θ, P_anchor) < δ] (a token kept while the policy stays near the anchor): this
+      follows the official code, a soft KL penalty added to the DFT-weighted loss, no token ever masked.
     """
     return logps.exp() * mask  # (B, T-1)
 
