@@ -14,7 +14,8 @@ Pure functions of tensors and floats; the trainer applies them to any method, fr
   of its tokens is kept (max pooling over Φ = 1 and Φ = −1 would give 1).
 
 Methods whose objective reads Φ beyond the NLL (Target-SFT's soft target: Q_t = Φ_t·δ + (1 − Φ_t)·A_t) read Φ after
-both, so the two parts of their loss see the same Φ.
+both, so the two parts of their loss see the same Φ. Terms that do not read Φ (ASFT's KL anchor) are left as they are:
+warm-up and pooling shape Φ, not the rest of the objective.
 """
 
 from __future__ import annotations
