@@ -200,3 +200,28 @@ def test_influence_needs_trainable_parameters_and_a_validation_set(make_model, t
         es.influence_scores(frozen, tokenizer, TRAIN, VALIDATION)
     with pytest.raises(ValueError, match="validation set is empty"):
         es.influence_scores(make_model(), tokenizer, TRAIN, VALIDATION.select([]))
+
+
+def test_command_line_writes_the_scored_columns(tmp_path, model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = model_dir(seed=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_dict({"prompt": [q for q, _ in PAIRS], "completion": [a for _, a in PAIRS]}).to_json(
+        data / "train.jsonl"
+    )
+    written = es.main(["selectit", "--model", model, "--dataset", str(data), "--output", str(tmp_path / "s")])
+    scored = Dataset.from_json(str(written))
+    direct = es.selectit_scores(
+        AutoModelForCausalLM.from_pretrained(model),
+        tokenizer,
+        scored.remove_columns(["selectit_score", "selectit_rank"]),
+    )
+    assert scored["selectit_score"] == pytest.approx(direct["selectit_score"], rel=1e-5)
+    written = es.main(
+        ["diq", "--model", model, "--dataset", str(data), "--validation", str(data), "--proj_dim", "8",
+         "--output", str(tmp_path / "d"), "--lora_r", "2"]
+    )  # fmt: skip
+    columns = Dataset.from_json(str(written)).column_names
+    assert {"diq_difficulty", "diq_difficulty_rank", "influence", "influence_rank"} <= set(columns)

@@ -12,9 +12,10 @@ RobustFT's `noise` column (`trl_priority.data`):
 | `influence_scores` | `influence`, `influence_rank`                             | `instruction_mining` |
 | `diq_scores`       | `diq_difficulty(_rank)`, `influence(_rank)` (dot product) | `diq`                |
 
-Each rank column (`selectit_rank`, `influence_rank`, `diq_difficulty_rank`) is the share of the dataset's examples that score strictly higher (`share_ahead`): 0 for the
-best example. A priority keeps "the top fraction f of the dataset" as `rank < f`, a dataset-wide selection that a
-priority, which sees one batch at a time, could not make from the score alone.
+Each rank column (`selectit_rank`, `influence_rank`, `diq_difficulty_rank`) is the share of the dataset's examples
+that score strictly higher (`share_ahead`): 0 for the best example. A priority keeps "the top fraction f of the
+dataset" as `rank < f`, a dataset-wide selection that a priority, which sees one batch at a time, could not make
+from the score alone.
 
 Each function takes a `datasets.Dataset` as the trainer accepts it (prompt-completion, conversational or not, or
 `messages`) and returns the same dataset with the new columns; rows are tokenized like the trainer tokenizes them

@@ -59,8 +59,8 @@ register_data_statistic(
     "classifier",
     level="example",
     hint="one quality-classifier score per example in a 'classifier' column (your classifier's; "
-    "`trl_priority.code_filters.with_proxy_classifier(dataset)` adds a rule-based stand-in, as builtin:python-functions "
-    "does)",
+    "`trl_priority.code_filters.with_proxy_classifier(dataset)` adds a rule-based stand-in, as "
+    "builtin:python-functions does)",
 )
 
 
@@ -169,7 +169,7 @@ def instruction_mining(
     Influence as current practice computes it at scale: LESS (Xia et al. 2024, arXiv 2402.04333) and TracIn (Pruthi
     et al. 2020, arXiv 2002.08484).
 
-        Infl(e) = mean_{v ∈ D_val} cos(P^T ∇L(e), P^T ∇L(v))      (the `influence` column; LoRA gradients, P random)
+        Infl(e) = mean_{v ∈ D_val} cos(P^T ∇L(e), P^T ∇L(v))    (the `influence` column; LoRA gradients, P random)
         Φ_t = 1[Infl(e) > threshold]                  mode = "threshold", threshold = 0 (the Table's rule)
         Φ_t = 1[e in the dataset's top `fraction`]    mode = "top", fraction = 0.05 (LESS's 5%)
         Φ_t = σ((Infl(e) − threshold) / temperature)  mode = "soft", temperature = 0.1 (a cosine is in [−1, 1])
