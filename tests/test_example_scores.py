@@ -225,3 +225,32 @@ def test_command_line_writes_the_scored_columns(tmp_path, model_dir, tokenizer):
     )  # fmt: skip
     columns = Dataset.from_json(str(written)).column_names
     assert {"diq_difficulty", "diq_difficulty_rank", "influence", "influence_rank"} <= set(columns)
+
+
+def test_scored_raw_dataset_trains_with_its_method(make_model, tokenizer, datasets_, make_args):
+    """From a raw prompt-completion dataset to Φ: the scorer tokenizes like the trainer, the columns travel to the
+    tokens, and exactly the examples with Infl > τ keep their tokens."""
+    from trl_priority import PrioritySFTTrainer
+
+    model = lora_model(make_model)
+    train, validation = datasets_.prompt_completion(6), datasets_.conversational_prompt_completion(8).select([6, 7])
+    validation = Dataset.from_dict(
+        {"prompt": [m[0]["content"] for m in validation["prompt"]],
+         "completion": [m[0]["content"] for m in validation["completion"]]}
+    )  # fmt: skip
+    scored = es.influence_scores(model, tokenizer, train, validation, proj_dim=64)
+    ordered = sorted(scored["influence"])  # a random model's gradients mostly agree: cut between the 3rd and 4th
+    threshold = (ordered[2] + ordered[3]) / 2  # midway, so float32 rounding of the column cannot move an example
+    positive = [x > threshold for x in scored["influence"]]
+    assert sum(positive) == 3  # both kinds, so the test can tell them apart
+
+    args = make_args(
+        priority="instruction_mining", priority_args={"threshold": threshold}, max_length=256, shuffle_dataset=False
+    )
+    trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=scored, processing_class=tokenizer)
+    rows = trainer.train_dataset
+    phi = trainer.token_priorities(rows.select(range(len(rows))))
+    labels = trainer.data_collator(list(rows))["labels"][:, 1:]
+    for i in range(len(rows)):
+        kept = phi[i][labels[i] != -100]
+        assert kept.numel() > 0 and torch.all(kept == float(positive[i]))
