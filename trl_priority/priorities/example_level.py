@@ -77,7 +77,8 @@ def threshold_rule(score: torch.Tensor, threshold: float, temperature: float = 0
 def top_fraction_rule(rank: torch.Tensor, fraction: float) -> torch.Tensor:
     """1[the example is in the dataset's top `fraction`]: fewer than `fraction` of the examples score higher.
 
-    `rank` is float32 (e.g. 0.2 stored as 0.2000000030), so the comparison leaves a margin far below 1/n."""
+    `rank` is float32 (e.g. 0.2 stored as 0.2000000030), so the comparison leaves a margin of 1e-6, far below the
+    1/n between two ranks for any dataset of fewer than a million examples."""
     return (rank < fraction - 1e-6).float()  # (B, T-1)
 
 
