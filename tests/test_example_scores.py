@@ -164,7 +164,7 @@ def test_projected_influence_is_the_cosine_of_the_seeded_projection(naive, token
     matrix = es.projection_block(7, 0, n_params, 16, kind).double()  # (n_params, 16)
     if kind == "rademacher":
         assert set((matrix * 4).round().unique().tolist()) == {-1.0, 1.0}  # ±1/√16
-    scored = es.influence_scores(model, tokenizer, TRAIN, VALIDATION, proj_dim=16, seed=7, projection=kind)
+    scored = es.influence_scores(model, tokenizer, TRAIN, VALIDATION, proj_dim=16, seed=7, projection=kind, chunk=2)
     expected = naive_influence([g @ matrix for _, g in train], [g @ matrix for _, g in validation], cosine=True)
     assert scored["influence"] == pytest.approx(expected, abs=1e-5)
 
