@@ -99,21 +99,29 @@ def supervised_counts(trainer) -> list[int]:
     return [sum(label != -100 for label in row["labels"][1:]) for row in trainer.train_dataset]
 
 
+def method_columns(method: str, ranks: list[float]) -> tuple[dict, dict]:
+    """Columns under which `method` keeps exactly the examples of rank < 0.5 (the top half of four), and its args."""
+    if method == "selectit":
+        return {"selectit_score": [1.0 - r for r in ranks], "selectit_rank": ranks}, {"fraction": 0.5}
+    if method == "instruction_mining":  # Infl > 0 exactly on the kept ones
+        return {"influence": [0.5 - r for r in ranks], "influence_rank": ranks}, {}
+    if method == "diq":  # hard and influential: the kept ones are in the top half of both
+        return {"diq_difficulty_rank": ranks, "influence_rank": [0.0] * len(ranks)}, {}
+    # opencoder: the dropped ones fail the heuristics, or (the last one) only the classifier
+    return {"code_heuristics": [1.0, 0.0, 1.0, 1.0], "classifier": [0.9, 0.9, 0.8, 0.3]}, {}
+
+
+@pytest.mark.parametrize("method", ["selectit", "instruction_mining", "diq", "opencoder"])
 @pytest.mark.parametrize(
     "settings",
     [{}, {"padding_free": True, "max_length": None}, {"packing": True}],
     ids=["padded", "padding_free", "packing"],
 )
-def test_selectit_keeps_whole_examples_through_packing(settings, make_model, tokenizer, make_args):
-    dataset = Dataset.from_dict(
-        {
-            "prompt": [p for p, _, _ in ROWS],
-            "completion": [c for _, c, _ in ROWS],
-            "selectit_score": [1.0 - r for _, _, r in ROWS],
-            "selectit_rank": [r for _, _, r in ROWS],
-        }
-    )
-    args = {"priority": "selectit", "priority_args": {"fraction": 0.5}, "shuffle_dataset": False, "max_length": 256}
+def test_whole_examples_are_kept_through_padding_free_and_packing(method, settings, make_model, tokenizer, make_args):
+    ranks = [r for _, _, r in ROWS]
+    columns, priority_args = method_columns(method, ranks)
+    dataset = Dataset.from_dict({"prompt": [p for p, _, _ in ROWS], "completion": [c for _, c, _ in ROWS], **columns})
+    args = {"priority": method, "priority_args": priority_args, "shuffle_dataset": False, "max_length": 256}
     plain = PrioritySFTTrainer(
         model=make_model(), args=make_args(**args), train_dataset=dataset, processing_class=tokenizer
     )
