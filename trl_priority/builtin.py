@@ -21,6 +21,9 @@ Recipes name them with the `builtin:` prefix:
 - `dataset_name: builtin:gsm8k-wrong`: the incorrect half of `builtin:gsm8k-contrast` (every solution corrupted, or
   with `:<path>` the real incorrect model solutions), to fine-tune the negative model of `critical`'s contrastive
   estimation (recipes/critical.yaml).
+- `dataset_name: builtin:python-functions`: 300 public top-level functions of the Python standard library's own
+  source (read with `ast`, no download), as prompt-completion pairs, with OpenCoder's `code_heuristics` and a
+  rule-based stand-in `classifier` column (`trl_priority.code_filters.python_functions`).
 """
 
 from __future__ import annotations
@@ -207,6 +210,13 @@ def load_gsm8k_wrong(path: str | None = None, limit: int | None = None) -> Datas
     return contrast.filter(lambda example: example["unlearn"] != 0).remove_columns("unlearn")
 
 
+def load_python_functions(path: str | None = None, limit: int | None = 300) -> Dataset:
+    """Public top-level functions of the standard library's source, with OpenCoder's columns (`path` unused)."""
+    from .code_filters import python_functions
+
+    return python_functions(limit)
+
+
 MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
 DATASETS = {
     "gsm8k": load_gsm8k,
@@ -214,6 +224,7 @@ DATASETS = {
     "gsm8k-noisy-spans": load_gsm8k_noisy_spans,
     "gsm8k-contrast": load_gsm8k_contrast,
     "gsm8k-wrong": load_gsm8k_wrong,
+    "python-functions": load_python_functions,
 }
 
 

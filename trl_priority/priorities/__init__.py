@@ -3,7 +3,17 @@
 Importing this package registers every built-in method.
 """
 
-from . import contrastive, distribution, dynamics, external, intrinsic, reference, signed, weighting  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    contrastive,
+    distribution,
+    dynamics,
+    example_level,  # noqa: F401  (registration side effects)
+    external,
+    intrinsic,
+    reference,
+    signed,
+    weighting,
+)
 from .registry import (
     Fraction,
     Hyperparameter,
