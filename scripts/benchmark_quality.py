@@ -9,6 +9,10 @@ the default runs them only as TRL's.
     python scripts/benchmark_quality.py                  # CPU default, about half an hour on 2 cores (see --help)
     python scripts/benchmark_quality.py --full           # every method, 3 seeds, larger slices: for a GPU
     python scripts/benchmark_quality.py --methods trl_sft,eaft,verifier --seeds 0,1,2
+    python scripts/benchmark_quality.py --methods trl_sft,verifier,prift_prob,verified_prift   # a composition
+
+A composed priority runs under its recipe's name (`verified_prift`: verifier × PriFT-prob, `COMPOSED_RECIPES`),
+with the recipe's `priority_args` unless `--priority-args` gives its own.
 
 Task "noisy" (learning from noisy demonstrations). Training data: the first `--train-size` problems of GSM8K's
 train.jsonl, with a share `--noise-share` (30%) of the solutions corrupted by `builtin:gsm8k-noisy`'s own corruption
@@ -102,6 +106,30 @@ from trl_priority.statistics import DATA_STATISTICS
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = {"trl_sft": "nll", "trl_dft": "dft"}  # TRL's own SFTTrainer, by loss_type
+# Composed priorities, by the recipe that names them: method -> (`priority`, default `priority_args`) of the recipe
+COMPOSED_RECIPES = ("verified_prift",)
+
+
+def _composition(recipe: str) -> tuple[dict, dict]:
+    import yaml
+
+    settings = yaml.safe_load((REPO / "recipes" / f"{recipe}.yaml").read_text())
+    return settings["priority"], settings.get("priority_args") or {}
+
+
+COMPOSED = {recipe: _composition(recipe) for recipe in COMPOSED_RECIPES}
+
+
+def priority_of(method: str):
+    """What `PrioritySFTConfig.priority` is for a method of this benchmark: its name, or a recipe's composition."""
+    return COMPOSED[method][0] if method in COMPOSED else method
+
+
+def args_of(method: str, priority_args: dict[str, Any]) -> dict | None:
+    """The method's `priority_args`: given on the command line, else a composition's recipe's."""
+    return priority_args.get(method, COMPOSED[method][1] if method in COMPOSED else None)
+
+
 # (key, column header, better direction): the table's columns, in order
 METRICS = (
     ("nll_clean", "NLL clean ↓", "lower"),
@@ -137,7 +165,7 @@ PRESETS = {
     ),
     # Every registered method, 3 seeds, a larger slice: for a GPU (hours on a CPU)
     "full": dict(
-        methods=",".join(["trl_sft", "trl_dft", *available_priorities()]),
+        methods=",".join(["trl_sft", "trl_dft", *available_priorities(), *COMPOSED]),
         unlearn_methods="trl_sft,trl_dft,forgetting_data,critical",
         seeds="0,1,2",
         train_size=1024,
@@ -436,7 +464,7 @@ def columns_read(method: str, priority_args: dict | None) -> tuple[str, ...]:
     """The dataset columns a method reads (not those the trainer makes or derives from the text)."""
     if method in BASELINES:
         return ()
-    priority = get_priority(method)
+    priority = get_priority(priority_of(method))
     names = priority.statistics_from("data", priority.resolve_args(priority_args))
     specs = (DATA_STATISTICS[name] for name in names)
     return tuple(spec.column for spec in specs if not spec.generated and spec.column != "completion_mask")
@@ -487,7 +515,9 @@ def train(method: str, dataset: Dataset, cli, seed: int, model_path: str, tokeni
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora()
             )
         else:
-            args = PrioritySFTConfig(**common, priority=method, priority_args=cli.priority_args.get(method))
+            args = PrioritySFTConfig(
+                **common, priority=priority_of(method), priority_args=args_of(method, cli.priority_args)
+            )
             trainer = PrioritySFTTrainer(
                 model=model,
                 args=args,
@@ -546,11 +576,11 @@ class Prepared:
 
 def dataset_for(method: str, task: Task, cli, seed: int, prepared: Prepared) -> Dataset:
     """The task's rows with exactly the columns the method reads (TRL's trainer gets prompt and completion only)."""
-    reads = columns_read(method, cli.priority_args.get(method))
+    reads = columns_read(method, args_of(method, cli.priority_args))
     rows = task.rows
     if task.learn_only_unless_unlearn and "unlearn" not in reads:
         rows = rows.filter(lambda row: row["unlearn"] == 0.0)
-    problem = missing_columns(method, task.name, cli.priority_args.get(method))
+    problem = missing_columns(method, task.name, args_of(method, cli.priority_args))
     if problem:
         raise ValueError(problem[0].upper() + problem[1:] + ".")
     keep = ["prompt", "completion", *(c for c in reads if c not in COMPUTED_COLUMNS)]
@@ -577,7 +607,7 @@ def reads(method: str, priority_args: dict | None) -> list[str]:
     if method in ("base", *BASELINES):
         return []
     used = [f"`{column}`" for column in columns_read(method, priority_args)]
-    if get_priority(method).reference == "explicit":
+    if get_priority(priority_of(method)).reference == "explicit":
         used.append("reference: SFT on the clean rows")
     if "contrastive_score" in columns_read(method, priority_args):
         used.append("scored by SFT on the clean vs the wrong rows")
@@ -719,7 +749,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         cli.priority_args = json.loads(cli.priority_args)
     except json.JSONDecodeError as error:
         parser.error(f"--priority-args is not valid JSON ({error}): give an object such as '{{\"robustft\": {{}}}}'")
-    known = {"base", *BASELINES, *available_priorities()}
+    known = {"base", *BASELINES, *available_priorities(), *COMPOSED}
     unknown = [m for m in (*cli.methods, *cli.unlearn_methods) if m not in known]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
@@ -728,7 +758,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # A bad priority_args or a column the task lacks fails now, not mid-run
     for task, methods in (("noisy", cli.methods), ("unlearn", cli.unlearn_methods)):
         for method in methods:
-            problem = missing_columns(method, task, cli.priority_args.get(method))
+            problem = missing_columns(method, task, args_of(method, cli.priority_args))
             if problem:
                 parser.error(problem)
     return cli
@@ -765,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict:
             "task": task,
             "method": method,
             "seed": seed,
-            "reads": reads(method, cli.priority_args.get(method)),
+            "reads": reads(method, args_of(method, cli.priority_args)),
             "metrics": metrics,
             "train_s": round(train_s, 1),
             "eval_s": round(time.perf_counter() - start, 1),
@@ -789,7 +819,7 @@ def main(argv: list[str] | None = None) -> dict:
             task = by_name[task_name]
             dataset = dataset_for(method, task, cli, seed, prepared)
             ref_model = None
-            if method not in BASELINES and get_priority(method).reference == "explicit":
+            if method not in BASELINES and get_priority(priority_of(method)).reference == "explicit":
                 ref_model = prepared.model(task, seed, "clean")
             start = time.perf_counter()
             model = train(method, dataset, cli, seed, model_path, tokenizer, ref_model)

@@ -4,6 +4,7 @@ Importing this package registers every built-in method.
 """
 
 from . import contrastive, distribution, dynamics, external, intrinsic, reference, signed, weighting  # noqa: F401  (registration side effects)
+from .composed import ComposedPriority, compose
 from .registry import (
     Fraction,
     Hyperparameter,
@@ -20,6 +21,7 @@ from .registry import (
 
 
 __all__ = [
+    "ComposedPriority",
     "Fraction",
     "Hyperparameter",
     "NonNegative",
@@ -29,6 +31,7 @@ __all__ = [
     "Probability",
     "Range",
     "available_priorities",
+    "compose",
     "get_priority",
     "register_priority",
 ]
