@@ -43,7 +43,9 @@ def describe_priorities() -> list[dict[str, str]]:
             needs.append("distribution term (chunked, with gradient)")
         data = [stats_vocab.DATA_STATISTICS[s] for s in statistics if stats_vocab.source_of(s) == "data"]
         for spec in data:
-            if spec.derive is not None:
+            if spec.compute is not None:
+                needs.append(f"{spec.column} made from each row's own fields")
+            elif spec.derive is not None:
                 needs.append(f"spans found in the text (or a column {spec.column})")
             else:
                 needs.append(f"column {spec.column}" + (f" ({spec.level})" if spec.level != "token" else ""))

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from . import contrastive, distribution, dynamics, external, intrinsic, reference, signed, weighting  # noqa: F401  (registration side effects)
+from . import contrastive, distribution, dynamics, external, intrinsic, reference, signed, weighted, weighting  # noqa: F401  (registration side effects)
 from .composed import ComposedPriority, compose
 from .registry import (
     Fraction,
