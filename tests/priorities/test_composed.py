@@ -268,3 +268,64 @@ def test_list_shows_how_to_compose_and_every_example_composes(capsys):
     assert len(examples) == 3
     for line in examples:
         assert isinstance(get_priority(yaml.safe_load(line)["priority"]), ComposedPriority)
+
+
+def test_the_reference_cache_takes_a_composition(make_model, tokenizer, datasets_, make_args, tmp_path):
+    """The cache key covers the reference statistics and their settings, not the method: a composition whose part
+    reads `ref_logps` reuses what prift_prob alone cached, and training reads it back without a reference forward."""
+    calls = []
+
+    def reference(seed=1):
+        model = make_model(seed=seed)
+        model.register_forward_hook(lambda *_: calls.append(1))
+        return model
+
+    def trainer(priority):
+        return PrioritySFTTrainer(
+            model=make_model(),
+            args=make_args(priority=priority, ref_cache_dir=str(tmp_path / "cache")),
+            train_dataset=datasets_.prompt_completion(4),
+            processing_class=tokenizer,
+            ref_model=reference(),
+        )
+
+    alone = trainer("prift_prob")
+    assert not alone.ref_cache_entries[0].reused and calls
+    calls.clear()
+    composed = trainer({"product": ["dft", "prift_prob"]})
+    assert composed.ref_cache_entries[0].reused and composed.ref_cache_entries[0].key == alone.ref_cache_entries[0].key
+    composed.train()
+    assert not calls  # neither the cache fill nor training ran the reference
+
+
+def test_a_step_wide_selection_part_selects_over_the_whole_step(
+    make_model, tokenizer, datasets_, make_args, monkeypatch
+):
+    """min(rho1, sft) with two micro-batches per step: rho1's selection runs over both (its `scope: step`) with its
+    own ratio, and Φ is the selection itself (min with 1)."""
+    from trl_priority import trainer as trainer_module
+
+    selections, select_over_step = [], trainer_module.select_over_step
+
+    def spy(scores, masks, fraction, accelerator=None):
+        selections.append((len(scores), fraction))
+        return select_over_step(scores, masks, fraction, accelerator)
+
+    monkeypatch.setattr(trainer_module, "select_over_step", spy)
+    trainer = PrioritySFTTrainer(
+        model=make_model(),
+        args=make_args(
+            priority={"min": ["rho1", "sft"]},
+            priority_args={"rho1": {"ratio": 0.5}},
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+        ),
+        train_dataset=datasets_.prompt_completion(8),
+        processing_class=tokenizer,
+        ref_model=make_model(seed=1),
+    )
+    assert trainer.priority.selection.scope_of(trainer.priority_args) == "step"
+    trainer.train()
+    kept = [log["priority/kept_fraction"] for log in trainer.state.log_history if "priority/kept_fraction" in log]
+    assert kept and all(abs(value - 0.5) < 0.1 for value in kept)  # half of each step's tokens, whichever micro-batch
+    assert selections == [(2, 0.5), (2, 0.5)]  # one selection per optimizer step, over both of its micro-batches
