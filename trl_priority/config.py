@@ -33,7 +33,7 @@ class PrioritySFTConfig(SFTConfig):
         priority_args (`dict[str, Any]` or `str`, *optional*):
             Hyperparameters of the method, as documented in its docstring; unset ones take the paper's defaults. An
             unknown key or an out-of-range value is an error that lists the valid ones. A JSON string is accepted on
-            the command line.
+            the command line. For a composition, each part's under its name: `{"verifier": {"wrong_weight": -0.5}}`.
         priority_granularity (`str`, *optional*, defaults to `"token"`):
             The unit Φ is given to: `"token"`, `"word"` (Φ pooled over the tokens of each word, from the decoded
             tokens, so a number split into several tokens is kept or dropped whole) or `"span"` (pooled over labelled
@@ -101,8 +101,8 @@ class PrioritySFTConfig(SFTConfig):
     priority: str | None = field(
         default=None,
         metadata={
-            "help": "Token-priority method: a registered name (`trl-priority list`) or a callable. None trains exactly "
-            "as TRL's SFTTrainer."
+            "help": "Token-priority method: a registered name (`trl-priority list`), a callable, or a composition "
+            'such as \'{"product": ["verifier", "prift_prob"]}\'. None trains exactly as TRL\'s SFTTrainer.'
         },
     )
     priority_args: dict[str, Any] | str | None = field(

@@ -73,6 +73,12 @@ def combine(op: str, phis: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return (weight[:, None, None] * stacked).sum(0)
 
 
+def part_args(part: Priority, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The part's own hyperparameters, read from a composition's `<part>.<name>` arguments."""
+    prefix = f"{part.name}."
+    return {key[len(prefix) :]: value for key, value in args.items() if key.startswith(prefix)}
+
+
 def parse_spec(spec: Mapping[str, Any]) -> tuple[str, tuple[Any, ...], tuple[float, ...]]:
     """`(op, parts, weights)` of a composition written `{op: [names]}` or `{"sum": {name: weight}}`."""
     if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in OPERATIONS:
@@ -106,7 +112,6 @@ def parse_spec(spec: Mapping[str, Any]) -> tuple[str, tuple[Any, ...], tuple[flo
 class _PartSelection:
     """A part's `TopFraction`, read with the part's own hyperparameters out of the composition's arguments."""
 
-    composed: ComposedPriority
     part: Priority
 
     @property
@@ -126,13 +131,13 @@ class _PartSelection:
         return self.part.selection.scope
 
     def kept_fraction(self, args: Mapping[str, Any], progress: float) -> float:
-        return self.part.selection.kept_fraction(self.composed.part_args(self.part, args), progress)
+        return self.part.selection.kept_fraction(part_args(self.part, args), progress)
 
     def scope_of(self, args: Mapping[str, Any]) -> str:
-        return self.part.selection.scope_of(self.composed.part_args(self.part, args))
+        return self.part.selection.scope_of(part_args(self.part, args))
 
     def scores(self, statistics: Mapping[str, Any], args: Mapping[str, Any]) -> torch.Tensor:
-        return self.part.selection_scores(statistics, self.composed.part_args(self.part, args))
+        return self.part.selection_scores(statistics, part_args(self.part, args))
 
 
 @dataclass(frozen=True)
@@ -160,16 +165,11 @@ class ComposedPriority(Priority):
             return {"sum": dict(zip(names, self.weights))}
         return {self.op: names}
 
-    def part_args(self, part: Priority, args: Mapping[str, Any]) -> dict[str, Any]:
-        """The part's own hyperparameters, read from the composition's `<part>.<name>` arguments."""
-        prefix = f"{part.name}."
-        return {key[len(prefix) :]: value for key, value in args.items() if key.startswith(prefix)}
-
     def statistics_for(self, args: Mapping[str, Any] | None) -> tuple[str, ...]:
         names = [
             name
             for part in self.parts
-            for name in part.statistics_for(None if args is None else self.part_args(part, args))
+            for name in part.statistics_for(None if args is None else part_args(part, args))
         ]
         return tuple(name for name in dict.fromkeys(names) if name != "priority")
 
@@ -219,7 +219,7 @@ class ComposedPriority(Priority):
             resolved.update({f"{part.name}.{name}": value for name, value in own.items()})
         shared: dict[str, tuple[Any, str]] = {}
         for part in self.parts:
-            own = self.part_args(part, resolved)
+            own = part_args(part, resolved)
             for name in sorted(self.shared_names(part, own)):
                 if name in shared and shared[name][0] != own[name]:
                     raise PriorityError(
@@ -253,7 +253,7 @@ class ComposedPriority(Priority):
 
     def __call__(self, statistics: Mapping[str, torch.Tensor], args: Mapping[str, Any]) -> torch.Tensor:
         """Each part's Φ (each checked by its own contract), combined; 0 where `mask` is false."""
-        phis = [part(statistics, self.part_args(part, args)) for part in self.parts]  # each (B, T-1)
+        phis = [part(statistics, part_args(part, args)) for part in self.parts]  # each (B, T-1)
         phi = combine(self.op, phis, self.weights)  # (B, T-1)
         return torch.where(statistics["mask"], phi, 0.0)
 
@@ -325,8 +325,8 @@ def compose(op: str, parts: Sequence[Any] | Mapping[Any, float]) -> ComposedPrio
         "sum": " + ".join(f"{weight:g}·Φ_{part.name}" for part, weight in zip(members, weights)),
     }[op]
 
-    def composed(mask):  # the documentation of the combination; `ComposedPriority.__call__` computes Φ
-        return mask.float()
+    def composed(mask):  # the combination's documentation: Φ comes from calling the priority, which calls the parts
+        raise PriorityError(f"'{name}' computes Φ from its parts: call the priority, `priority(statistics, args)`.")
 
     composed.__doc__ = f"Composed priority: Φ_t = {formula}, each part with its own hyperparameters.\n\n" + "\n".join(
         f"{part.name}: {part.summary}" for part in members
@@ -337,7 +337,8 @@ def compose(op: str, parts: Sequence[Any] | Mapping[Any, float]) -> ComposedPrio
         for part in members
         for hp in part.hyperparameters.values()
     }
-    priority = ComposedPriority(
+    selecting = next((part for part in members if part.selection is not None), None)
+    return ComposedPriority(
         name=name,
         fn=composed,
         statistics=statistics,
@@ -345,25 +346,14 @@ def compose(op: str, parts: Sequence[Any] | Mapping[Any, float]) -> ComposedPrio
         regime=_regime(op, members, weights),
         paper="; ".join(f"{part.name}: {part.paper}" for part in members if part.paper),
         reference="explicit" if any(part.reference == "explicit" for part in members) else "starting_model",
+        # Settings that read the composition's arguments go through each part
+        trains_prompt_tokens=lambda args: any(part.trains_prompt(part_args(part, args)) for part in members),
+        uses_reference=lambda args: any(part.reference_used(part_args(part, args)) for part in members),
+        selection=None if selecting is None else _PartSelection(selecting),
         op=op,
         parts=members,
         weights=weights,
     )
-    # Settings that read the composition's arguments go through each part (frozen: set once, here)
-    object.__setattr__(
-        priority,
-        "trains_prompt_tokens",
-        lambda args: any(part.trains_prompt(priority.part_args(part, args)) for part in members),
-    )
-    object.__setattr__(
-        priority,
-        "uses_reference",
-        lambda args: any(part.reference_used(priority.part_args(part, args)) for part in members),
-    )
-    selecting = next((part for part in members if part.selection is not None), None)
-    if selecting is not None:
-        object.__setattr__(priority, "selection", _PartSelection(priority, selecting))
-    return priority
 
 
 def compose_from_spec(spec: Mapping[str, Any]) -> ComposedPriority:
