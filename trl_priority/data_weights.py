@@ -68,11 +68,21 @@ def _render(tokenizer, messages: Sequence[Mapping[str, Any]], example: Mapping[s
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True, **kwargs)["input_ids"])
 
 
-def message_ends(tokenizer, messages: Sequence[Mapping[str, Any]], input_ids: Sequence[int], example) -> list[int]:
+def message_ends(
+    tokenizer, messages: Sequence[Mapping[str, Any]], input_ids: Sequence[int], example, index: int = 0
+) -> list[int]:
     """For each message k, the token position where the first k + 1 messages end in `input_ids` (non-decreasing)."""
     ends, end = [], 0
     for k in range(1, len(messages) + 1):
-        end = max(end, common_prefix_length(_render(tokenizer, messages[:k], example), list(input_ids)))
+        try:
+            rendered = _render(tokenizer, messages[:k], example)
+        except Exception as error:  # a template that refuses a partial conversation (jinja's `raise_exception`)
+            raise ValueError(
+                f"Example {index}: its messages carry weights, which are placed by rendering the chat template on the "
+                f"first messages of the conversation, but the template refuses the first {k} ({error}). Give the "
+                "weight per example (a `weight` column) instead, or use a template that renders any prefix."
+            ) from error
+        end = max(end, common_prefix_length(rendered, list(input_ids)))
         ends.append(end)
     return ends
 
@@ -91,7 +101,7 @@ def message_token_weights(
         _weight(message.get("weight"), f"Example {index}, message {i} ({message.get('role', '?')})")
         for i, message in enumerate(messages)
     ]
-    ends = message_ends(tokenizer, messages, input_ids, example)
+    ends = message_ends(tokenizer, messages, input_ids, example, index)
     if ends[-1] == 0 and len(input_ids) > 0:
         raise ValueError(
             f"Example {index}: its messages carry weights, but the tokenizer's chat template does not render them as "

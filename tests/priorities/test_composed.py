@@ -197,6 +197,11 @@ def test_a_recipe_composes(tmp_path):
     shipped = Path(__file__).parents[2] / "recipes" / "verified_prift.yaml"
     _, training_args, _, _ = sft.make_parser().parse_args_and_config(["--config", str(shipped)])
     assert get_priority(training_args.priority).name == "product(verifier, prift_prob)"
+    # Flags override a recipe with a composition as JSON, as `trl-priority sft` passes them
+    flags = ["--priority", '{"min": ["dft", "prift_prob"]}', "--priority_args", '{"dft": {"signal": "reference"}}']
+    _, training_args, _, _ = sft.make_parser().parse_args_and_config(["--config", str(recipe), *flags])
+    assert training_args.priority_name == "min(dft, prift_prob)"
+    assert training_args.priority_args == {"dft": {"signal": "reference"}}
 
 
 def test_trains_and_weights_like_its_parts(make_model, tokenizer, datasets_, make_args, label_logps):

@@ -235,3 +235,17 @@ def test_readme_example_trains_each_turn_with_its_weight(tokenizer, make_model, 
     # By hand: the example's weight 2 times each turn's: 2·1, 2·(−0.5), 2·0.3, in the order of the turns
     turns = [value for i, value in enumerate(phi.tolist()) if i == 0 or phi[i - 1].item() != value]
     assert turns == pytest.approx([2.0, -1.0, 0.6])
+
+
+def test_a_template_that_refuses_a_partial_conversation_is_named(tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = (
+        "{% if messages[-1]['role'] != 'assistant' %}{{ raise_exception('the last message must be the assistant') }}"
+        "{% endif %}" + tokenizer.chat_template
+    )
+    messages, weight = CONVERSATIONS[0]
+    ids = strict.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    with pytest.raises(ValueError, match=r"Example 4: .* the template refuses the first 1 .*last message must be"):
+        message_token_weights({"messages": messages, "weight": weight, "input_ids": ids}, strict, 4)
