@@ -249,3 +249,14 @@ def test_a_template_that_refuses_a_partial_conversation_is_named(tokenizer):
     ids = strict.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     with pytest.raises(ValueError, match=r"Example 4: .* the template refuses the first 1 .*last message must be"):
         message_token_weights({"messages": messages, "weight": weight, "input_ids": ids}, strict, 4)
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_weights_are_truncated_with_the_tokens(truncation_mode, tokenizer, make_model, make_args):
+    trainer = trainer_for(
+        tokenizer, make_model, make_args, conversation_dataset(), max_length=40, truncation_mode=truncation_mode
+    )
+    cut = slice(None, 40) if truncation_mode == "keep_start" else slice(-40, None)
+    for row, (messages, weight) in zip(trainer.train_dataset, CONVERSATIONS):
+        ids, weights = hand_weights(tokenizer, messages, weight)
+        assert row["input_ids"] == ids[cut] and row["data_weight"] == weights[cut]
