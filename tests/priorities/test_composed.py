@@ -334,3 +334,33 @@ def test_a_step_wide_selection_part_selects_over_the_whole_step(
     kept = [log["priority/kept_fraction"] for log in trainer.state.log_history if "priority/kept_fraction" in log]
     assert kept and all(abs(value - 0.5) < 0.1 for value in kept)  # half of each step's tokens, whichever micro-batch
     assert selections == [(2, 0.5), (2, 0.5)]  # one selection per optimizer step, over both of its micro-batches
+
+
+def test_verified_prift_is_the_verifier_times_the_reference_probability(make_model, tokenizer, make_args, label_logps):
+    """product(verifier, prift_prob) against its parts computed apart: the verifier trained alone (its checker
+    finding the wrong step, `wrong_weight` from the composition's arguments) times q = p at step 0 (the reference is
+    the starting model), p from the full logits."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict(
+        {
+            "prompt": ["Tom has 3 apples and buys 4 more. How many apples? ", "A box holds 6 pens. How many in 2? "],
+            "completion": ["3 + 4 = 8 apples.\n#### 8", "6 * 2 = 12 pens.\n#### 12"],  # the first one is wrong
+        }
+    )
+
+    def trainer(priority, priority_args):
+        return PrioritySFTTrainer(
+            model=make_model(),
+            args=make_args(priority=priority, priority_args=priority_args),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+
+    composed = trainer({"product": ["verifier", "prift_prob"]}, {"verifier": {"wrong_weight": -0.5}})
+    alone = trainer("verifier", {"wrong_weight": -0.5})
+    batch = composed.data_collator(list(composed.train_dataset))
+    verdict_weights = alone.token_priorities(alone.data_collator(list(alone.train_dataset)))
+    assert (verdict_weights < 0).any() and (verdict_weights[1] >= 0).all()  # the checker marks the wrong result
+    expected = verdict_weights * label_logps(composed.model, batch).exp()
+    torch.testing.assert_close(composed.token_priorities(batch), expected, atol=1e-5, rtol=1e-4)
