@@ -176,13 +176,14 @@ class ComposedPriority(Priority):
     def selection_scores(self, statistics: Mapping[str, Any], args: Mapping[str, Any]) -> torch.Tensor:
         return self.selection.scores(statistics, args)
 
-    def shared_names(self, part: Priority, part_args: Mapping[str, Any]) -> set[str]:
-        """Hyperparameters of `part` that the trainer's shared machinery reads by their plain name: statistics
-        computed with them, a span column the part derives from the text."""
-        names = {hp for stat in part.statistics_for(part_args) for hp in stats_vocab.hyperparameters_of(stat)}
+    @staticmethod
+    def shared_names(part: Priority, own: Mapping[str, Any]) -> set[str]:
+        """Hyperparameters of `part` (resolved: `own`) that the trainer's shared machinery reads by their plain name:
+        statistics computed with them, a span column the part derives from the text."""
+        statistics = part.statistics_for(own)
+        names = {hp for stat in statistics for hp in stats_vocab.hyperparameters_of(stat)}
         derived = any(
-            getattr(stats_vocab.DATA_STATISTICS.get(stat), "derive", None) is not None
-            for stat in part.statistics_for(part_args)
+            getattr(stats_vocab.DATA_STATISTICS.get(stat), "derive", None) is not None for stat in statistics
         )
         if derived:  # `derive(completion, priority_args)` may read any of the part's hyperparameters
             names |= set(part.hyperparameters)
@@ -224,8 +225,8 @@ class ComposedPriority(Priority):
                 if name in shared and shared[name][0] != own[name]:
                     raise PriorityError(
                         f"In '{self.name}', '{shared[name][1]}' and '{part.name}' both set `{name}` ({shared[name][0]!r} "
-                        f"and {own[name]!r}), which a statistic, a derived column or a loss term of the run reads "
-                        "once. Give both parts the same value."
+                        f"and {own[name]!r}), which a statistic or a derived column of the run reads once. Give "
+                        "both parts the same value."
                     )
                 shared[name] = (own[name], part.name)
         for key, value in plain.items():
