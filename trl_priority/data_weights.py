@@ -22,9 +22,9 @@ weight. A message's tokens are found by rendering the chat template on the prefi
 owns the tokens from where the first k − 1 messages end to where the first k end (its role header and end-of-turn
 tokens included), each end taken as the longest common prefix of that rendering and the row's `input_ids`, so a
 template that renders an earlier turn differently once the conversation goes on (dropping a reasoning block, say)
-moves a boundary back instead of misaligning every token after it. Tokens past the last message's end (a generation
-prompt, an EOS) belong to the last message. Truncation, packing and padding-free then carry the column like the
-tokens (`trl_priority.data`).
+moves a boundary back instead of misaligning every token after it. The whole conversation must render to the
+tokenized row itself (an error otherwise: another chat template was used). Truncation, packing and padding-free then
+carry the column like the tokens (`trl_priority.data`).
 """
 
 from __future__ import annotations
@@ -102,16 +102,15 @@ def message_token_weights(
         for i, message in enumerate(messages)
     ]
     ends = message_ends(tokenizer, messages, input_ids, example, index)
-    if ends[-1] == 0 and len(input_ids) > 0:
+    if ends[-1] != len(input_ids):  # the whole conversation, rendered, must be the row TRL tokenized
         raise ValueError(
-            f"Example {index}: its messages carry weights, but the tokenizer's chat template does not render them as "
-            "the row was tokenized (no common prefix with `input_ids`), so no token can be given to its message. "
-            "Tokenize with the tokenizer's own chat template (`chat_template_path` is not supported here)."
+            f"Example {index}: its messages carry weights, but the tokenizer's chat template renders the conversation "
+            f"differently from the tokenized row (they agree on {ends[-1]} of {len(input_ids)} tokens), so its "
+            "tokens cannot be given to their messages. Tokenize with the tokenizer's own chat template "
+            "(`chat_template_path` is not supported with per-message weights), or give a `weight` column instead."
         )
     per_token, start = [], 0
-    for k, end in enumerate(ends):
-        if k == len(ends) - 1:
-            end = len(input_ids)  # what follows the last message (a generation prompt, an EOS) is the last message's
-        per_token += [weights[k] * row_weight] * (end - start)
+    for weight, end in zip(weights, ends):
+        per_token += [weight * row_weight] * (end - start)
         start = end
     return per_token

@@ -260,3 +260,11 @@ def test_weights_are_truncated_with_the_tokens(truncation_mode, tokenizer, make_
     for row, (messages, weight) in zip(trainer.train_dataset, CONVERSATIONS):
         ids, weights = hand_weights(tokenizer, messages, weight)
         assert row["input_ids"] == ids[cut] and row["data_weight"] == weights[cut]
+
+
+def test_a_row_tokenized_with_another_template_is_named(tokenizer):
+    messages, weight = CONVERSATIONS[0]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    other = ids[:10] + [tokenizer.pad_token_id] + ids[10:]  # one token more, mid-way
+    with pytest.raises(ValueError, match=r"Example 2: .* renders the conversation differently .* agree on 10 of"):
+        message_token_weights({"messages": messages, "weight": weight, "input_ids": other}, tokenizer, 2)
