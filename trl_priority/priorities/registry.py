@@ -452,7 +452,7 @@ def register_priority(
     return decorator if fn is None else decorator(fn)
 
 
-def get_priority(priority: str | Callable | Priority) -> Priority:
+def get_priority(priority: str | Callable | Priority | Mapping[str, Any]) -> Priority:
     """Look up a registered priority by name; a plain callable is wrapped as an unregistered soft priority, and a
     mapping `{op: parts}` combines registered ones (`trl_priority.priorities.composed`)."""
     if isinstance(priority, Priority):
