@@ -11,6 +11,10 @@ with a paired bootstrap 95% interval over the held-out problems; a `*` marks the
     python scripts/benchmark_quality.py                  # the default table: hours on 2 CPU cores, resumable
     python scripts/benchmark_quality.py --methods asft,verifier --seeds 0,1     # add rows to the same table
     python scripts/benchmark_quality.py --full           # every method, 3 seeds, larger slices: for a GPU
+    python scripts/benchmark_quality.py --methods trl_sft,verifier,prift_prob,verified_prift   # a composition
+
+A composed priority runs under its recipe's name (`verified_prift`: verifier × PriFT-prob, `COMPOSED_RECIPES`),
+with the recipe's `priority_args` unless `--priority-args` gives its own.
 
 Data. GSM8K's train.jsonl gives the noisy task's training problems. example_model_solutions.jsonl (1,000 GSM8K
 test-split questions with ground truths) gives everything held out, split by file order into three disjoint parts
@@ -91,8 +95,8 @@ Outputs in `--output-dir`: `quality.md` (the values, then the differences to `tr
 (one panel per metric: each method's difference to `trl_sft` and its interval), `quality_runs.jsonl` (the finished
 rows). One file on purpose: a benchmark is read and run in one place.
 
-TODO(objectives issue): the composed verifier × prift_prob method joins the default list by itself once it is
-registered as `verified_prift` (see DEFAULT_METHODS).
+The default list ends with `verified_prift`, the composed verifier × PriFT-prob of `recipes/verified_prift.yaml`
+(`COMPOSED_RECIPES`).
 """
 
 from __future__ import annotations
@@ -135,6 +139,30 @@ from trl_priority.statistics import DATA_STATISTICS
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = {"trl_sft": "nll", "trl_dft": "dft"}  # TRL's own SFTTrainer, by loss_type
 REFERENCE = "trl_sft"  # every difference is taken to this method, on the same task
+# Composed priorities, by the recipe that names them: method -> (`priority`, default `priority_args`) of the recipe
+COMPOSED_RECIPES = ("verified_prift",)
+
+
+def _composition(recipe: str) -> tuple[dict, dict]:
+    import yaml
+
+    settings = yaml.safe_load((REPO / "recipes" / f"{recipe}.yaml").read_text())
+    return settings["priority"], settings.get("priority_args") or {}
+
+
+COMPOSED = {recipe: _composition(recipe) for recipe in COMPOSED_RECIPES}
+
+
+def priority_of(method: str):
+    """What `PrioritySFTConfig.priority` is for a method of this benchmark: its name, or a recipe's composition."""
+    return COMPOSED[method][0] if method in COMPOSED else method
+
+
+def args_of(method: str, priority_args: dict[str, Any]) -> dict | None:
+    """The method's `priority_args`: given on the command line, else a composition's recipe's."""
+    return priority_args.get(method, COMPOSED[method][1] if method in COMPOSED else None)
+
+
 # (key, column header, better direction): the table's columns, in order
 METRICS = (
     ("nll_clean", "NLL clean ↓", "lower"),
@@ -165,10 +193,8 @@ COMPUTED_COLUMNS = ("contrastive_score", "information_gain")
 # The default table: the base model (always evaluated, once), TRL's two losses, and the methods for noisy data
 DEFAULT_METHODS = [
     "base", "trl_sft", "trl_dft", "prift_prob", "prift_mass", "eaft", "profit", "target_sft", "asft", "verifier",
-    "robustft",
+    "robustft", "verified_prift",
 ]  # fmt: skip
-if "verified_prift" in available_priorities():  # TODO(objectives issue): the composed verifier × prift_prob recipe
-    DEFAULT_METHODS.append("verified_prift")
 
 PRESETS = {
     # Sized to resolve differences of a few points (issue 22): 128 training problems (38 corrupted), one epoch at
@@ -189,7 +215,7 @@ PRESETS = {
     ),
     # Every registered method, 3 seeds, a larger slice: for a GPU (days on a CPU)
     "full": dict(
-        methods=",".join(["trl_sft", "trl_dft", *available_priorities()]),
+        methods=",".join(["trl_sft", "trl_dft", *available_priorities(), *COMPOSED]),
         unlearn_methods="trl_sft,trl_dft,forgetting_data,critical",
         seeds="0,1,2",
         train_size=1024,
@@ -616,7 +642,7 @@ def columns_read(method: str, priority_args: dict | None) -> tuple[str, ...]:
     """The dataset columns a method reads (not those the trainer makes or derives from the text)."""
     if method in BASELINES:
         return ()
-    priority = get_priority(method)
+    priority = get_priority(priority_of(method))
     names = priority.statistics_from("data", priority.resolve_args(priority_args))
     specs = (DATA_STATISTICS[name] for name in names)
     return tuple(spec.column for spec in specs if not spec.generated and spec.column != "completion_mask")
@@ -673,7 +699,9 @@ def train(method: str, dataset: Dataset, cli, seed: int, model_path: str, tokeni
                 model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora()
             )
         else:
-            args = PrioritySFTConfig(**common, priority=method, priority_args=cli.priority_args.get(method))
+            args = PrioritySFTConfig(
+                **common, priority=priority_of(method), priority_args=args_of(method, cli.priority_args)
+            )
             trainer = PrioritySFTTrainer(
                 model=model,
                 args=args,
@@ -741,16 +769,16 @@ def rows_of(task: Task, which: str) -> Dataset:
 def trained_rows(method: str, task: Task, cli) -> str:
     """Which rows a method trains on (see `rows_of`): on the unlearn task, the wrong solutions too only for methods
     that read `unlearn`."""
-    if task.learn_only_unless_unlearn and "unlearn" not in columns_read(method, cli.priority_args.get(method)):
+    if task.learn_only_unless_unlearn and "unlearn" not in columns_read(method, args_of(method, cli.priority_args)):
         return "clean"
     return "all"
 
 
 def dataset_for(method: str, task: Task, cli, seed: int, prepared: Prepared) -> Dataset:
     """The task's rows with exactly the columns the method reads (TRL's trainer gets prompt and completion only)."""
-    reads = columns_read(method, cli.priority_args.get(method))
+    reads = columns_read(method, args_of(method, cli.priority_args))
     rows = rows_of(task, trained_rows(method, task, cli))
-    problem = missing_columns(method, task.name, cli.priority_args.get(method))
+    problem = missing_columns(method, task.name, args_of(method, cli.priority_args))
     if problem:
         raise ValueError(problem[0].upper() + problem[1:] + ".")
     keep = ["prompt", "completion", *(c for c in reads if c not in COMPUTED_COLUMNS)]
@@ -765,8 +793,8 @@ def prepared_models(method: str, cli) -> tuple[str, ...]:
     """The models `Prepared` trains before `method` can run: SFT on the "clean" rows, on the "wrong" rows."""
     if method in ("base", *BASELINES):
         return ()
-    needs = ["clean"] if get_priority(method).reference == "explicit" else []
-    if "contrastive_score" in columns_read(method, cli.priority_args.get(method)):
+    needs = ["clean"] if get_priority(priority_of(method)).reference == "explicit" else []
+    if "contrastive_score" in columns_read(method, args_of(method, cli.priority_args)):
         needs += ["clean", "wrong"]
     return tuple(dict.fromkeys(needs))
 
@@ -964,7 +992,7 @@ def reads(method: str, priority_args: dict | None) -> list[str]:
     if method in ("base", *BASELINES):
         return []
     used = [f"`{column}`" for column in columns_read(method, priority_args)]
-    if get_priority(method).reference == "explicit":
+    if get_priority(priority_of(method)).reference == "explicit":
         used.append("reference: SFT on the clean rows")
     if "contrastive_score" in columns_read(method, priority_args):
         used.append("scored by SFT on the clean vs the wrong rows")
@@ -1183,7 +1211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         cli.priority_args = json.loads(cli.priority_args)
     except json.JSONDecodeError as error:
         parser.error(f"--priority-args is not valid JSON ({error}): give an object such as '{{\"robustft\": {{}}}}'")
-    known = {"base", *BASELINES, *available_priorities()}
+    known = {"base", *BASELINES, *available_priorities(), *COMPOSED}
     unknown = [m for m in (*cli.methods, *cli.unlearn_methods) if m not in known]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(known))}")
@@ -1192,7 +1220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # A bad priority_args or a column the task lacks fails now, not mid-run
     for task, methods in (("noisy", cli.methods), ("unlearn", cli.unlearn_methods)):
         for method in methods:
-            problem = missing_columns(method, task, cli.priority_args.get(method))
+            problem = missing_columns(method, task, args_of(method, cli.priority_args))
             if problem:
                 parser.error(problem)
     return cli
@@ -1249,8 +1277,8 @@ def main(argv: list[str] | None = None) -> dict:
             "method": method,
             "seed": seed,
             "settings_key": key,
-            "priority_args": cli.priority_args.get(method),
-            "reads": reads(method, cli.priority_args.get(method)),
+            "priority_args": args_of(method, cli.priority_args),
+            "reads": reads(method, args_of(method, cli.priority_args)),
             "metrics": metrics_of(per_problem),
             "per_problem": per_problem,
             "train_s": round(train_s, 1),
@@ -1283,7 +1311,7 @@ def main(argv: list[str] | None = None) -> dict:
         task = tasks[task_name]
         dataset = dataset_for(method, task, cli, seed, prepared)
         ref_model = None
-        if method not in BASELINES and get_priority(method).reference == "explicit":
+        if method not in BASELINES and get_priority(priority_of(method)).reference == "explicit":
             ref_model = prepared.model(task, seed, "clean")
         train_tokens = run_tokens(sequence_tokens(tokenizer, dataset, cli.max_length), cli)
         start = time.perf_counter()

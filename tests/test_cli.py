@@ -17,8 +17,8 @@ from trl_priority.scripts import sft
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # Recipes that are not named after their method
 NOT_A_METHOD = {"quickstart", "rho1_reference", "token_cleaning_reference"}
-# A method's recipe in another setting (its own recipe is `<method>.yaml`): recipe -> method
-VARIANTS = {"qlora": "prift_prob"}
+# A method's recipe in another setting (its own recipe is `<method>.yaml`), or a composition: recipe -> `priority`
+VARIANTS = {"qlora": "prift_prob", "verified_prift": {"product": ["verifier", "prift_prob"]}}
 
 
 def parse(recipe: Path, *overrides: str):

@@ -120,8 +120,9 @@ def check_page_against_trainer(page: Page, trainer, rows, label_logps, reference
         ("rho1.yaml", "model", 0.0, {"kept", "dropped"}),  # a trained reference; selection over the shown rows
         ("prift_mass.yaml", "model", 0.0, None),  # reads ref_mass only: p_ref from one more reference pass
         ("forgetting_data.yaml", None, 1.0, {"kept", "negative"}),  # signed, at the end of its schedule
+        ("verified_prift.yaml", "adapter off", 0.0, None),  # a composition: verifier × prift_prob
     ],
-    ids=["prift_prob", "rho1", "prift_mass", "forgetting_data"],
+    ids=["prift_prob", "rho1", "prift_mass", "forgetting_data", "verified_prift"],
 )
 def test_page_shows_the_trainers_priorities(recipe, reference, progress, classes, tmp_path, model_dir, label_logps):
     from transformers import AutoModelForCausalLM
@@ -136,7 +137,8 @@ def test_page_shows_the_trainers_priorities(recipe, reference, progress, classes
     page = Page(inspect.render_html([inspection]))
     phi = check_page_against_trainer(page, trainer, rows, label_logps, reference)
 
-    assert [m["method"] for m in page.methods] == [recipe.removesuffix(".yaml")]
+    composed = {"verified_prift.yaml": "product(verifier, prift_prob)"}  # a composition shows its parts
+    assert [m["method"] for m in page.methods] == [composed.get(recipe, recipe.removesuffix(".yaml"))]
     mask = trainer.data_collator(rows)["labels"][:, 1:] != -100  # (N, T-1)
     supervised = phi.cpu()[mask]
     overall = page.methods[0]["overall"]

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .config import PrioritySFTConfig
 from .objectives import LossTerm
-from .priorities import Priority, PriorityError, available_priorities, get_priority, register_priority
+from .priorities import Priority, PriorityError, available_priorities, compose, get_priority, register_priority
 from .ref_cache import precompute_reference_statistics
 from .trainer import PrioritySFTTrainer
 
@@ -28,6 +28,7 @@ __all__ = [
     "PrioritySFTConfig",
     "PrioritySFTTrainer",
     "available_priorities",
+    "compose",
     "get_priority",
     "precompute_reference_statistics",
     "register_priority",

@@ -43,7 +43,9 @@ def describe_priorities() -> list[dict[str, str]]:
             needs.append("distribution term (chunked, with gradient)")
         data = [stats_vocab.DATA_STATISTICS[s] for s in statistics if stats_vocab.source_of(s) == "data"]
         for spec in data:
-            if spec.derive is not None:
+            if spec.compute is not None:
+                needs.append(f"{spec.column} made from each row's own fields")
+            elif spec.derive is not None:
                 needs.append(f"spans found in the text (or a column {spec.column})")
             else:
                 needs.append(f"column {spec.column}" + (f" ({spec.level})" if spec.level != "token" else ""))
@@ -76,7 +78,18 @@ def _print_list() -> int:
     for row in [dict(zip(columns, columns)), *rows]:
         print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip())
     print("\nEach method's docstring gives its formula and choices: help(trl_priority.get_priority('<method>').fn)")
+    print(COMPOSING)
     return 0
+
+
+COMPOSING = """
+Compose registered methods in a recipe (each part's hyperparameters under its name; trl_priority/priorities/composed.py):
+  priority: {product: [verifier, prift_prob]}      # Φ = Φ_verifier · Φ_prift_prob   (recipes/verified_prift.yaml)
+  priority: {min: [profit, faithful]}              # Φ = min(Φ_profit, Φ_faithful)
+  priority: {sum: {dft: 0.5, sft: 0.5}}            # Φ = 0.5·Φ_dft + 0.5·Φ_sft
+  priority_args: {verifier: {wrong_weight: -0.5}}
+Signed if any part is; hard if every part is and the op is product or min. At most one part may select tokens;
+methods with loss terms (asft, target_sft) do not compose."""
 
 
 def _run_sft(argv: list[str], command: str = "sft") -> int:

@@ -22,15 +22,18 @@ class PrioritySFTConfig(SFTConfig):
     Parameters:
         > Parameters that control the token priority
 
-        priority (`str` or `Callable`, *optional*):
+        priority (`str`, `dict` or `Callable`, *optional*):
             The method that weights each target token's loss: a registered name (see
-            `trl_priority.available_priorities()` or `trl-priority list`), or a function of per-token statistics
-            (see `trl_priority.register_priority`). The loss is `Σ_t Φ_t · (−log π_θ(y_t)) / N`, with N the number of
-            supervised tokens TRL normalises by. `None` trains exactly as `SFTTrainer`.
+            `trl_priority.available_priorities()` or `trl-priority list`), a function of per-token statistics
+            (see `trl_priority.register_priority`), or a combination of registered ones, `{"product": [a, b]}`,
+            `{"min": [a, b]}` or `{"sum": {a: w_a, b: w_b}}` (a JSON string on the command line; each part's
+            hyperparameters go under its name in `priority_args`: `trl_priority.priorities.composed`). The loss is
+            `Σ_t Φ_t · (−log π_θ(y_t)) / N`, with N the number of supervised tokens TRL normalises by. `None` trains
+            exactly as `SFTTrainer`.
         priority_args (`dict[str, Any]` or `str`, *optional*):
             Hyperparameters of the method, as documented in its docstring; unset ones take the paper's defaults. An
             unknown key or an out-of-range value is an error that lists the valid ones. A JSON string is accepted on
-            the command line.
+            the command line. For a composition, each part's under its name: `{"verifier": {"wrong_weight": -0.5}}`.
         priority_granularity (`str`, *optional*, defaults to `"token"`):
             The unit Φ is given to: `"token"`, `"word"` (Φ pooled over the tokens of each word, from the decoded
             tokens, so a number split into several tokens is kept or dropped whole) or `"span"` (pooled over labelled
@@ -101,8 +104,8 @@ class PrioritySFTConfig(SFTConfig):
     priority: str | None = field(
         default=None,
         metadata={
-            "help": "Token-priority method: a registered name (`trl-priority list`) or a callable. None trains exactly "
-            "as TRL's SFTTrainer."
+            "help": "Token-priority method: a registered name (`trl-priority list`), a callable, or a composition "
+            'such as \'{"product": ["verifier", "prift_prob"]}\'. None trains exactly as TRL\'s SFTTrainer.'
         },
     )
     priority_args: dict[str, Any] | str | None = field(
@@ -189,6 +192,15 @@ class PrioritySFTConfig(SFTConfig):
     def __post_init__(self):
         # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
         # the error to show, before any model is loaded or anything is written.
+        if isinstance(self.priority, str) and self.priority.lstrip().startswith("{"):
+            # A composition given on the command line as JSON: '{"product": ["verifier", "prift_prob"]}'
+            try:
+                self.priority = json.loads(self.priority)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`priority` looks like a JSON composition but is not valid JSON ({error.msg} at character "
+                    f"""{error.pos}): {self.priority!r}. Write e.g. '{{"product": ["verifier", "prift_prob"]}}'."""
+                ) from None
         if isinstance(self.priority_args, str):
             try:
                 self.priority_args = json.loads(self.priority_args)

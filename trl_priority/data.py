@@ -131,6 +131,14 @@ def expand_columns(
         if column == "word_index" and spec.generated:
             out[column] = word_indices(example["input_ids"], tokenizer)
             continue
+        if spec.compute is not None:  # made from the raw example's own fields (per-message weights)
+            values = spec.compute(example, tokenizer, index, dict(priority_args or {}))
+            if len(values) != length:
+                raise ValueError(
+                    f"Example {index}: column '{column}' was made with {len(values)} values for {length} tokens."
+                )
+            out[column] = [float(v) for v in values]
+            continue
         if spec.derive is not None and example.get(column) is None:
             # Spans the method finds in the completion text itself (a marker, a checker's verdicts), unless the
             # dataset gives them in the column: labels given win over derivation

@@ -134,6 +134,9 @@ class DataStatistic:
             column is made from the completion as the model sees it (a final-answer marker, a checker's verdicts).
             An example that has the column itself (spans, not None) keeps its own spans: labels win over derivation.
         enumerate_spans: a span statistic whose value is the span's number (1, 2, ...): span identities.
+        compute: for a token statistic made from the raw example itself, `compute(example, tokenizer, index,
+            priority_args) -> one value per token of input_ids`: the tokenized row still carries its raw fields
+            (`messages`, `prompt`, `completion`, other columns), so a value can come from them (per-message weights).
     """
 
     column: str
@@ -143,6 +146,7 @@ class DataStatistic:
     generated: bool = False
     derive: Callable[[str, Mapping[str, Any]], list] | None = None
     enumerate_spans: bool = False
+    compute: Callable[[Mapping[str, Any], Any, int, Mapping[str, Any]], list] | None = None
 
 
 DATA_STATISTICS: dict[str, DataStatistic] = {}
@@ -172,6 +176,7 @@ def register_data_statistic(
     hint: str = "",
     derive: Callable[[str, Mapping[str, Any]], list] | None = None,
     enumerate_spans: bool = False,
+    compute: Callable[[Mapping[str, Any], Any, int, Mapping[str, Any]], list] | None = None,
     overwrite: bool = False,
 ) -> DataStatistic:
     """Make a dataset column readable by priorities as the statistic `name` (the column defaults to `name`).
@@ -189,8 +194,15 @@ def register_data_statistic(
         raise ValueError(f"A statistic named '{name}' already exists; pass `overwrite=True` to replace it.")
     if derive is not None and level != "span":
         raise ValueError(f"Data statistic '{name}': `derive` makes spans, so its level must be 'span'.")
+    if compute is not None and level != "token":
+        raise ValueError(
+            f"Data statistic '{name}': `compute` makes one value per token, so its level must be 'token'."
+        )
     hint = hint or f"add a '{column or name}' column"
-    statistic = DataStatistic(column or name, level, float(padding), hint, derive is not None, derive, enumerate_spans)
+    generated = derive is not None or compute is not None
+    statistic = DataStatistic(
+        column or name, level, float(padding), hint, generated, derive, enumerate_spans, compute=compute
+    )
     DATA_STATISTICS[name] = statistic
     return statistic
 

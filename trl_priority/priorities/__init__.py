@@ -7,13 +7,15 @@ from . import (  # noqa: F401  (registration side effects)
     contrastive,
     distribution,
     dynamics,
-    example_level,  # noqa: F401  (registration side effects)
+    example_level,
     external,
     intrinsic,
     reference,
     signed,
+    weighted,
     weighting,
 )
+from .composed import ComposedPriority, compose
 from .registry import (
     Fraction,
     Hyperparameter,
@@ -30,6 +32,7 @@ from .registry import (
 
 
 __all__ = [
+    "ComposedPriority",
     "Fraction",
     "Hyperparameter",
     "NonNegative",
@@ -39,6 +42,7 @@ __all__ = [
     "Probability",
     "Range",
     "available_priorities",
+    "compose",
     "get_priority",
     "register_priority",
 ]

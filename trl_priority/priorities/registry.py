@@ -452,10 +452,15 @@ def register_priority(
     return decorator if fn is None else decorator(fn)
 
 
-def get_priority(priority: str | Callable | Priority) -> Priority:
-    """Look up a registered priority by name; a plain callable is wrapped as an unregistered soft priority."""
+def get_priority(priority: str | Callable | Priority | Mapping[str, Any]) -> Priority:
+    """Look up a registered priority by name; a plain callable is wrapped as an unregistered soft priority, and a
+    mapping `{op: parts}` combines registered ones (`trl_priority.priorities.composed`)."""
     if isinstance(priority, Priority):
         return priority
+    if isinstance(priority, Mapping):  # a composition, `{"product": ["verifier", "prift_prob"]}`: composed.py
+        from .composed import compose_from_spec
+
+        return compose_from_spec(priority)
     if isinstance(priority, str):
         if priority not in _REGISTRY:
             close = difflib.get_close_matches(priority, _REGISTRY, n=1)
