@@ -65,11 +65,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer()
 
 
-def _tiny_llama(vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int) -> LlamaForCausalLM:
+def _tiny_llama(
+    vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int, hidden_size: int = 32
+) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -82,17 +84,29 @@ def _tiny_llama(vocab_size: int, seed: int, pad_token_id: int, eos_token_id: int
     return LlamaForCausalLM(config)
 
 
-def build_model(tokenizer, seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
-    """A fresh 2-layer Llama (about 30k parameters), float32, for `tokenizer`."""
-    return _tiny_llama(vocab_size or len(tokenizer), seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+def build_model(tokenizer, seed: int = 0, vocab_size: int | None = None, hidden_size: int = 32) -> LlamaForCausalLM:
+    """A fresh 2-layer Llama (about 30k parameters at hidden size 32), float32, for `tokenizer`."""
+    return _tiny_llama(vocab_size or len(tokenizer), seed, tokenizer.pad_token_id, tokenizer.eos_token_id, hidden_size)
+
+
+# bitsandbytes' CPU 4-bit kernels on processors with AVX512-BF16 repack each weight in blocks of 64 input features
+# (absmax reshaped to (N, K // 64)): a layer narrower than 64 fails there (`shape '[32, 0]' is invalid`), so the
+# QLoRA tests build their model this wide.
+QLORA_HIDDEN_SIZE = 64
 
 
 def save_model_dir(
-    directory, tokenizer, seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True
+    directory,
+    tokenizer,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    with_tokenizer: bool = True,
+    hidden_size: int = 32,
 ) -> str:
     """`build_model(tokenizer, seed)` and its tokenizer saved as a model folder under `directory`; returns the path."""
-    path = os.path.join(directory, f"tiny-llama-{seed}-{vocab_size or len(tokenizer)}")
-    build_model(tokenizer, seed, vocab_size).save_pretrained(path)
+    width = "" if hidden_size == 32 else f"-h{hidden_size}"
+    path = os.path.join(directory, f"tiny-llama-{seed}-{vocab_size or len(tokenizer)}{width}")
+    build_model(tokenizer, seed, vocab_size, hidden_size).save_pretrained(path)
     if with_tokenizer:
         tokenizer.save_pretrained(path)
     return str(path)
@@ -138,10 +152,10 @@ class StopAfter(TrainerCallback):
 
 @pytest.fixture
 def make_model(tokenizer):
-    """`make_model(seed=0, vocab_size=None)`: a fresh 2-layer Llama (about 30k parameters), float32."""
+    """`make_model(seed=0, vocab_size=None, hidden_size=32)`: a fresh 2-layer Llama (about 30k parameters), float32."""
 
-    def make(seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
-        return build_model(tokenizer, seed, vocab_size)
+    def make(seed: int = 0, vocab_size: int | None = None, hidden_size: int = 32) -> LlamaForCausalLM:
+        return build_model(tokenizer, seed, vocab_size, hidden_size)
 
     return make
 
@@ -150,8 +164,8 @@ def make_model(tokenizer):
 def model_dir(tmp_path, tokenizer):
     """`model_dir(seed=0)`: the tiny model and its tokenizer saved as a model folder; returns the path."""
 
-    def save(seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True) -> str:
-        return save_model_dir(tmp_path, tokenizer, seed, vocab_size, with_tokenizer)
+    def save(seed: int = 0, vocab_size: int | None = None, with_tokenizer: bool = True, hidden_size: int = 32) -> str:
+        return save_model_dir(tmp_path, tokenizer, seed, vocab_size, with_tokenizer, hidden_size)
 
     return save
 

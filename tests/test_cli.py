@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import QLORA_HIDDEN_SIZE
 from trl_priority import available_priorities, get_priority
 from trl_priority.cli import describe_priorities, main
 from trl_priority.scripts import sft
@@ -84,7 +85,7 @@ def gsm8k_with_columns(folder: Path, columns: list[str], tokens: list[str] = (),
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
 def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tmp_path, model_dir):
-    model = model_dir(seed=0)
+    model = model_dir(seed=0, hidden_size=QLORA_HIDDEN_SIZE if "4bit" in recipe.read_text() else 32)
     overrides = [
         "--model_name_or_path", model,
         "--output_dir", str(tmp_path / "run"),
