@@ -35,10 +35,13 @@ import json
 import os
 import sys
 
+from transformers import TrainerCallback
+
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from tests.conftest import (  # noqa: E402
+    StopAfter,
     build_args,
     build_model,
     build_tokenizer,
@@ -63,6 +66,9 @@ CASES = {
     "forgetting": dict(priority="forgetting", reference_seed=1),  # signed Φ, a step-wide top-70% selection
     # asft in bf16 mixed precision (FSDP2 casts the forward's inputs; compared with float32 to bf16 tolerance)
     "asft_bf16": dict(priority="asft", bf16=True),
+    # rho1 stopped after step 2 (its checkpoint written), resumed from it in a new trainer, and saved with
+    # `save_model`: the engine's own checkpoint and model folder (ZeRO-3: 16-bit gathered; FSDP2: FULL_STATE_DICT)
+    "rho1_resume": dict(priority="rho1", priority_args={"ratio": 0.5}, reference_seed=1, stop_and_resume=2),
     # rho1 reading its reference from `ref_cache_dir`, filled by these processes before training
     "rho1_ref_cache": dict(priority="rho1", priority_args={"ratio": 0.5}, reference_seed=1, ref_cache=True),
     # Controls: each rank normalises by its own tokens / selects among its own tokens
@@ -88,6 +94,9 @@ def run_case(name: str, output_dir: str, engine: str = "ddp", bf16: bool = False
     accumulation = settings.pop("accumulation", 1)
     if settings.pop("ref_cache", False):
         settings["ref_cache_dir"] = os.path.join(output_dir, "ref_cache")
+    stop_at = settings.pop("stop_and_resume", None)
+    if stop_at is not None:
+        settings.update(save_strategy="steps", save_steps=stop_at)
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     per_device, remainder = divmod(GLOBAL_BATCH, num_processes * accumulation)
     if remainder or per_device == 0:
@@ -98,26 +107,43 @@ def run_case(name: str, output_dir: str, engine: str = "ddp", bf16: bool = False
     tokenizer = build_tokenizer()
     # DeepSpeed is used only when accelerate is not told `cpu`; then it finds no device backend and needs gloo named
     placement = dict(use_cpu=False, ddp_backend="gloo") if engine.startswith("zero") else dict(use_cpu=True)
-    args = build_args(
-        os.path.join(directory, "run"),
-        max_steps=STEPS,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
-        learning_rate=1e-2,  # large enough that a wrong gradient shows in the weights after a few steps
-        **{"bf16": bf16, "average_tokens_across_devices": True, **placement, **settings},
-    )
-    state = args.distributed_state  # set up by the arguments, as the trainer will find it
+
+    def new_args():  # new arguments for each trainer: under DeepSpeed a second trainer may not reuse the first's
+        return build_args(
+            os.path.join(directory, "run"),
+            max_steps=STEPS,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=1e-2,  # large enough that a wrong gradient shows in the weights after a few steps
+            **{"bf16": bf16, "average_tokens_across_devices": True, **placement, **settings},
+        )
+
+    state = new_args().distributed_state  # set up by the arguments, as the trainer will find it
     if reference_seed is not None:
         with state.main_process_first():  # the main process writes it, the others read it
-            args.ref_model_name_or_path = save_model_dir(os.path.join(output_dir, "models"), tokenizer, reference_seed)
-    trainer = PrioritySFTTrainer(
-        model=build_model(tokenizer, seed=0),
-        args=args,
-        train_dataset=prompt_completion_dataset(GLOBAL_BATCH * STEPS),
-        processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None,
-    )
-    trainer.train()
+            settings["ref_model_name_or_path"] = save_model_dir(
+                os.path.join(output_dir, "models"), tokenizer, reference_seed
+            )
+
+    def new_trainer():
+        return PrioritySFTTrainer(
+            model=build_model(tokenizer, seed=0),
+            args=new_args(),
+            train_dataset=prompt_completion_dataset(GLOBAL_BATCH * STEPS),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None,
+        )
+
+    trainer = new_trainer()
+    if stop_at is None:
+        trainer.train()
+    else:  # stopped as a killed run would be, then a new trainer resumes from the checkpoint it left
+        trainer.add_callback(StopAfter(stop_at))
+        trainer.train()
+        trainer = new_trainer()
+        steps = StepCounter()
+        trainer.add_callback(steps)
+        trainer.train(resume_from_checkpoint=os.path.join(trainer.args.output_dir, f"checkpoint-{stop_at}"))
     placed = engine_placement(trainer)  # after training: the policy is wrapped by the engine in `train`
     # Whole weights on the main process: ZeRO-3 and FSDP2 gather the shards (a collective, so on every rank)
     weights = trainer.accelerator.get_state_dict(trainer.model_wrapped)
@@ -126,12 +152,24 @@ def run_case(name: str, output_dir: str, engine: str = "ddp", bf16: bool = False
         keys = ("loss", "nll", "priority/kept_fraction", "priority/effective_tokens", "num_tokens")
         record = {"world_size": state.num_processes, **{key: [log[key] for log in logs] for key in keys}}
         record.update(engine=engine, placement=placed)
+        if stop_at is not None:  # the resumed trainer's own steps: the rest, not all of them again
+            record["steps_after_resume"] = steps.steps
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "losses.json"), "w") as file:
             json.dump(record, file, indent=2)
         weights = {key: value.detach().cpu().float().contiguous() for key, value in weights.items()}
         save_file(weights, os.path.join(directory, "model.safetensors"))
+    if stop_at is not None:  # the model folder `save_model` writes (a collective under ZeRO-3 and FSDP2)
+        trainer.save_model(os.path.join(directory, "saved"))
     state.wait_for_everyone()
+
+
+class StepCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 def engine_placement(trainer) -> dict:

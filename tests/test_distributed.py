@@ -20,14 +20,19 @@ Run by hand (what the test runs, then compares with `distributed_worker.run_case
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
         --output_dir /tmp/two
 
-FSDP2 is not tested through the trainer here, because accelerate 1.15 does not run FSDP on CPU processes: its
-`AcceleratorState` switches to `DistributedType.FSDP` only for GPU-like device types, so 2 CPU processes stay
-`DistributedType.MULTI_CPU` and the FSDP plugin is dropped. With `fsdp="full_shard", fsdp_config={"version": 2}` the
-trainer says `is_fsdp_enabled == False` and wraps the model in `DistributedDataParallel` (it trains, as DDP); and
-`accelerate launch --cpu --config_file fsdp2.yaml --num_processes 2` starts a single process (`simple_launcher`).
-torch's `fully_shard` itself runs on CPU with gloo, so the reference's FSDP2 placement (`freeze_and_place`) is tested
-on the same 2 processes directly. DeepSpeed is not installed and there is no GPU: ZeRO is not run here; the shipped
-configs are checked to build the plugins accelerate would build from them.
+The engines (`test_engine_*`): DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, each on 2 CPU processes launched by
+`accelerate launch --config_file trl_priority/accelerate_configs/<engine>.yaml --num_processes 2 --mixed_precision no`
+(one launch per engine, every case in it), against the same one-process runs, for one method of each kind (policy
+only, a separate reference with a step-wide selection, the adapter-off reference, a frozen copy, a whole-distribution
+term, a signed method, a cached reference, a stop and resume from the engine's checkpoint), with the per-process
+denominator as the control. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`, gloo); accelerate 1.15 keeps
+CPU processes out of FSDP, so the worker applies the one branch accelerate applies for GPUs
+(`distributed_worker.run_fsdp_on_cpu_processes`), and the rest is accelerate's and torch's own FSDP2 code. The worker
+records how each engine placed the policy and the reference, so a silent fall-back to DDP fails. Skipped, with
+DeepSpeed's error, where DeepSpeed is not installed or cannot start on the CPU.
+
+torch's `fully_shard` runs on CPU with gloo, so the reference's FSDP2 placement (`freeze_and_place`) is also tested on
+the DDP processes directly (`fsdp2_reference`).
 """
 
 from __future__ import annotations
@@ -264,6 +269,7 @@ ENGINE_EQUAL = {
     "asft": "asft",  # a KL term over the frozen copy's whole next-token distribution
     "forgetting": "forgetting",  # signed Φ (unlearning), a step-wide selection
     "rho1_ref_cache": "rho1",  # the reference read from `ref_cache_dir`, filled by the same 2 processes first
+    "rho1_resume": "rho1",  # stopped after step 2, resumed from the engine's checkpoint by a new trainer
 }
 ENGINE_CONTROLS = {"dft_local_denominator": "dft"}  # each process normalising by its own tokens
 # FSDP2 only: asft in bf16 mixed precision, against the float32 run to bf16 tolerance (DeepSpeed cannot: transformers
@@ -280,12 +286,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@functools.cache  # one probe for both ZeRO stages
 def _deepspeed_import_error() -> str | None:
     """Why DeepSpeed cannot run here, or None. Imported in a child process, as the training processes import it."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        return "No module named 'deepspeed' (pip install deepspeed)"
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     probe = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().communication_backend_name())"
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
@@ -325,7 +328,10 @@ def test_engine_two_processes_train_as_one_process(case, engine_run, one_process
     logged, weights = _result(output, case)
     expected_logged, expected_weights = _result(one_process, ENGINE_EQUAL[case])
     assert logged["world_size"] == 2 and expected_logged["world_size"] == 1
-    assert logged["num_tokens"] == expected_logged["num_tokens"]  # the same examples at every step
+    tokens, expected_tokens = logged["num_tokens"], expected_logged["num_tokens"]
+    if case == "rho1_resume":  # TRL's cumulative `num_tokens` restarts at 0 in the resumed trainer (not checkpointed)
+        tokens = tokens[:2] + [tokens[1] + tokens[2]]
+    assert tokens == expected_tokens  # the same examples at every step
     assert logged["loss"] == pytest.approx(expected_logged["loss"], rel=1e-5)
     assert logged["nll"] == pytest.approx(expected_logged["nll"], rel=1e-5)
     assert logged["priority/kept_fraction"] == pytest.approx(expected_logged["priority/kept_fraction"])
@@ -335,7 +341,7 @@ def test_engine_two_processes_train_as_one_process(case, engine_run, one_process
 
     # The engine did place the models: not a silent fallback to DDP
     placed = logged["placement"]
-    reference = case in ("rho1", "prift_prob_full", "asft", "forgetting")  # a separate model during training
+    reference = case in ("rho1", "rho1_resume", "prift_prob_full", "asft", "forgetting")  # a separate model
     assert (placed["reference_wrapper"] is not None) == reference
     if engine == "fsdp2":  # every weight of the policy and the reference sharded in halves (DTensor)
         assert placed["distributed_type"] == "FSDP" and placed["policy_wrapper"].startswith("FSDP")
@@ -352,8 +358,21 @@ def test_engine_two_processes_train_as_one_process(case, engine_run, one_process
             assert placed["reference_wrapper"] == "DeepSpeedEngine"
             assert placed["reference_zero_stage"] == (3 if stage == 3 else 0)
             assert placed["reference_held_fraction"] == pytest.approx(held, abs=0.02)
-    if case in ("rho1", "rho1_ref_cache", "forgetting"):  # a selection kept part of the tokens, not all
+    if case in ("rho1", "rho1_ref_cache", "rho1_resume", "forgetting"):  # a selection kept part of the tokens
         assert all(0.4 < kept < 0.8 for kept in expected_logged["priority/kept_fraction"])
+
+
+def test_engine_checkpoint_resumes_and_save_model_writes_the_trained_weights(engine_run):
+    # (that the resumed run ends with the one-process weights: `test_engine_two_processes_train_as_one_process`)
+    from transformers import AutoModelForCausalLM
+
+    engine, output = engine_run
+    logged, weights = _result(output, "rho1_resume")
+    assert logged["steps_after_resume"] == 1  # it trained step 3 only, from the checkpoint of step 2
+    # ZeRO-3: the 16-bit gathered folder (float32 here, the weights' dtype); FSDP2: FULL_STATE_DICT; ZeRO-2: whole
+    saved = AutoModelForCausalLM.from_pretrained(output / "rho1_resume" / "saved").state_dict()
+    for name, value in weights.items():
+        torch.testing.assert_close(saved[name].float(), value, rtol=0, atol=0, msg=f"{engine}: {name}")
 
 
 @pytest.mark.parametrize("case", list(ENGINE_CONTROLS))
