@@ -20,14 +20,19 @@ Run by hand (what the test runs, then compares with `distributed_worker.run_case
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
         --output_dir /tmp/two
 
-FSDP2 is not tested through the trainer here, because accelerate 1.15 does not run FSDP on CPU processes: its
-`AcceleratorState` switches to `DistributedType.FSDP` only for GPU-like device types, so 2 CPU processes stay
-`DistributedType.MULTI_CPU` and the FSDP plugin is dropped. With `fsdp="full_shard", fsdp_config={"version": 2}` the
-trainer says `is_fsdp_enabled == False` and wraps the model in `DistributedDataParallel` (it trains, as DDP); and
-`accelerate launch --cpu --config_file fsdp2.yaml --num_processes 2` starts a single process (`simple_launcher`).
-torch's `fully_shard` itself runs on CPU with gloo, so the reference's FSDP2 placement (`freeze_and_place`) is tested
-on the same 2 processes directly. DeepSpeed is not installed and there is no GPU: ZeRO is not run here; the shipped
-configs are checked to build the plugins accelerate would build from them.
+The engines (`test_engine_*`): DeepSpeed ZeRO-2, ZeRO-3 and FSDP2, each on 2 CPU processes launched by
+`accelerate launch --config_file trl_priority/accelerate_configs/<engine>.yaml --num_processes 2 --mixed_precision no`
+(one launch per engine, every case in it), against the same one-process runs, for one method of each kind (policy
+only, a separate reference with a step-wide selection, the adapter-off reference, a frozen copy, a whole-distribution
+term, a signed method, a cached reference, a stop and resume from the engine's checkpoint), with the per-process
+denominator as the control. DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`, gloo); accelerate 1.15 keeps
+CPU processes out of FSDP, so the worker applies the one branch accelerate applies for GPUs
+(`distributed_worker.run_fsdp_on_cpu_processes`), and the rest is accelerate's and torch's own FSDP2 code. The worker
+records how each engine placed the policy and the reference, so a silent fall-back to DDP fails. Skipped, with
+DeepSpeed's error, where DeepSpeed is not installed or cannot start on the CPU.
+
+torch's `fully_shard` runs on CPU with gloo, so the reference's FSDP2 placement (`freeze_and_place`) is also tested on
+the DDP processes directly (`fsdp2_reference`).
 """
 
 from __future__ import annotations
@@ -199,7 +204,7 @@ def one_process(tmp_path_factory) -> Path:
     from tests.distributed_worker import run_case
 
     output = tmp_path_factory.mktemp("one_process")
-    for name in sorted(set(EQUAL.values())):
+    for name in sorted({*EQUAL.values(), *ENGINE_EQUAL.values()}):
         run_case(name, str(output))
     return output
 
@@ -250,3 +255,147 @@ def test_fsdp2_reference_is_sharded_like_the_policy_on_two_processes(two_process
             "ref_entropy": pytest.approx(0.0, abs=1e-6),
         }
         assert not record["requires_grad"] and not record["training"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The engines: DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2, two CPU processes against one
+# ------------------------------------------------------------------------------------------------------------------
+# One method of each kind, each against the one-process run of the same method on the same global batch
+ENGINE_EQUAL = {
+    "dft": "dft",  # the policy alone
+    "rho1": "rho1",  # a separate reference model, a step-wide top-50% selection over both processes
+    "prift_prob_lora": "prift_prob_lora",  # the reference is the policy with its LoRA adapter switched off
+    "prift_prob_full": "prift_prob_full",  # full fine-tuning, the reference a frozen copy of the starting model
+    "asft": "asft",  # a KL term over the frozen copy's whole next-token distribution
+    "forgetting": "forgetting",  # signed Φ (unlearning), a step-wide selection
+    "rho1_ref_cache": "rho1",  # the reference read from `ref_cache_dir`, filled by the same 2 processes first
+    "rho1_resume": "rho1",  # stopped after step 2, resumed from the engine's checkpoint by a new trainer
+}
+ENGINE_CONTROLS = {"dft_local_denominator": "dft"}  # each process normalising by its own tokens
+# FSDP2 only: asft in bf16 mixed precision, against the float32 run to bf16 tolerance (DeepSpeed cannot: transformers
+# refuses bf16 without a GPU unless `use_cpu`, which turns DeepSpeed off)
+FSDP2_BF16 = {"asft_bf16": "asft"}
+ENGINE_LAUNCH_SECONDS = 600
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@functools.cache  # one probe for both ZeRO stages
+def _deepspeed_import_error() -> str | None:
+    """Why DeepSpeed cannot run here, or None. Imported in a child process, as the training processes import it."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    probe = "from deepspeed.accelerator import get_accelerator; print(get_accelerator().communication_backend_name())"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return done.stderr.strip().splitlines()[-1]
+    return None
+
+
+@pytest.fixture(scope="module", params=["zero2", "zero3", "fsdp2"])
+def engine_run(request, tmp_path_factory) -> tuple[str, Path]:
+    """Every engine case, trained by 2 CPU processes launched by `accelerate launch` with the shipped config.
+
+    DeepSpeed runs on its CPU accelerator (`DS_ACCELERATOR=cpu`, gloo). Both run in float32 (`--mixed_precision no`
+    overrides the configs' bf16) so that the comparison with one process is exact to float tolerance.
+    """
+    engine = request.param
+    if engine.startswith("zero") and (error := _deepspeed_import_error()) is not None:
+        pytest.skip(f"DeepSpeed cannot run on the CPU here: {error}")
+    output = tmp_path_factory.mktemp(engine)
+    config = accelerate_config_path(engine)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    command += ["--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    command += ["tests/distributed_worker.py", "--engine", engine, "--output_dir", str(output)]
+    command += ["--cases", *ENGINE_EQUAL, *ENGINE_CONTROLS, *(FSDP2_BF16 if engine == "fsdp2" else ())]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=ENGINE_LAUNCH_SECONDS
+    )
+    assert done.returncode == 0, f"the 2-process {engine} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return engine, output
+
+
+@pytest.mark.parametrize("case", list(ENGINE_EQUAL))
+def test_engine_two_processes_train_as_one_process(case, engine_run, one_process):
+    engine, output = engine_run
+    logged, weights = _result(output, case)
+    expected_logged, expected_weights = _result(one_process, ENGINE_EQUAL[case])
+    assert logged["world_size"] == 2 and expected_logged["world_size"] == 1
+    tokens, expected_tokens = logged["num_tokens"], expected_logged["num_tokens"]
+    if case == "rho1_resume":  # TRL's cumulative `num_tokens` restarts at 0 in the resumed trainer (not checkpointed)
+        tokens = tokens[:2] + [tokens[1] + tokens[2]]
+    assert tokens == expected_tokens  # the same examples at every step
+    assert logged["loss"] == pytest.approx(expected_logged["loss"], rel=1e-5)
+    assert logged["nll"] == pytest.approx(expected_logged["nll"], rel=1e-5)
+    assert logged["priority/kept_fraction"] == pytest.approx(expected_logged["priority/kept_fraction"])
+    assert weights.keys() == expected_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected_weights[name], rtol=1e-4, atol=1e-5, msg=f"{engine}: {name}")
+
+    # The engine did place the models: not a silent fallback to DDP
+    placed = logged["placement"]
+    reference = case in ("rho1", "rho1_resume", "prift_prob_full", "asft", "forgetting")  # a separate model
+    assert (placed["reference_wrapper"] is not None) == reference
+    if engine == "fsdp2":  # every weight of the policy and the reference sharded in halves (DTensor)
+        assert placed["distributed_type"] == "FSDP" and placed["policy_wrapper"].startswith("FSDP")
+        assert placed["policy_held_fraction"] == pytest.approx(0.5, abs=0.02)
+        if reference:
+            assert placed["reference_wrapper"].startswith("FSDP")
+            assert placed["reference_held_fraction"] == pytest.approx(0.5, abs=0.02)
+    else:  # ZeRO-2: weights whole on each process, the reference a stage-0 engine; ZeRO-3: both partitioned
+        stage = int(engine[-1])
+        assert placed["distributed_type"] == "DEEPSPEED" and placed["zero_stage"] == stage
+        held = 0.5 if stage == 3 else 1.0
+        assert placed["policy_held_fraction"] == pytest.approx(held, abs=0.02)
+        if reference:
+            assert placed["reference_wrapper"] == "DeepSpeedEngine"
+            assert placed["reference_zero_stage"] == (3 if stage == 3 else 0)
+            assert placed["reference_held_fraction"] == pytest.approx(held, abs=0.02)
+    if case in ("rho1", "rho1_ref_cache", "rho1_resume", "forgetting"):  # a selection kept part of the tokens
+        assert all(0.4 < kept < 0.8 for kept in expected_logged["priority/kept_fraction"])
+
+
+def test_engine_checkpoint_resumes_and_save_model_writes_the_trained_weights(engine_run):
+    # (that the resumed run ends with the one-process weights: `test_engine_two_processes_train_as_one_process`)
+    from transformers import AutoModelForCausalLM
+
+    engine, output = engine_run
+    logged, weights = _result(output, "rho1_resume")
+    assert logged["steps_after_resume"] == 1  # it trained step 3 only, from the checkpoint of step 2
+    # ZeRO-3: the 16-bit gathered folder (float32 here, the weights' dtype); FSDP2: FULL_STATE_DICT; ZeRO-2: whole
+    saved = AutoModelForCausalLM.from_pretrained(output / "rho1_resume" / "saved").state_dict()
+    for name, value in weights.items():
+        torch.testing.assert_close(saved[name].float(), value, rtol=0, atol=0, msg=f"{engine}: {name}")
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CONTROLS))
+def test_engine_control_per_process_denominator_does_not_train_as_one_process(case, engine_run, one_process):
+    _, output = engine_run
+    _, weights = _result(output, case)
+    _, expected_weights = _result(one_process, ENGINE_CONTROLS[case])
+    largest = max((weights[name] - expected_weights[name]).abs().max().item() for name in weights)
+    assert largest > 1e-3  # 100 times the tolerance of the equal cases
+
+
+@pytest.mark.parametrize("case", list(FSDP2_BF16))
+def test_fsdp2_bf16_runs_a_reference_distribution_term_and_stays_near_float32(case, engine_run, one_process):
+    # FSDP2's mixed precision copies dataclass arguments of the forward: the reference's hidden states came back None
+    engine, output = engine_run
+    if engine != "fsdp2":
+        pytest.skip("bf16 is run under FSDP2 only")
+    logged, _ = _result(output, case)
+    expected_logged, _ = _result(one_process, FSDP2_BF16[case])
+    placed = logged["placement"]
+    assert placed["mixed_precision"] == "bf16" and placed["fsdp_param_dtype"] == "torch.bfloat16"
+    assert placed["reference_held_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert logged["num_tokens"] == expected_logged["num_tokens"]
+    # (the weights are not compared: Adam's first steps move each weight by ±lr whatever the gradient's size, so
+    # bf16 rounding of a near-zero gradient flips whole steps)
+    assert logged["loss"] == pytest.approx(expected_logged["loss"], rel=1e-2)

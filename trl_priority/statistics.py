@@ -428,8 +428,9 @@ class ReferenceDistribution:
 class DistributionRequest:
     """What a forward computes besides TRL's fused log-probabilities; the forward writes its results here.
 
-    Passed to the model as the keyword `distribution_request`; the results come back in the request itself, not in
-    the model output, so no wrapper (DDP, FSDP, accelerate's fp32 output conversion) can drop them.
+    Passed to the model as the keyword `distribution_request` (inside a `_Untouched`, see there); the results come
+    back in the request itself, not in the model output, so no wrapper (DDP, FSDP, accelerate's fp32 output
+    conversion) can drop them.
     """
 
     statistics: tuple[str, ...] = ()  # no-gradient distribution statistics (and `logps` / `entropy` for a reference)
@@ -450,6 +451,22 @@ class DistributionRequest:
     term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
     term_total: torch.Tensor | None = None  # Σ_terms w · Σ_t term_t, with gradient
     hidden: torch.Tensor | None = None  # the final hidden states, when `backbone_only`
+
+
+class _Untouched:
+    """A `DistributionRequest` on its way into a model's forward, hidden from the wrappers that map its arguments.
+
+    FSDP2 with a mixed-precision policy casts the floating tensors of the forward's arguments to bf16 with
+    `torch.distributed.utils._apply_to_tensors`, which rebuilds every dataclass, dict and list it walks: a request
+    passed as such arrives as a copy, the forward fills the copy, and the caller's request stays empty (a
+    reference's hidden states None; found by running asft under FSDP2 in bf16). An object of a plain class with
+    slots is passed through as it is.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: DistributionRequest):
+        self.request = request
 
 
 class _ChunkedTerms(torch.autograd.Function):
@@ -788,10 +805,10 @@ def add_distribution_head(causal_lm) -> None:
     fused_forward = causal_lm.forward
 
     @functools.wraps(fused_forward)
-    def forward(self, *args, distribution_request: DistributionRequest | None = None, **kwargs):
+    def forward(self, *args, distribution_request: _Untouched | DistributionRequest | None = None, **kwargs):
         if distribution_request is None:
             return fused_forward(*args, **kwargs)
-        request = distribution_request
+        request = getattr(distribution_request, "request", distribution_request)
         labels = kwargs.get("labels")
         if request.backbone_only:
             backbone_kwargs = {
@@ -920,11 +937,12 @@ def forward_statistics(
     if not keep_outputs and (distribution or request.backbone_only):
         request.statistics = tuple(names)
         request.backbone_only = True
-        model(**inputs, fused_lm_head=True, distribution_request=request)
+        model(**inputs, fused_lm_head=True, distribution_request=_Untouched(request))
         return None, dict(request.values)
     request.statistics = tuple(distribution)
     needs_pass = bool(distribution or request.terms)
-    outputs = model(**inputs, fused_lm_head=True, **({"distribution_request": request} if needs_pass else {}))
+    passed = {"distribution_request": _Untouched(request)} if needs_pass else {}
+    outputs = model(**inputs, fused_lm_head=True, **passed)
     statistics = fused_statistics(outputs, names, causal_lm)
     statistics.update(request.values)
     return outputs, statistics
