@@ -27,10 +27,16 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def branches(tmp_path_factory) -> dict[str, torch.Tensor]:
-    if importlib.util.find_spec("triton") is None:
+    # triton in the environment, or in a folder of its own that only the worker sees (`TRL_PRIORITY_TRITON_PATH`,
+    # as .ci/run installs it: importable in this process, triton would change how TRL compiles its kernels)
+    triton_path = os.environ.get("TRL_PRIORITY_TRITON_PATH", "")
+    in_folder = bool(triton_path) and (Path(triton_path) / "triton").is_dir()
+    if importlib.util.find_spec("triton") is None and not in_folder:
         pytest.skip("triton is not installed (pip install triton): No module named 'triton'")
     output = tmp_path_factory.mktemp("triton") / "branches.safetensors"
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    if in_folder:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [triton_path, env.get("PYTHONPATH", "")]))
     command = [sys.executable, "tests/triton_statistics_worker.py", "--output", str(output)]
     done = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode == 3:  # the worker's "cannot run here", with triton's own error
