@@ -427,6 +427,7 @@ class DistributionRequest:
     reference: ReferenceDistribution | None = None
     backbone_only: bool = False  # a reference: run the backbone alone, no fused head
     chunk_elements: int | None = None  # positions × vocabulary per chunk; None: `chunk_elements_for`, at call time
+    label_length: int | None = None  # the caller's T: a longer forward has PEFT's virtual tokens first
     # Results
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # statistic -> (B, T-1), no gradient
     term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
@@ -765,15 +766,17 @@ def add_distribution_head(causal_lm) -> None:
             return fused_forward(*args, **kwargs)
         request = distribution_request
         labels = kwargs.get("labels")
+        virtual = virtual_positions(labels, request.label_length)
+        real_labels = labels if labels is None else labels[:, virtual:]  # (B, T)
         if request.backbone_only:
             backbone_kwargs = {
                 k: v for k, v in kwargs.items() if k not in ("labels", "fused_lm_head", "num_items_in_batch")
             }
             backbone_kwargs["use_cache"] = False
-            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state  # (B, T, H)
+            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state[:, virtual:]  # (B, T, H)
             request.hidden = hidden
             if request.statistics or request.terms:
-                _distribution_pass(hidden, labels, self, request)
+                _distribution_pass(hidden, real_labels, self, request)
             return None
         captured: dict[str, torch.Tensor] = {}
 
@@ -788,13 +791,37 @@ def add_distribution_head(causal_lm) -> None:
         finally:
             handle.remove()
         if job is not None and job.done:
-            request.values.update(job.per_position())
+            request.values.update({name: value[:, virtual:] for name, value in job.per_position().items()})
         else:  # terms, a reference's distribution, or a call the fused head did not serve: the chunked pass
-            _distribution_pass(captured["hidden"], labels, self, request)
+            _distribution_pass(captured["hidden"][:, virtual:], real_labels, self, request)
         return outputs
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
     causal_lm._trl_priority_distribution_head = True
+
+
+def virtual_positions(labels: torch.Tensor | None, label_length: int | None) -> int:
+    """How many positions a PEFT prompt-learning adapter prepended to a sequence whose caller's labels are
+    `label_length` long: the virtual tokens of prompt tuning and p-tuning (`PeftModelForCausalLM.forward` prepends
+    their embeddings and `num_virtual_tokens` labels -100). Prefix tuning adds keys and values, not positions: 0."""
+    if labels is None or label_length is None:
+        return 0
+    return max(0, labels.shape[1] - label_length)
+
+
+def drop_virtual_positions(outputs, label_length: int):
+    """TRL's fused-head `outputs` on the caller's positions only: `(B, T_virtual + T - 1)` per-token fields cut to
+    the last `T - 1`, so that position t scores `labels[:, t + 1]` of the caller's labels, as everywhere here.
+
+    PEFT's own loss gives the virtual positions label -100; the one real label they score, the sequence's first
+    token predicted from the last virtual token, has no place in this layout (nothing else scores `labels[:, 0]`),
+    so a priority neither weights nor trains it. `outputs.loss` is left as computed.
+    """
+    length = label_length - 1
+    for name, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > length:
+            outputs[name] = value[:, value.shape[1] - length :]
+    return outputs
 
 
 def forward_statistics(
@@ -818,6 +845,7 @@ def forward_statistics(
     names = list(dict.fromkeys(names))
     distribution = [name for name in names if name in DISTRIBUTION_STATISTICS]
     request = request or DistributionRequest(args=args)
+    request.label_length = inputs["labels"].shape[1]
     causal_lm = causal_lm_of(model)
     if not getattr(causal_lm, "_trl_priority_distribution_head", False):
         add_distribution_head(causal_lm)
@@ -829,6 +857,7 @@ def forward_statistics(
     request.statistics = tuple(distribution)
     needs_pass = bool(distribution or request.terms)
     outputs = model(**inputs, fused_lm_head=True, **({"distribution_request": request} if needs_pass else {}))
+    outputs = drop_virtual_positions(outputs, inputs["labels"].shape[1])  # PEFT prompt tuning prepends positions
     statistics = {}
     for name in names:
         if name in FUSED_STATISTICS:

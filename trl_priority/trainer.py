@@ -68,6 +68,7 @@ from .statistics import (
     add_distribution_head,
     causal_lm_of,
     dequantize_lm_head,
+    drop_virtual_positions,
     forward_statistics,
 )
 
@@ -791,7 +792,8 @@ class PrioritySFTTrainer(SFTTrainer):
             result = {"phi": mask.float(), "mask": mask}
             if label_logps:
                 with eval_mode(self.model):
-                    result["logps"] = self.model(**inputs, fused_lm_head=True).log_probs.float()  # (B, T-1)
+                    outputs = drop_virtual_positions(self.model(**inputs, fused_lm_head=True), mask.shape[1] + 1)
+                    result["logps"] = outputs.log_probs.float()  # (B, T-1)
             return result
         with eval_mode(self.model):
             outputs, phi, statistics, _ = self._forward_with_priority(self.model, inputs)  # pops the data columns
