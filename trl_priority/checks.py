@@ -1,0 +1,274 @@
+"""Mistakes caught early, and runs that train less than they seem to, said out loud.
+
+Three groups, each a few small pure functions the trainer and the CLI call:
+
+- **Raw rows**, before tokenizing (`check_raw_rows`): a dataset in none of the formats `SFTTrainer` reads, a column of
+  the wrong type, a missing value, a mask that is not 0/1. TRL would fail later with `KeyError: 'text'`, a tokenizer
+  error or an `AttributeError`, or, for a mask holding 2, train as if it were 1. The checks read the Arrow columns
+  (the schema for types, vectorised compute for missing values and masks), so a large dataset costs no Python loop.
+- **Less data than given** (`empty_completions`, `dropped_examples_warning`): examples whose completion is empty
+  (they train on the end token alone) or that truncation left without a supervised token (dropped).
+- **Training that has silently stopped** (`RunGuard`): a non-finite NLL (a diverged model, which `Trainer`'s NaN
+  filter would log as loss 0 while saving NaN weights) is an error; a batch on which Φ is 0 for every supervised
+  token (nothing trains) is a warning, once.
+
+The formats are TRL's (https://huggingface.co/docs/trl/dataset_formats): language modeling (`text`), conversational
+language modeling (`messages`), prompt-completion (`prompt` and `completion` strings) and conversational
+prompt-completion (`prompt` and `completion` lists of `{"role", "content"}` messages).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset
+
+
+FORMATS = (
+    "'text' (a string: language modeling), 'messages' (a list of {'role', 'content'} dicts: conversational), or "
+    "'prompt' and 'completion' (two strings, or two lists of {'role', 'content'} dicts: conversational "
+    "prompt-completion)"
+)
+
+
+class DatasetFormatError(ValueError):
+    """A raw dataset row that `SFTTrainer` cannot tokenize, named by column and row."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Raw rows
+# ------------------------------------------------------------------------------------------------------------------
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_messages(kind: pa.DataType) -> bool:
+    """A list of structs with `role` and `content` fields (content may be a string or a list of parts)."""
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        return False
+    item = kind.value_type
+    return pa.types.is_struct(item) and {"role", "content"} <= {item.field(i).name for i in range(item.num_fields)}
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int | None:
+    """The first row where `mask` is true, or None."""
+    index = pc.index(mask, True).as_py()
+    return None if index < 0 else index
+
+
+def _format_columns(columns: Sequence[str], text_field: str) -> dict[str, tuple[str, ...]] | None:
+    """The columns that carry the format, each with the kinds it may hold, or None when none is there."""
+    if "prompt" in columns or "completion" in columns:
+        return {"prompt": ("string", "messages"), "completion": ("string", "messages")}
+    if "messages" in columns:
+        return {"messages": ("messages",)}
+    if "conversations" in columns:  # ShareGPT's {"from", "value"}: TRL converts it to messages
+        return {}
+    if text_field in columns:
+        return {text_field: ("string",)}
+    return None
+
+
+def check_raw_rows(dataset: Any, dataset_name: str, text_field: str = "text") -> None:
+    """Raise a `DatasetFormatError` naming the column, the row and the expected format when a raw row of `dataset` is
+    not one `SFTTrainer` can tokenize. Tokenized rows (`input_ids`) have their mask columns checked for 0/1 values.
+
+    A `datasets.Dataset` is checked in full from its Arrow columns; other datasets (iterable, lists) only at their
+    first row, which is all TRL itself reads before tokenizing.
+    """
+    if isinstance(dataset, Dataset):
+        columns = list(dataset.column_names)
+        table_of = lambda names: dataset.select_columns(names).with_format("arrow")[:]  # noqa: E731
+    else:
+        try:
+            first = next(iter(dataset))
+        except (StopIteration, TypeError):
+            return
+        if not isinstance(first, dict):
+            return
+        columns = list(first)
+        table_of = lambda names: pa.Table.from_pylist([{name: first[name] for name in names}])  # noqa: E731
+    if "input_ids" in columns:
+        _check_masks(table_of, columns, dataset_name)
+        return
+    expected = _format_columns(columns, text_field)
+    if expected is None:
+        hint = ""
+        if {"question", "answer"} <= set(columns):
+            hint = " (e.g. `dataset.rename_columns({'question': 'prompt', 'answer': 'completion'})`)"
+        raise DatasetFormatError(
+            f"The {dataset_name} dataset has the columns {columns}, but none of the formats SFTTrainer reads: "
+            f"{FORMATS}. Rename its columns{hint}, or pass a `formatting_func` that returns the text."
+        )
+    missing = [name for name in expected if name not in columns]
+    if missing:
+        raise DatasetFormatError(
+            f"The {dataset_name} dataset has {[n for n in expected if n in columns]} but no {missing}: a "
+            f"prompt-completion dataset needs both 'prompt' and 'completion' ({FORMATS})."
+        )
+    if not expected:
+        return
+    table = table_of(list(expected))
+    for name, kinds in expected.items():
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_null(kind) or column.null_count:
+            row = 0 if pa.types.is_null(kind) else _first(pc.is_null(column))
+            raise DatasetFormatError(
+                f"Row {row} of the {dataset_name} dataset has no value (None) in the column '{name}'. Every row needs "
+                f"one: {FORMATS}. Drop or fill such rows (e.g. `dataset.filter(lambda row: row['{name}'] is not None)`)."
+            )
+        if not any(_is_string(kind) if k == "string" else _is_messages(kind) for k in kinds):
+            value = column[0].as_py()
+            wanted = " or ".join("a string" if k == "string" else "a list of {'role', 'content'} dicts" for k in kinds)
+            raise DatasetFormatError(
+                f"The column '{name}' of the {dataset_name} dataset holds {kind} values (row 0: {value!r}), but it "
+                f"must hold {wanted}. Expected {FORMATS}. Convert the column, e.g. "
+                f"`dataset.map(lambda row: {{'{name}': str(row['{name}'])}})`."
+            )
+    if "prompt" in expected:
+        prompt, completion = table.column("prompt").type, table.column("completion").type
+        if _is_string(prompt) != _is_string(completion):
+            raise DatasetFormatError(
+                f"In the {dataset_name} dataset 'prompt' holds {prompt} and 'completion' {completion}: both must be "
+                "strings (prompt-completion) or both lists of {'role', 'content'} dicts (conversational)."
+            )
+
+
+_MASK_COLUMNS = ("completion_mask", "assistant_masks")
+
+
+def _check_masks(table_of, columns: Sequence[str], dataset_name: str) -> None:
+    """Mask columns of tokenized rows hold 0 or 1 per token (TRL keeps a label where every mask is truthy)."""
+    for name in (c for c in _MASK_COLUMNS if c in columns):
+        column = table_of([name]).column(name).combine_chunks()
+        if column.null_count:
+            row = _first(pc.is_null(column))
+            raise DatasetFormatError(f"Row {row} of the {dataset_name} dataset has no '{name}' (None).")
+        flat = pc.list_flatten(column)
+        if pa.types.is_boolean(flat.type):
+            continue
+        bad = _first(pc.invert(pc.is_in(flat, pa.array([0, 1], type=flat.type))))
+        if bad is not None:
+            row = pc.list_parent_indices(column)[bad].as_py()
+            position = bad - column.offsets[row].as_py()
+            raise DatasetFormatError(
+                f"Row {row} of the {dataset_name} dataset has {flat[bad].as_py()!r} at token {position} of "
+                f"'{name}', which must hold 0 or 1 per token (1: the token is trained)."
+            )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Less data than given
+# ------------------------------------------------------------------------------------------------------------------
+def empty_completions(dataset: Any) -> tuple[int, int]:
+    """`(empty, total)`: rows whose completion is "" (or whose completion messages have no content) in a raw
+    prompt-completion `Dataset`; `(0, 0)` for other formats and datasets."""
+    if (
+        not isinstance(dataset, Dataset)
+        or "completion" not in dataset.column_names
+        or "input_ids" in dataset.column_names
+    ):
+        return 0, 0
+    column = dataset.select_columns(["completion"]).with_format("arrow")[:].column("completion")
+    if _is_string(column.type):
+        lengths = pc.utf8_length(column)
+    elif _is_messages(column.type) and _is_string(column.type.value_type.field("content").type):
+        contents = pc.struct_field(pc.list_flatten(column), "content")
+        parents = pc.list_parent_indices(column)
+        per_row = (
+            pa.table({"row": parents, "length": pc.utf8_length(contents)})
+            .group_by("row")
+            .aggregate([("length", "sum")])
+        )
+        empty_rows = len(column) - len(per_row) + pc.sum(pc.equal(per_row.column("length_sum"), 0)).as_py()
+        return int(empty_rows), len(column)
+    else:
+        return 0, 0
+    return int(pc.sum(pc.equal(lengths, 0)).as_py() or 0), len(column)
+
+
+def empty_completions_warning(empty: int, total: int, dataset_name: str) -> str | None:
+    if not empty:
+        return None
+    return (
+        f"{empty} of {total} {dataset_name} examples have an empty completion (''): each trains on the end-of-sequence "
+        "token alone. Check the completion column (a wrong column name or a failed generation)."
+    )
+
+
+def dropped_examples_warning(before: int, after: int, dataset_name: str, max_length: int | None) -> str | None:
+    """The message for examples that truncation to `max_length` left without a supervised token (TRL drops them)."""
+    dropped = before - after
+    if dropped <= 0:
+        return None
+    return (
+        f"{dropped} of {before} {dataset_name} examples were dropped: after truncation to max_length={max_length} "
+        "they have no supervised token left, usually because the prompt alone fills `max_length`. Raise "
+        "`max_length`, or shorten the prompts."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training that has silently stopped
+# ------------------------------------------------------------------------------------------------------------------
+def non_finite_message(priority: str, what: str, bad: int, total: int) -> str:
+    """The error for inf/NaN at supervised tokens: `what` is, e.g., "returned a non-finite Φ"."""
+    return (
+        f"Priority '{priority}' {what} on {bad} of {total} supervised tokens. Check its statistics for inf/NaN (a "
+        "model or reference that diverged, a data column with NaN) and its hyperparameters."
+    )
+
+
+class RunGuard:
+    """Per-run checks on each batch's gathered sums (no extra synchronisation): a non-finite NLL raises, a batch on
+    which Φ is 0 for every supervised token warns, once per run."""
+
+    def __init__(self, priority: str):
+        self.priority = priority
+        self.zero_batches = 0
+        self._warned: set[str] = set()
+
+    def check_nll(self, nll: float, bad: int, total: int) -> None:
+        """`nll`: the batch's summed NLL over every process; `bad`, `total`: this process's non-finite and supervised
+        token counts, for the message."""
+        if not math.isfinite(nll):
+            from .priorities.registry import PriorityError
+
+            raise PriorityError(
+                non_finite_message(self.priority, "got a non-finite NLL −log π_θ(y_t)", bad, total)
+                + " Training stops here: Trainer would log this step's loss as 0 and go on with NaN weights."
+            )
+
+    def check_phi(self, num_valid: float, effective: float, step: int) -> None:
+        """`num_valid`, `effective`: the batch's supervised tokens and Σ|Φ| over them (every process)."""
+        if num_valid <= 0 or effective > 0:
+            return
+        self.zero_batches += 1
+        if "zero" in self._warned:
+            return
+        self._warned.add("zero")
+        warnings.warn(
+            f"Priority '{self.priority}' gave Φ = 0 to all {int(num_valid)} supervised tokens of a batch at step "
+            f"{step}: the loss and its gradient are 0, nothing trains on it. Check the method's hyperparameters and "
+            "statistics (`trainer.token_statistics(batch)`); a float64 Φ below ~1e-45 rounds to 0 in float32. Shown "
+            "once per run; `trainer.run_guard.zero_batches` counts such batches.",
+            stacklevel=3,
+        )
+
+
+def check_datasets(datasets: dict[str, Any], args, formatting_func=None) -> None:
+    """`check_raw_rows` on every dataset the trainer will prepare, before any model loads. Skipped when TRL does not
+    prepare them (`skip_prepare_dataset`), when a `formatting_func` builds the text, and for vision datasets."""
+    if formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset", False):
+        return
+    for name, dataset in datasets.items():
+        columns = getattr(dataset, "column_names", None) or []
+        if dataset is None or "image" in columns or "images" in columns:
+            continue
+        check_raw_rows(dataset, name, args.dataset_text_field)
