@@ -125,6 +125,39 @@ MISTAKES = {
         PriorityError,
         "no token would train",
     ),
+    "WIT with a weight far out of range": (
+        lambda w: w.make_args(priority="wit", priority_args={"prompt_weight": 1e9}),
+        PriorityError,
+        "prompt_weight=1000000000.0 is outside [0, 1]",
+    ),
+    "ref_model_init_kwargs not JSON": (
+        lambda w: w.make_args(priority="prift_prob", ref_model_init_kwargs="{dtype: bfloat16}"),
+        ValueError,
+        "`ref_model_init_kwargs` is not valid JSON",
+    ),
+    "ref_model_init_kwargs not a mapping": (
+        lambda w: w.make_args(priority="prift_prob", ref_model_init_kwargs='["bfloat16"]'),
+        ValueError,
+        "`ref_model_init_kwargs` must be a mapping",
+    ),
+    "ref_model_init_kwargs misspelt": (
+        lambda w: w.make_args(priority="prift_prob", ref_model_init_kwargs={"dtpye": "float32"}),
+        ValueError,
+        "unknown key 'dtpye': it is neither a keyword of `from_pretrained` nor an attribute of the model's "
+        "configuration. Did you mean 'dtype'?",
+    ),
+    "ref_model_init_kwargs with a misspelt config attribute": (
+        lambda w: w.make_args(
+            priority="prift_prob", ref_model_name_or_path=w.model_dir(1), ref_model_init_kwargs={"rms_norm_epss": 1e-5}
+        ),
+        ValueError,
+        "Did you mean 'rms_norm_eps'?",
+    ),
+    "ref_model_init_kwargs with an unknown dtype": (
+        lambda w: w.make_args(priority="prift_prob", ref_model_init_kwargs='{"dtype": "bf16"}'),
+        ValueError,
+        "dtype='bf16'; it must be one of ['auto', 'bfloat16', 'float16', 'float32']. Did you mean 'bfloat16'?",
+    ),
     # Models and references, caught before the policy loads
     "model path that does not exist": (
         lambda w: w.trainer(model=str(w.tmp_path / "no-such-model")),
@@ -361,6 +394,14 @@ def test_config_rejects_nothing_it_should_accept(tmp_path):
     # A JSON object string is fine on the command line, and a dict in Python
     config = PrioritySFTConfig(str(tmp_path), priority="rho1", priority_args='{"ratio": 0.5}', bf16=False)
     assert config.priority_args == {"ratio": 0.5}
+    # Loading keywords and configuration attributes (the reference's own when its config.json is readable)
+    kwargs = '{"dtype": "float32", "quantization_config": null, "attn_implementation": "sdpa", "use_cache": false}'
+    config = PrioritySFTConfig(str(tmp_path), priority="prift_prob", ref_model_init_kwargs=kwargs, bf16=False)
+    assert config.ref_model_init_kwargs["quantization_config"] is None
+    config = PrioritySFTConfig(
+        str(tmp_path), priority="prift_prob", ref_model_init_kwargs={"rope_theta": 1e4}, bf16=False
+    )
+    assert config.ref_model_init_kwargs == {"rope_theta": 1e4}  # a model's own attribute, its config not read here
 
 
 def test_rows_are_checked_before_the_policy_loads(world, monkeypatch):

@@ -19,7 +19,11 @@ prompt-completion (`prompt` and `completion` lists of `{"role", "content"}` mess
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import json
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -272,3 +276,94 @@ def check_datasets(datasets: dict[str, Any], args, formatting_func=None) -> None
         if dataset is None or "image" in columns or "images" in columns:
             continue
         check_raw_rows(dataset, name, args.dataset_text_field)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------------------------
+def parse_json_mapping(name: str, value: Any, example: str) -> dict[str, Any] | None:
+    """A setting given as a dict, a JSON object string (the command line) or None; anything else is an error that
+    names the setting and shows `example`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"`{name}` is not valid JSON ({error.msg} at character {error.pos}): {value!r}. Write a JSON object, "
+                f"e.g. '{example}'."
+            ) from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"`{name}` must be a mapping of names to values (a dict, or a JSON object on the command line), got "
+            f"{type(value).__name__} {value!r}."
+        )
+    return value
+
+
+# `from_pretrained` keywords that are not in its signature (read from **kwargs), transformers 5
+_LOADING_KWARGS = (
+    "adapter_kwargs adapter_name attn_implementation device_map device_mesh distributed_config dtype "
+    "experts_implementation generation_config gguf_file kernel_config key_mapping low_cpu_mem_usage max_memory "
+    "offload_buffers offload_folder offload_state_dict output_loading_info proxies quantization_config state_dict "
+    "subfolder torch_dtype tp_plan tp_size trust_remote_code use_kernels variant"
+).split()
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _model_config_keys(path: str | None) -> set[str] | None:
+    """The keys of `path`'s config.json (a local folder, or a hub id already in the cache), or None if unreadable."""
+    if path is None:
+        return None
+    config_file = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isfile(config_file):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+        except Exception:  # not a repo id
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        config_file = cached
+    try:
+        with open(config_file) as file:
+            return set(json.load(file))
+    except (OSError, ValueError):
+        return None
+
+
+def check_model_init_kwargs(name: str, kwargs: dict[str, Any] | None, model_path: str | None = None) -> None:
+    """Every key of `kwargs` is a keyword `from_pretrained` takes, or a configuration attribute it overrides (the
+    generic `PretrainedConfig` ones, and those in `model_path`'s config.json when it can be read without a download;
+    when it cannot, only a key close to a `from_pretrained` keyword is refused); `dtype` is one TRL's
+    `create_model_from_path` accepts. An unknown key is an error naming the closest valid one,
+    raised before any model loads (transformers would raise a TypeError from the model's `__init__`, after the policy
+    has loaded)."""
+    if not kwargs:
+        return
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    signature = inspect.signature(PreTrainedModel.from_pretrained).parameters
+    loading = {p for p in signature if p not in ("pretrained_model_name_or_path", "model_args", "kwargs")}
+    loading.update(_LOADING_KWARGS)
+    config_keys = _model_config_keys(model_path)
+    valid = loading | set(PretrainedConfig().to_dict()) | (config_keys or set())
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(loading), n=1, cutoff=0.6)
+            if config_keys is None and not close:
+                continue  # perhaps an attribute of a configuration not read here: transformers will tell
+            close = close or difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(
+                f"`{name}` has the unknown key '{key}': it is neither a keyword of `from_pretrained` nor an attribute "
+                f"of the model's configuration.{hint} Common keys: {', '.join(sorted(_COMMON_KEYS))}."
+            )
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        close = difflib.get_close_matches(dtype, _DTYPES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"`{name}` has dtype={dtype!r}; it must be one of {list(_DTYPES)}.{hint}")
+
+
+_COMMON_KEYS = ("dtype", "attn_implementation", "quantization_config", "device_map", "revision", "trust_remote_code")
