@@ -459,3 +459,66 @@ def test_examples_dropped_by_truncation_are_counted(world, priority):
     dataset = _rows(prompt=[long_prompt, "Q ", "R "], completion=["7", "A", "B"], noise=[0.0, 0.0, 1.0])
     with pytest.warns(UserWarning, match="1 of 3 train examples were dropped: after truncation to max_length=32"):
         world.trainer(dataset=dataset, settings={"priority": priority, "max_length": 32})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: what the recipe asks for is checked before a model loads
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Records every `SFTTrainer.__init__` (where the policy loads) instead of running it."""
+    import trl_priority.trainer as trainer_module
+
+    loads = []
+    monkeypatch.setattr(trainer_module.SFTTrainer, "__init__", lambda *a, **k: loads.append(1))
+    return loads
+
+
+def _recipe(world, name, *overrides):
+    from pathlib import Path
+
+    from trl_priority.scripts import sft
+
+    recipe = Path(__file__).parents[1] / "recipes" / f"{name}.yaml"
+    model = ["--model_name_or_path", world.model_dir(0), "--output_dir", str(world.tmp_path / "run")]
+    return sft, sft.make_parser().parse_args_and_config(["--config", str(recipe), *model, *overrides])
+
+
+def test_a_column_the_data_lacks_is_named_before_the_model_loads(world, no_model_loads):
+    sft, parsed = _recipe(world, "robustft", "--dataset_name", "builtin:gsm8k")
+    with pytest.raises(
+        ValueError, match="reads the column 'noise', which the train dataset lacks.*builtin:gsm8k-noisy"
+    ):
+        sft.main(*parsed)
+    assert no_model_loads == []
+
+
+@pytest.mark.parametrize("flag", ["true", "True"])
+def test_resuming_with_no_checkpoint_is_named_before_the_model_loads(world, no_model_loads, flag):
+    sft, parsed = _recipe(world, "sft", "--resume_from_checkpoint", flag)
+    with pytest.raises(
+        ValueError, match="holds no complete checkpoint .* Remove the flag to start a new run, or point"
+    ):
+        sft.main(*parsed)
+    assert no_model_loads == []
+
+
+def test_resuming_from_a_recipe_true_with_no_checkpoint(world, no_model_loads):
+    from trl_priority.checks import check_resume
+
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        check_resume(True, str(world.tmp_path / "empty"))  # YAML `true` arrives as a bool
+    with pytest.raises(ValueError, match="'missing/checkpoint-3', which is no folder"):
+        check_resume("missing/checkpoint-3", str(world.tmp_path))
+    check_resume(None, str(world.tmp_path))
+    check_resume(False, str(world.tmp_path))
+
+
+def test_a_second_run_into_a_finished_run_is_warned(world):
+    first = world.trainer(settings={"priority": "sft", "save_strategy": "steps", "save_steps": 1})
+    first.train()
+    first.save_model(first.args.output_dir)
+    with pytest.warns(
+        UserWarning, match=r"already holds a saved model \(model.safetensors, training_args.bin\) and 2"
+    ):
+        world.trainer(settings={"priority": "sft"})

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -125,7 +125,8 @@ def check_raw_rows(dataset: Any, dataset_name: str, text_field: str = "text") ->
             row = 0 if pa.types.is_null(kind) else _first(pc.is_null(column))
             raise DatasetFormatError(
                 f"Row {row} of the {dataset_name} dataset has no value (None) in the column '{name}'. Every row needs "
-                f"one: {FORMATS}. Drop or fill such rows (e.g. `dataset.filter(lambda row: row['{name}'] is not None)`)."
+                f"one: {FORMATS}. Drop or fill such rows (e.g. "
+                f"`dataset.filter(lambda row: row['{name}'] is not None)`)."
             )
         if not any(_is_string(kind) if k == "string" else _is_messages(kind) for k in kinds):
             value = column[0].as_py()
@@ -201,8 +202,8 @@ def empty_completions_warning(empty: int, total: int, dataset_name: str) -> str 
     if not empty:
         return None
     return (
-        f"{empty} of {total} {dataset_name} examples have an empty completion (''): each trains on the end-of-sequence "
-        "token alone. Check the completion column (a wrong column name or a failed generation)."
+        f"{empty} of {total} {dataset_name} examples have an empty completion (''): each trains on the "
+        "end-of-sequence token alone. Check the completion column (a wrong column name or a failed generation)."
     )
 
 
@@ -367,3 +368,85 @@ def check_model_init_kwargs(name: str, kwargs: dict[str, Any] | None, model_path
 
 
 _COMMON_KEYS = ("dtype", "attn_implementation", "quantization_config", "device_map", "revision", "trust_remote_code")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Before the model loads: the data the method reads, the run to resume, the run already there
+# ------------------------------------------------------------------------------------------------------------------
+# Columns that TRL's tokenization makes, and the raw columns it makes them from
+_TOKENIZER_COLUMNS = {"completion_mask": ("prompt", "completion")}
+
+
+def check_data_columns(priority: str, specs: Mapping[str, Any], datasets: Mapping[str, Any]) -> None:
+    """Every column the method reads (`specs`: column -> `DataStatistic`) is in each dataset, or one its preparation
+    makes. Raised before any model loads, with the statistic's hint (how a dataset gets the column)."""
+    for dataset_name, dataset in datasets.items():
+        columns = getattr(dataset, "column_names", None)
+        if not columns:  # an iterable dataset of unknown columns, or none
+            continue
+        tokenized = "input_ids" in columns
+        for column, spec in specs.items():
+            if column in columns or spec.generated:
+                continue
+            sources = _TOKENIZER_COLUMNS.get(column)
+            if not tokenized and sources is not None and all(source in columns for source in sources):
+                continue
+            raise ValueError(
+                f"Priority '{priority}' reads the column '{column}', which the {dataset_name} dataset lacks (it has "
+                f"{list(columns)}): {spec.hint}."
+            )
+
+
+def _wants_last_checkpoint(value: Any) -> bool:
+    # `--resume_from_checkpoint true` may arrive as the string "true" from the command line
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def check_resume(value: Any, output_dir: str) -> None:
+    """`resume_from_checkpoint` points at something to resume: true needs a complete checkpoint in `output_dir`, a
+    path must exist. Checked before any model loads (`Trainer` would find out once the model and data are ready)."""
+    if value is None or value is False or value == "":
+        return
+    if _wants_last_checkpoint(value):
+        from .trainer import last_complete_checkpoint
+
+        if last_complete_checkpoint(output_dir, strict=False) is None:
+            raise ValueError(
+                f"`resume_from_checkpoint: true`, but the output_dir {output_dir} holds no complete checkpoint "
+                "(a checkpoint-N folder with trainer_state.json) to resume from. Remove the flag to start a new run, "
+                "or point `output_dir` at the run to resume."
+            )
+    elif isinstance(value, str) and not os.path.isdir(value):
+        raise ValueError(
+            f"`resume_from_checkpoint` is {value!r}, which is no folder. Give the path of a checkpoint-N folder, or "
+            "`true` for the last complete checkpoint in `output_dir`."
+        )
+
+
+_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+
+
+def finished_model_warning(output_dir: str | None) -> str | None:
+    """The warning for an `output_dir` that already holds a saved model (a finished run), naming what is there; None
+    when it holds none."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    names = set(os.listdir(output_dir))
+    weights = [name for name in _MODEL_FILES if name in names]
+    if not weights:
+        return None
+    checkpoints = sorted(n for n in names if n.startswith("checkpoint-") and n.removeprefix("checkpoint-").isdigit())
+    shown = ", ".join(checkpoints[:3]) + (", ..." if len(checkpoints) > 3 else "")
+    also = f" and {len(checkpoints)} checkpoint(s) ({shown})"
+    return (
+        f"The output_dir {output_dir} already holds a saved model ({', '.join(weights)}"
+        f"{', training_args.bin' if 'training_args.bin' in names else ''}){also if checkpoints else ''}: this "
+        "run's checkpoints and final model will overwrite them. Choose another `output_dir` to keep that run."
+    )

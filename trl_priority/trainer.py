@@ -235,6 +235,8 @@ class PrioritySFTTrainer(SFTTrainer):
             raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
         checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
+        if message := checks.finished_model_warning(args.output_dir):
+            warnings.warn(message, stacklevel=2)
         if isinstance(model, str):
             check_model_path(model, "model")
         check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
@@ -275,6 +277,7 @@ class PrioritySFTTrainer(SFTTrainer):
                     self._column_specs[f"ref_{name}"] = DataStatistic(
                         f"ref_{name}", "token", 0.0, hint=ColumnReference.hint(name)
                     )
+            checks.check_data_columns(self.priority.name, self._column_specs, {"train": train_dataset, **evals})
             uses_starting_model = (
                 self._uses_reference
                 and not args.precomputed_ref_columns

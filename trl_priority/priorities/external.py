@@ -21,7 +21,8 @@ from .registry import NonNegative, PriorityError, Probability, Range, register_p
 register_data_statistic(
     "noise",
     level="example",
-    hint="RobustFT reads one noise score per example (a number >= 0, 0 for a clean response) from a 'noise' column",
+    hint="RobustFT reads one noise score per example (a number >= 0, 0 for a clean response) from a 'noise' column "
+    "(builtin:gsm8k-noisy has one)",
 )
 
 
