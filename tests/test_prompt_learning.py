@@ -128,3 +128,26 @@ def test_prompt_learning_without_a_priority_reports_the_real_positions(make_mode
     mask = batch["labels"][:, 1:] != -100
     expected = torch.where(mask, _label_logps(_real_logprobs(trainer.model, batch), batch["labels"]), 0.0)
     torch.testing.assert_close(trainer.token_statistics(batch)["logps"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_a_prompt_learning_peft_model_is_its_own_reference(kind, make_model, make_args, tokenizer, datasets_):
+    """Training a `PeftModel` whose prompt was already learnt: the reference is that starting prompt (a frozen copy),
+    so at step 0 PriFT-prob's Φ is the policy's own probability, virtual tokens included in its context."""
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(make_model(), _peft_config(kind))
+    trainer = PrioritySFTTrainer(
+        model=model,
+        args=make_args(priority="prift_prob"),
+        train_dataset=datasets_.text(4),
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    mask = batch["labels"][:, 1:] != -100
+    expected = _label_logps(_real_logprobs(trainer.model, batch), batch["labels"]).exp() * mask
+    with trainer.model.disable_adapter():
+        base = _label_logps(_real_logprobs(trainer.model, batch), batch["labels"]).exp() * mask
+    assert not torch.allclose(expected, base, atol=1e-4)  # the starting prompt changes the probabilities
+    torch.testing.assert_close(trainer.token_priorities(batch), expected, rtol=1e-4, atol=1e-6)
