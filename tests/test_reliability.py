@@ -422,6 +422,9 @@ def test_rows_in_every_sft_format_pass_the_checks(world):
     check_raw_rows(world.datasets.conversational_prompt_completion(2), "train")
     check_raw_rows(_rows(input_ids=[[5, 6]], completion_mask=[[False, True]]), "train")
     check_raw_rows(_rows(content=["a"]), "train", text_field="content")  # `dataset_text_field`
+    check_raw_rows(_rows(text=["a"], completion=["b"]), "train")  # TRL reads `text` when there is no `prompt`
+    with pytest.raises(ValueError, match="has \\['completion'\\] but no \\['prompt'\\]"):
+        check_raw_rows(_rows(completion=["b"]), "train")
 
 
 # ----------------------------------------------------------------------------------------------------------------

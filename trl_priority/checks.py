@@ -1,16 +1,22 @@
 """Mistakes caught early, and runs that train less than they seem to, said out loud.
 
-Three groups, each a few small pure functions the trainer and the CLI call:
+One module because it is one promise (every case has a row in `tests/test_reliability.py`), made of small pure
+functions the config, the trainer and the CLI each call in one line; its groups share nothing but that purpose:
 
-- **Raw rows**, before tokenizing (`check_raw_rows`): a dataset in none of the formats `SFTTrainer` reads, a column of
-  the wrong type, a missing value, a mask that is not 0/1. TRL would fail later with `KeyError: 'text'`, a tokenizer
-  error or an `AttributeError`, or, for a mask holding 2, train as if it were 1. The checks read the Arrow columns
-  (the schema for types, vectorised compute for missing values and masks), so a large dataset costs no Python loop.
+- **Raw rows**, before tokenizing and before any model loads (`check_datasets`, `check_raw_rows`): a dataset in none
+  of the formats `SFTTrainer` reads, a column of the wrong type, a missing value, a mask that is not 0/1. TRL would
+  fail later with `KeyError: 'text'`, a tokenizer error or an `AttributeError`, or, for a mask holding 2, train as if
+  it were 1. The checks read the Arrow columns (the schema for types, vectorised compute for missing values and
+  masks), so a large dataset costs no Python loop.
 - **Less data than given** (`empty_completions`, `dropped_examples_warning`): examples whose completion is empty
   (they train on the end token alone) or that truncation left without a supervised token (dropped).
 - **Training that has silently stopped** (`RunGuard`): a non-finite NLL (a diverged model, which `Trainer`'s NaN
   filter would log as loss 0 while saving NaN weights) is an error; a batch on which Φ is 0 for every supervised
   token (nothing trains) is a warning, once.
+- **Settings** (`parse_json_mapping`, `check_model_init_kwargs`): `ref_model_init_kwargs` parsed and its keys checked
+  when the config is built, not when the reference loads after the policy.
+- **Before the model loads** (`check_data_columns`, `check_resume`, `finished_model_warning`): a column the method
+  reads and the data lacks, a resume with nothing to resume, a finished run about to be overwritten.
 
 The formats are TRL's (https://huggingface.co/docs/trl/dataset_formats): language modeling (`text`), conversational
 language modeling (`messages`), prompt-completion (`prompt` and `completion` strings) and conversational
@@ -66,15 +72,19 @@ def _first(mask: pa.ChunkedArray | pa.Array) -> int | None:
 
 
 def _format_columns(columns: Sequence[str], text_field: str) -> dict[str, tuple[str, ...]] | None:
-    """The columns that carry the format, each with the kinds it may hold, or None when none is there."""
-    if "prompt" in columns or "completion" in columns:
-        return {"prompt": ("string", "messages"), "completion": ("string", "messages")}
+    """The columns that carry the format, each with the kinds it may hold, or None when none is there. In TRL's
+    order: a `prompt` makes the row prompt-completion, whatever else it holds."""
+    prompt_completion = {"prompt": ("string", "messages"), "completion": ("string", "messages")}
+    if "prompt" in columns:
+        return prompt_completion
     if "messages" in columns:
         return {"messages": ("messages",)}
     if "conversations" in columns:  # ShareGPT's {"from", "value"}: TRL converts it to messages
         return {}
     if text_field in columns:
         return {text_field: ("string",)}
+    if "completion" in columns:  # a completion without its prompt
+        return prompt_completion
     return None
 
 
