@@ -438,6 +438,15 @@ def test_a_priority_that_trains_nothing_is_reported_once(world):
     assert trainer.run_guard.zero_batches == 3
 
 
+def test_phi_zero_is_not_reported_when_declared_terms_train(world, recwarn):
+    """Target-SFT without trust (α = 0) is self-distillation: Φ = 0, its soft-target term trains every token."""
+    args = {"alpha": "constant", "alpha_value": 0.0, "prior": "reference"}
+    trainer = world.trainer(settings={"priority": "target_sft", "priority_args": args}, ref_model=world.make_model(1))
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] > 0
+    assert not [w for w in recwarn if "gave Φ = 0" in str(w.message)]
+
+
 def test_a_float64_priority_that_underflows_is_reported(world):
     trainer = world.trainer(settings={"priority": lambda mask: mask.double() * 1e-300})
     with pytest.warns(UserWarning, match="Φ = 0 to all .* a float64 Φ below ~1e-45 rounds to 0"):

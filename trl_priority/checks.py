@@ -242,10 +242,12 @@ def non_finite_message(priority: str, what: str, bad: int, total: int) -> str:
 
 class RunGuard:
     """Per-run checks on each batch's gathered sums (no extra synchronisation): a non-finite NLL raises, a batch on
-    which Φ is 0 for every supervised token warns, once per run."""
+    which Φ is 0 for every supervised token warns, once per run (unless the method declares loss terms, which train
+    there too)."""
 
-    def __init__(self, priority: str):
+    def __init__(self, priority: str, has_terms: bool = False):
         self.priority = priority
+        self.has_terms = has_terms  # the method's declared loss terms train where Φ = 0 (Target-SFT's soft target)
         self.zero_batches = 0
         self._warned: set[str] = set()
 
@@ -262,7 +264,7 @@ class RunGuard:
 
     def check_phi(self, num_valid: float, effective: float, step: int) -> None:
         """`num_valid`, `effective`: the batch's supervised tokens and Σ|Φ| over them (every process)."""
-        if num_valid <= 0 or effective > 0:
+        if num_valid <= 0 or effective > 0 or self.has_terms:
             return
         self.zero_batches += 1
         if "zero" in self._warned:

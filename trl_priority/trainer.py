@@ -319,7 +319,8 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.priority is None:
             return
         self._check_parallelism()
-        self.run_guard = checks.RunGuard(self.priority.name)
+        terms = bool(self.priority.token_terms or self.priority.distribution_terms)
+        self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         add_distribution_head(causal_lm_of(self.model))
         if epoch_columns and self._skip_prepare_dataset:  # rows not prepared here carry no per-token identity
             for column in epoch_columns:
