@@ -423,6 +423,11 @@ def test_rows_in_every_sft_format_pass_the_checks(world):
     check_raw_rows(_rows(input_ids=[[5, 6]], completion_mask=[[False, True]]), "train")
     check_raw_rows(_rows(content=["a"]), "train", text_field="content")  # `dataset_text_field`
     check_raw_rows(_rows(text=["a"], completion=["b"]), "train")  # TRL reads `text` when there is no `prompt`
+    # Rows as the dataset shows them, after a filter or a shuffle (an indices mapping over the stored rows)
+    with_none = _rows(prompt=["a", "b", "c"], completion=["x", None, "z"])
+    check_raw_rows(with_none.filter(lambda row: row["completion"] is not None), "train")
+    with pytest.raises(ValueError, match="Row 2 of the train dataset has no value"):
+        check_raw_rows(with_none.select([0, 2, 1]), "train")
     with pytest.raises(ValueError, match="has \\['completion'\\] but no \\['prompt'\\]"):
         check_raw_rows(_rows(completion=["b"]), "train")
 
