@@ -99,8 +99,8 @@ def main(argv=None):
     def soft_target(
         logprobs, labels, ref_logprobs
     ):  # Target-SFT's term with α = 0 and the reference prior: H(π_ref, π_θ)
-        args = dict(alpha="constant", alpha_value=0.0, prior="reference", eta=0.0, top_k=0)
-        return soft_target_cross_entropy(logprobs, labels, ref_logprobs, **args)
+        trust = torch.zeros(labels.shape)  # α = 0
+        return soft_target_cross_entropy(logprobs, labels, ref_logprobs, trust, prior="reference", eta=0.0, top_k=0)
 
     terms = {"kl": kl_to_reference, "soft-target": soft_target}
     ks = [int(k) for k in cli.ks.split(",")]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from tests.conftest import QUESTIONS
 from trl_priority.token_scores import tokenize_like_trainer
 
 
@@ -25,10 +28,23 @@ def bq():
     return module
 
 
+@pytest.fixture
+def gsm8k_dir(gsm8k_dir):
+    """conftest's GSM8K folder with example_model_solutions.jsonl grown to 20 distinct test questions (its 8, then
+    again with ' (test i)'), so that the file's three parts (rows 0-7, 8-13, 14-19) hold the small slices below."""
+    path = Path(gsm8k_dir, "example_model_solutions.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    grown = [
+        {**rows[i % 8], "question": rows[i % 8]["question"] + (f" (test {i})" if i >= 8 else "")} for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in grown))
+    return gsm8k_dir
+
+
 # Slices small enough for a 1-step run of the tiny model
 SMALL_SIZES = (
     "--train-size", "10", "--eval-size", "4", "--unlearn-train-size", "2", "--unlearn-eval-size", "2",
-    "--generate-size", "2", "--max-new-tokens", "4", "--max-length", "64",
+    "--generate", "2", "--max-new-tokens", "4", "--max-length", "64", "--resamples", "200",
 )  # fmt: skip
 
 
@@ -94,15 +110,21 @@ def test_corruption_changes_results_and_records_rows(bq, gsm8k_dir, tmp_path, to
             assert row["made_up"] and all(text[s:e] in results for s, e in row["made_up"])
         else:
             assert text == clean[i] and row["made_up"] == []
-    # held out: the last 4 problems, disjoint from the 10 trained on, each with a corrupted copy
-    assert record["heldout_rows"] == [12, 13, 14, 15]
+    # held out: the first 4 test problems, each with a corrupted copy; the ground truth's 'A: N' written '#### N'
+    assert record["heldout_rows"] == [0, 1, 2, 3]
     assert len(evalset.clean) == len(evalset.corrupt) == 4
     assert all(c.input_ids != w.input_ids for c, w in zip(evalset.clean, evalset.corrupt))
-    # unlearn task: 2 questions x (ground truth, wrong); scored on the second half of the 8 pairs
+    assert tokenizer.decode(evalset.clean[0].input_ids).endswith("3 + 4 = 7 apples.\n#### 7<|im_end|>")
+    assert record["results"] == 8  # one '=' and one '####' result per problem
+    # unlearn task: 2 questions x (ground truth, wrong) from the file's second part (rows 8-13)
     unlearn = tasks[1].rows
     assert unlearn["unlearn"] == [0.0, 1.0, 0.0, 1.0]
-    assert {r["prompt"][0]["content"] for r in unlearn}.isdisjoint(evalset.questions)
-    assert evalset.answers == [24.0, 7.0]  # QUESTIONS[4:6]: the ground truths' 'A: N'
+    assert [r["prompt"][0]["content"] for r in unlearn][::2] == [
+        QUESTIONS[0][0] + " (test 8)",
+        QUESTIONS[1][0] + " (test 9)",
+    ]
+    assert evalset.questions == [QUESTIONS[0][0], QUESTIONS[1][0]]  # generated: the first held-out problems
+    assert evalset.answers == [7.0, 12.0]
 
 
 def test_scores_do_not_depend_on_batching(bq, make_model, tokenizer):
@@ -131,7 +153,7 @@ def test_a_run_with_learning_rate_zero_scores_as_the_base(bq, gsm8k_dir, tmp_pat
 
 def test_main_writes_table_json_and_png(bq, gsm8k_dir, tmp_path, model_dir):
     """End to end, 1 step per run, two seeds: TRL's SFT, a method reading the noise record, a method needing a trained
-    reference (trained first), and a signed method on the unlearn task."""
+    reference (trained first), and a signed method on the unlearn task next to its TRL control."""
     out = tmp_path / "out"
     result = bq.main(
         [
@@ -144,7 +166,7 @@ def test_main_writes_table_json_and_png(bq, gsm8k_dir, tmp_path, model_dir):
             "--methods",
             "trl_sft,robustft,rho1",
             "--unlearn-methods",
-            "forgetting_data",
+            "trl_sft,forgetting_data",
             "--seeds",
             "0,1",
             "--steps",
@@ -153,19 +175,40 @@ def test_main_writes_table_json_and_png(bq, gsm8k_dir, tmp_path, model_dir):
         ]
     )
     runs = json.loads((out / "quality.json").read_text())["runs"]
-    assert len(runs) == 1 + 2 * 4 and runs == result["runs"]
+    assert len(runs) == 1 + 2 * 5 and runs == result["runs"]
     assert {r["method"] for r in runs if "`noise`" in r["reads"]} == {"robustft"}
-    noisy = next(r for r in runs if r["method"] == "trl_sft")["metrics"]
-    assert set(noisy) == {"nll_clean", "nll_corrupt", "margin", "pref", "result_acc", "answer_acc"}
-    assert noisy["margin"] == pytest.approx(noisy["nll_corrupt"] - noisy["nll_clean"])
+    noisy = next(r for r in runs if r["method"] == "trl_sft")
+    metrics = noisy["metrics"]
+    assert set(metrics) == {"nll_clean", "nll_corrupt", "margin", "pref", "result_acc", "answer_acc"}
+    assert metrics["margin"] == pytest.approx(metrics["nll_corrupt"] - metrics["nll_clean"])
+    # the per-problem values the bootstrap resamples: one per held-out problem, pooled into the metrics
+    per = noisy["per_problem"]
+    assert [len(per[k]) for k in ("nll_clean", "nll_corrupt", "result_hits", "results", "answer_right")] == [4] * 4 + [
+        2
+    ]
+    assert metrics["result_acc"] == sum(per["result_hits"]) / sum(per["results"])
     unlearn = next(r for r in runs if r["task"] == "unlearn")["metrics"]
     assert set(unlearn) == {"unlearn_nll_correct", "unlearn_margin", "unlearn_pref", "answer_acc"}
     table = (out / "quality.md").read_text()
     assert "| base (untrained) |" in table and "| forgetting_data [unlearn: + wrong] |" in table
     assert "| rho1 | reference: SFT on the clean rows |" in table
-    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    values, diffs = table.split("Difference to `trl_sft`")
+    rows = [line for line in values.splitlines() if line.startswith("| ")][1:]
     # two seeds: a spread on each trained row's shown metrics (5 noisy, 3 unlearn), none on the base (evaluated once)
-    assert [row.count("±") for row in rows] == [0, 5, 5, 5, 3]
+    assert [row.count("±") for row in rows] == [0, 5, 5, 5, 3, 3]
+    # differences: the base on all 7 columns, robustft on its task's 5, forgetting_data on 3; trl_sft is the
+    # reference of both tasks
+    rows = {line.split(" | ")[0]: line for line in diffs.splitlines() if line.startswith("| ")}
+    intervals = {
+        name: len(re.findall(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", row)) for name, row in rows.items()
+    }
+    assert intervals["| base (untrained)"] == 7 and intervals["| robustft"] == 5 and intervals["| rho1"] == 5
+    assert intervals["| forgetting_data [unlearn: + wrong]"] == 3
+    assert rows["| trl_sft"].count("reference") == 5
+    assert rows["| trl_sft [unlearn: correct only]"].count("reference") == 3
+    summary = {(r["task"], r["method"]): r for r in result["summary"]}
+    margin = summary[("noisy", "robustft")]["differences"]["margin"]
+    assert margin["low"] <= margin["diff"] <= margin["high"]
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -191,3 +234,194 @@ def test_a_method_the_task_cannot_feed_is_refused_before_any_run(bq, gsm8k_dir, 
     with pytest.raises(SystemExit):
         small_args(bq, gsm8k_dir, tmp_path, "--unlearn-methods", "robustft")
     assert "reads the column(s) ['noise'], which the unlearn task does not have" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paired bootstrap
+# ----------------------------------------------------------------------------------------------------------------
+def naive_bootstrap(run, reference, resamples, seed):
+    """The paired bootstrap of one seed per run, written as a loop from its definition: draw n problems with
+    replacement, the same for both runs, and recompute each metric as Σ num / Σ den on them."""
+    rng = np.random.default_rng(seed)
+    (num_a, den_a), (num_b, den_b) = run, reference
+    n = len(num_a)
+    diffs = []
+    for _ in range(resamples):
+        drawn = rng.integers(0, n, size=n)
+        diffs.append(sum(num_a[drawn]) / sum(den_a[drawn]) - sum(num_b[drawn]) / sum(den_b[drawn]))
+    return np.percentile(diffs, [2.5, 97.5])
+
+
+def test_paired_bootstrap_identical_runs_give_exactly_zero(bq):
+    values = np.array([[1.2, 0.7, 3.1, 2.2, 0.4]])  # (S=1, n=5)
+    parts = (values, np.ones_like(values))
+    assert bq.paired_bootstrap(parts, parts, resamples=500) == (0.0, 0.0, 0.0)
+
+
+def test_paired_bootstrap_constant_shift_gives_the_shift(bq):
+    """A run worse by exactly 0.25 on every problem: the difference and both ends of the interval are 0.25, however
+    spread the problems are (the pairing removes their spread)."""
+    reference = np.array([[1.2, 0.7, 3.1, 2.2, 0.4, 5.0]])
+    ones = np.ones_like(reference)
+    diff, low, high = bq.paired_bootstrap((reference + 0.25, ones), (reference, ones), resamples=500)
+    assert diff == pytest.approx(0.25) and low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_matches_a_naive_loop_on_pooled_accuracy(bq):
+    """Result accuracy pooled as Σ hits / Σ results: the vectorised bootstrap equals the loop with the same RNG."""
+    rng = np.random.default_rng(1)
+    results = rng.integers(1, 8, size=30).astype(float)
+    hits_a = np.minimum(results, rng.integers(0, 8, size=30)).astype(float)
+    hits_b = np.minimum(results, rng.integers(0, 8, size=30)).astype(float)
+    diff, low, high = bq.paired_bootstrap((hits_a[None], results[None]), (hits_b[None], results[None]), 1000, seed=7)
+    assert diff == pytest.approx(hits_a.sum() / results.sum() - hits_b.sum() / results.sum())
+    expected = naive_bootstrap((hits_a, results), (hits_b, results), 1000, seed=7)
+    assert [low, high] == pytest.approx(list(expected))
+    assert low < diff < high
+
+
+def test_paired_bootstrap_resolves_a_real_gap_and_not_noise(bq):
+    """Hand-sized cases: a gain on 18 of 20 problems is resolved; gains and losses that cancel are not."""
+    ones = np.ones((1, 20))
+    reference = np.zeros((1, 20))
+    mostly_better = np.array([[1.0] * 18 + [-1.0] * 2])
+    _, low, _ = bq.paired_bootstrap((mostly_better, ones), (reference, ones), resamples=2000)
+    assert low > 0
+    cancelling = np.array([[1.0, -1.0] * 10])
+    _, low, high = bq.paired_bootstrap((cancelling, ones), (reference, ones), resamples=2000)
+    assert low < 0 < high
+
+
+def test_paired_bootstrap_seeds_add_spread(bq):
+    """Two seeds that agree add nothing; two seeds that disagree by a constant widen the interval to cover both."""
+    problems = np.array([1.2, 0.7, 3.1, 2.2, 0.4, 5.0])
+    ones = np.ones((2, 6))
+    reference = (problems[None], ones[:1])
+    agreeing = (np.stack([problems + 0.25, problems + 0.25]), ones)
+    assert bq.paired_bootstrap(agreeing, reference, 500) == pytest.approx((0.25, 0.25, 0.25))
+    disagreeing = (np.stack([problems + 0.0, problems + 0.5]), ones)
+    diff, low, high = bq.paired_bootstrap(disagreeing, reference, 500)
+    assert diff == pytest.approx(0.25) and low == pytest.approx(0.0) and high == pytest.approx(0.5)
+
+
+def test_metrics_are_ratios_of_the_per_problem_sums(bq):
+    per_problem = {"nll_clean": [1.0, 2.0], "nll_corrupt": [1.5, 1.0], "result_hits": [1, 3], "results": [2, 4]}
+    assert bq.metrics_of(per_problem) == {
+        "nll_clean": 1.5,
+        "nll_corrupt": 1.25,
+        "margin": -0.25,
+        "pref": 0.5,
+        "result_acc": 4 / 6,  # pooled: not the mean of 1/2 and 3/4
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The split, the estimate, resumable runs
+# ----------------------------------------------------------------------------------------------------------------
+def test_the_test_file_splits_in_three_disjoint_parts(bq, gsm8k_dir, tmp_path, tokenizer):
+    parts = bq.split_test_rows(1000)
+    assert parts == {
+        "noisy_heldout": range(0, 400),
+        "unlearn_train": range(400, 700),
+        "unlearn_heldout": range(700, 1000),
+    }
+    for n_rows in (8, 20, 999, 1000):
+        parts = list(bq.split_test_rows(n_rows).values())
+        assert sorted(i for part in parts for i in part) == list(range(n_rows))  # disjoint, and nothing left out
+    # the questions of the three parts are disjoint too, and none is among the noisy task's training problems
+    sizes = ("--unlearn-train-size", "6", "--unlearn-eval-size", "6", "--eval-size", "8")
+    tasks, evalset, record = bq.build_data(small_args(bq, gsm8k_dir, tmp_path, *sizes), tokenizer, tmp_path)
+
+    def questions(items):
+        return {
+            tokenizer.decode(item.input_ids).split("<|im_end|>")[0].removeprefix("<|im_start|>user\n")
+            for item in items
+        }
+
+    heldout, unlearn_heldout = questions(evalset.clean), questions(evalset.correct)
+    unlearn_train = {row["prompt"][0]["content"] for row in tasks[1].rows}
+    noisy_train = {row["prompt"][0]["content"] for row in tasks[0].rows}
+    assert len(heldout) == 8 and len(unlearn_train) == 6 and len(unlearn_heldout) == 6
+    for a, b in [(heldout, unlearn_train), (heldout, unlearn_heldout), (unlearn_train, unlearn_heldout)]:
+        assert a.isdisjoint(b)
+    assert noisy_train.isdisjoint(heldout | unlearn_train | unlearn_heldout)
+    assert record["test_split"] == {"noisy_heldout": [0, 7], "unlearn_train": [8, 13], "unlearn_heldout": [14, 19]}
+
+
+def run_main(bq, model, gsm8k_dir, out, *extra):
+    return bq.main(
+        ["--model", model, "--data-dir", gsm8k_dir, "--output-dir", str(out), "--unlearn-methods", "", "--steps", "1",
+         *SMALL_SIZES, *extra]
+    )  # fmt: skip
+
+
+def test_resume_keeps_finished_rows_and_skips_them(bq, gsm8k_dir, tmp_path, model_dir, monkeypatch):
+    """A run killed in its third row keeps the two finished ones on disk (and a table of them); the rerun trains only
+    what is missing; --force trains again, and the newest row wins."""
+    model, out = model_dir(), tmp_path / "out"
+    trained = []
+    real_train = bq.train
+
+    def train_then_die_on_robustft(method, *args, **kwargs):
+        if method == "robustft":
+            raise KeyboardInterrupt  # the run is killed here
+        trained.append(method)
+        return real_train(method, *args, **kwargs)
+
+    monkeypatch.setattr(bq, "train", train_then_die_on_robustft)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,robustft")
+    lines = (out / "quality_runs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["method"] for line in lines] == ["base", "trl_sft"]
+    assert "| trl_sft |" in (out / "quality.md").read_text()
+
+    def counted_train(method, *args, **kwargs):
+        trained.append(method)
+        return real_train(method, *args, **kwargs)
+
+    monkeypatch.setattr(bq, "train", counted_train)
+    result = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,robustft")
+    assert trained == ["trl_sft", "robustft"]  # the rerun trained robustft only
+    assert [r["method"] for r in result["runs"]] == ["base", "trl_sft", "robustft"]
+    assert result["runs"][1] == json.loads(lines[1])  # the kept row itself
+
+    result = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft", "--force")
+    assert trained == ["trl_sft", "robustft", "trl_sft"]
+    assert len((out / "quality_runs.jsonl").read_text().splitlines()) == 5  # base and trl_sft again, appended
+    assert [r["method"] for r in result["runs"]] == ["robustft", "base", "trl_sft"]  # one row each, newest last
+
+    # other settings (a larger training slice) share no rows with these: everything is to be made again
+    plan = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft", "--dry-run", "--train-size", "12")
+    assert plan["finished"] == [] and len(plan["todo"]) == 2
+    # the base row was scored without the unlearn task: turning the task on makes it again, with the task's runs
+    plan = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft", "--unlearn-methods", "trl_sft", "--dry-run")
+    assert plan["todo"] == [("base", "base", None), ("unlearn", "trl_sft", 0)]
+
+
+def test_the_estimate_is_printed_and_counts_the_tokens_the_run_uses(
+    bq, gsm8k_dir, tmp_path, model_dir, tokenizer, capsys
+):
+    """--dry-run prints the plan's estimate from the documented CPU constants and trains nothing; the run then
+    records exactly the training and scored tokens the estimate counted, and the next estimate uses its own rates."""
+    model, out = model_dir(), tmp_path / "out"
+    plan = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,rho1", "--dry-run")
+    printed = capsys.readouterr().out
+    assert plan["todo"] == [("base", "base", None), ("noisy", "trl_sft", 0), ("noisy", "rho1", 0)]
+    assert not (out / "quality_runs.jsonl").exists()
+    line = next(line for line in printed.splitlines() if line.startswith("[estimate]"))
+    assert "3 runs to make (3 trainings" in line  # trl_sft, rho1 and rho1's reference, trained first
+    assert "at 42 training tokens/s" in line and "constants measured on a shared 2-core CPU" in line
+    counted = {kind: int(n.replace(",", "")) for n, kind in re.findall(r"([\d,]+) (training|scored) tokens;", line)}
+
+    runs = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,rho1")["runs"]
+    # rho1's reference is trained first, on the 7 clean rows (3 of 10 corrupted): the estimate counts it too
+    cli = small_args(bq, gsm8k_dir, tmp_path)
+    noisy = bq.build_data(cli, tokenizer, tmp_path)[0][0]
+    reference = bq.run_tokens(bq.sequence_tokens(tokenizer, bq.rows_of(noisy, "clean"), cli.max_length), cli)
+    assert counted["training"] == runs[1]["train_tokens"] + runs[2]["train_tokens"] + reference
+    assert 0 < reference != runs[1]["train_tokens"]
+    assert counted["scored"] == sum(r["score_tokens"] for r in runs) > 0
+    capsys.readouterr()
+    run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,rho1,robustft", "--dry-run")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("[estimate]"))
+    assert "1 runs to make" in line and "measured on 3 finished rows" in line

@@ -34,6 +34,32 @@ def test_warmup_blends_from_uniform():
     assert blend_with_uniform(phi, mask, 0.5).tolist() == [[0.5, 1.0, 0.0]]
 
 
+def test_warmup_scales_a_negative_phi_towards_zero():
+    # w = 0.25: Φ ≥ 0 blends with 1, (0.75 + 0.25·Φ); Φ < 0 is scaled, 0.25·Φ: never positive (blending would give
+    # 0.75 − 0.25 = 0.5 for Φ = −1, learning the token the method unlearns)
+    phi = torch.tensor([[-1.0, -0.4, 0.0, 0.5, 1.0, -2.0]])
+    mask = torch.tensor([[True, True, True, True, True, False]])
+    torch.testing.assert_close(
+        blend_with_uniform(phi, mask, 0.25), torch.tensor([[-0.25, -0.1, 0.75, 0.875, 1.0, 0.0]])
+    )
+    torch.testing.assert_close(blend_with_uniform(phi, mask, 0.0), torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_pooling_keeps_the_sign_of_the_most_negative_token():
+    # One word of three tokens, Φ = 1, −0.5, 0.3 (learned, unlearned, learned); another word, Φ = 0.2, 0.6; an
+    # ungrouped token −1 keeps its own Φ. Whatever the pooling, the first word is unlearned at −0.5, the most negative Φ.
+    phi = torch.tensor([[1.0, -0.5, 0.3, 0.2, 0.6, -1.0]])
+    groups = torch.tensor([[0, 0, 0, 1, 1, -1]])
+    mask = torch.ones_like(phi, dtype=torch.bool)
+    expected = {
+        "max": [-0.5, -0.5, -0.5, 0.6, 0.6, -1.0],
+        "mean": [-0.5, -0.5, -0.5, 0.4, 0.4, -1.0],
+        "min": [-0.5, -0.5, -0.5, 0.2, 0.2, -1.0],
+    }
+    for how, values in expected.items():
+        torch.testing.assert_close(pool_over_groups(phi, groups, mask, how), torch.tensor([values]), msg=how)
+
+
 def test_pooling_against_a_naive_loop():
     generator = torch.Generator().manual_seed(0)
     phi = torch.rand(3, 9, generator=generator)

@@ -37,17 +37,20 @@ class PrioritySFTConfig(SFTConfig):
             tokens, so a number split into several tokens is kept or dropped whole) or `"span"` (pooled over labelled
             spans: a `spans` column of `[start, end]` character offsets into each completion).
         priority_pooling (`str`, *optional*, defaults to `"max"`):
-            How Φ is pooled over a word or span: `"max"`, `"mean"` or `"min"`.
+            How Φ is pooled over a word or span: `"max"`, `"mean"` or `"min"`; a unit with a negative Φ takes its most
+            negative one, whatever the pooling.
         priority_warmup_ratio (`float`, *optional*, defaults to `0.0`):
             Fraction of training over which Φ blends from uniform SFT into the method: Φ_eff = (1 − w)·1 + w·Φ, w
-            rising linearly from 0 to 1. Logged as `priority/warmup_weight`.
+            rising linearly from 0 to 1 (a negative Φ is scaled instead, w·Φ: never turned into learning). Logged as
+            `priority/warmup_weight`.
         priority_schedule (`dict` or `str`, *optional*):
             Hyperparameters that move over training, e.g. `{"ratio": {"start": 1.0, "end": 0.6, "kind": "cosine"}}`
             (kinds: linear, cosine, step with `at`; `start` defaults to the configured value). Each current value is
             logged as `priority/<name>`.
         negative_loss (`str`, *optional*, defaults to `"unlikelihood"`):
             The loss on tokens a signed method gives a negative Φ (tokens to unlearn): `"unlikelihood"`, |Φ|·(−log(1 −
-            p)), bounded below by 0 and vanishing once the token is unlikely; or `"ascent"`, |Φ|·log p, plain gradient
+            p)), bounded below by 0 and vanishing once the token is unlikely (computed from the logits: exact and with
+            a bounded gradient even for a token the model is sure of); or `"ascent"`, |Φ|·log p, plain gradient
             ascent on the NLL, unbounded (what some papers write; ask for it explicitly). Each token counts once in N.
 
         > Parameters that control the reference model

@@ -4,10 +4,18 @@ Pure functions of tensors and floats; the trainer applies them to any method, fr
 
 - `priority_warmup_ratio`: Φ blends from uniform SFT into the method over the first part of training,
   Φ_eff = (1 − w)·1 + w·Φ with w = min(1, progress / warmup_ratio) (position paper arXiv 2602.01227, appendix A.3);
+  a negative Φ (a token to unlearn) is scaled instead, Φ_eff = w·Φ, so that warm-up never trains a token the method
+  unlearns: blending it with 1 would make it positive below w = 1/(1 − Φ) (w < 0.5 for Φ = −1);
 - `priority_schedule`: a hyperparameter (a ratio, a threshold) moves from `start` to `end` over training, linearly,
   along a half cosine, or in one step at `at`;
 - `priority_granularity`: Φ pooled (max, mean or min) over whole words or labelled spans, so that a kept unit is kept
-  whole: a number split into several tokens is never half trained (appendix A.1).
+  whole: a number split into several tokens is never half trained (appendix A.1). A unit holding a negative Φ takes
+  its most negative Φ whatever the pooling: a word half unlearned is unlearned whole, never learned because another
+  of its tokens is kept (max pooling over Φ = 1 and Φ = −1 would give 1).
+
+Methods whose objective reads Φ beyond the NLL (Target-SFT's soft target: Q_t = Φ_t·δ + (1 − Φ_t)·A_t) read Φ after
+both, so the two parts of their loss see the same Φ. Terms that do not read Φ (ASFT's KL anchor) are left as they are:
+warm-up and pooling shape Φ, not the rest of the objective.
 """
 
 from __future__ import annotations
@@ -44,12 +52,17 @@ def warmup_weight(progress: float, warmup_ratio: float) -> float:
 
 
 def blend_with_uniform(phi: torch.Tensor, mask: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 − w)·1 + w·Φ on the supervised tokens."""
-    return phi if weight >= 1 else torch.where(mask, (1 - weight) + weight * phi, 0.0)
+    """(1 − w)·1 + w·Φ on the supervised tokens with Φ ≥ 0, w·Φ on those with Φ < 0 (scaled towards 0, never
+    flipped to learning)."""
+    if weight >= 1:
+        return phi
+    blended = torch.where(phi < 0, weight * phi, (1 - weight) + weight * phi)  # (B, T-1)
+    return torch.where(mask, blended, 0.0)
 
 
 def pool_over_groups(phi: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Φ replaced, on each supervised token, by the max / mean / min of Φ over the supervised tokens of its group.
+    """Φ replaced, on each supervised token, by the max / mean / min of Φ over the supervised tokens of its group;
+    a group with a negative Φ takes its minimum (its most negative Φ), whatever `how` says.
 
     Args:
         phi: `(B, T-1)` Φ.
@@ -66,10 +79,11 @@ def pool_over_groups(phi: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor
     keys = (rows * width + groups.clamp(min=0))[grouped]  # (n,)
     values = phi[grouped]  # (n,)
     reduce = {"max": "amax", "min": "amin", "mean": "mean"}[how]
-    pooled = torch.zeros(phi.size(0) * width, dtype=phi.dtype, device=phi.device)
-    pooled = pooled.scatter_reduce(0, keys, values, reduce=reduce, include_self=False)
+    empty = torch.zeros(phi.size(0) * width, dtype=phi.dtype, device=phi.device)
+    pooled = empty.scatter_reduce(0, keys, values, reduce=reduce, include_self=False)[keys]  # (n,)
+    lowest = empty.scatter_reduce(0, keys, values, reduce="amin", include_self=False)[keys]  # (n,)
     out = phi.clone()
-    out[grouped] = pooled[keys]
+    out[grouped] = torch.where(lowest < 0, lowest, pooled)  # a unit to unlearn keeps the sign of its worst token
     return out
 
 

@@ -30,6 +30,7 @@ by `trl_priority.data`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
@@ -426,6 +427,11 @@ class DistributionRequest:
     term_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (B, T-1) per-token inputs of the terms
     reference: ReferenceDistribution | None = None
     backbone_only: bool = False  # a reference: run the backbone alone, no fused head
+    # Called inside the forward once the fused head and the statistics are done, before the terms are projected:
+    # `before_terms(outputs, request)` fills `term_inputs` (Φ, policy statistics) and may set `rows`. For terms that
+    # read what only this forward computes (`priority`, `logps`, ...): `_statistics_then_terms`.
+    before_terms: Callable[[Any, DistributionRequest], None] | None = None
+    rows: torch.Tensor | None = None  # (B, T-1) bool: project the terms at these supervised positions only
     chunk_elements: int | None = None  # positions × vocabulary per chunk; None: `chunk_elements_for`, at call time
     label_length: int | None = None  # the caller's T: a longer forward has PEFT's virtual tokens first
     # Results
@@ -467,6 +473,8 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
     """Compute the request's statistics and terms at the supervised positions of `hidden` `(B, T, H)`."""
     shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
     mask = shifted != -100  # (B, T-1)
+    if request.rows is not None:
+        mask = mask & request.rows.to(mask.device)  # (B, T-1)
     rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
     rows_labels = shifted[mask]  # (N,)
     num_rows = rows_labels.numel()
@@ -497,13 +505,18 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
             ref_rows_hidden = request.reference.hidden[:, :-1][mask].to(hidden.device)  # (N, H_ref)
             ref_dtype = _compute_dtype(request.reference.hidden)
 
+        # The policy's head is projected for its statistics, the terms, or a top-k reference's tail (shaped like it)
+        project_policy = bool(names or terms) or topk_rows is not None or ref_head is None
+
         def chunks():
             """Per chunk: its rows, the policy's float32 logits, and `reference_of(policy_logprobs)`, which gives the
             reference's log-probabilities (and fills its statistics) once the policy's, detached, are known."""
             for start in range(0, num_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                with torch.no_grad():
-                    raw = head.logits_fp32(rows_hidden[rows].detach(), dtype)  # (n, V) float32
+                raw = None
+                if project_policy:
+                    with torch.no_grad():
+                        raw = head.logits_fp32(rows_hidden[rows].detach(), dtype)  # (n, V) float32
 
                 @torch.no_grad()
                 def reference_of(policy_logprobs, rows=rows):
@@ -529,6 +542,9 @@ def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, re
             )
             total = rows_hidden_.new_zeros((), dtype=torch.float32)
             for rows, raw, reference_of in chunks():
+                if raw is None:  # a model reference's statistics alone: the policy's head is not projected
+                    reference_of(None)
+                    continue
                 with torch.enable_grad():
                     raw = raw.requires_grad_(needs_grad)
                     logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
@@ -778,22 +794,14 @@ def add_distribution_head(causal_lm) -> None:
             if request.statistics or request.terms:
                 _distribution_pass(hidden, real_labels, self, request)
             return None
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(module, hook_args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
+        if request.before_terms is not None and request.terms:
+            return _statistics_then_terms(self, fused_forward, args, kwargs, request)
         job = _tile_statistics_for(request, labels)
-        handle = self.base_model.register_forward_hook(hook)
-        try:
-            with _statistics_in_fused_head(job):
-                outputs = fused_forward(*args, **kwargs)
-        finally:
-            handle.remove()
+        outputs, hidden = _fused_forward_keeping_hidden(self, fused_forward, args, kwargs, job, request.label_length)
         if job is not None and job.done:
-            request.values.update({name: value[:, virtual:] for name, value in job.per_position().items()})
+            request.values.update(_real_positions(job.per_position(), virtual))
         else:  # terms, a reference's distribution, or a call the fused head did not serve: the chunked pass
-            _distribution_pass(captured["hidden"][:, virtual:], real_labels, self, request)
+            _distribution_pass(hidden, real_labels, self, request)
         return outputs
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
@@ -809,19 +817,110 @@ def virtual_positions(labels: torch.Tensor | None, label_length: int | None) -> 
     return max(0, labels.shape[1] - label_length)
 
 
-def drop_virtual_positions(outputs, label_length: int):
+def _real_positions(values: Mapping[str, torch.Tensor], virtual: int) -> dict[str, torch.Tensor]:
+    """Per-position `(B, V + T - 1)` statistics without the first `virtual` positions: `(B, T - 1)`."""
+    return {name: value[:, virtual:] for name, value in values.items()}
+
+
+def drop_virtual_positions(outputs, label_length: int | None):
     """TRL's fused-head `outputs` on the caller's positions only: `(B, T_virtual + T - 1)` per-token fields cut to
     the last `T - 1`, so that position t scores `labels[:, t + 1]` of the caller's labels, as everywhere here.
+    Idempotent; `outputs.loss` is left as computed.
 
     PEFT's own loss gives the virtual positions label -100; the one real label they score, the sequence's first
     token predicted from the last virtual token, has no place in this layout (nothing else scores `labels[:, 0]`),
-    so a priority neither weights nor trains it. `outputs.loss` is left as computed.
+    so a priority neither weights nor trains it.
     """
+    if outputs is None or label_length is None:
+        return outputs
     length = label_length - 1
     for name, value in outputs.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > length:
             outputs[name] = value[:, value.shape[1] - length :]
     return outputs
+
+
+def _fused_forward_keeping_hidden(
+    causal_lm, fused_forward, args, kwargs, job: _TileStatistics | None, label_length: int | None = None
+):
+    """TRL's fused forward (with `job`'s statistics from its tiles), and the final hidden states it projected, both
+    on the caller's `label_length` positions (PEFT's prompt tuning prepends virtual ones)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module, hook_args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = causal_lm.base_model.register_forward_hook(hook)
+    try:
+        with _statistics_in_fused_head(job):
+            outputs = fused_forward(*args, **kwargs)
+    finally:
+        handle.remove()
+    hidden = captured["hidden"]
+    virtual = virtual_positions(kwargs.get("labels"), label_length)
+    return drop_virtual_positions(outputs, label_length), hidden[:, virtual:]  # (B, T, H)
+
+
+def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: DistributionRequest):
+    """Serve a request whose terms read what this forward computes (Φ, `logps`, a distribution statistic), in order:
+
+    1. the fused head, with the policy's distribution statistics from its tiles (or, when the reference's statistics
+       come from its distribution, a chunked pass without gradient that projects both heads);
+    2. `request.before_terms(outputs, request)`: the trainer computes Φ from every statistic and hands the terms
+       their inputs (and, for the unlikelihood of a signed method, the positions to project: those with Φ < 0);
+    3. the terms, with gradient, in a second chunked pass at those positions.
+
+    Still inside the model's forward, so the LM head is gathered (ZeRO-3, FSDP) and autocast active, as for the
+    one-pass case. The price: the policy's LM head runs once more over the projected positions (every supervised
+    one for a term over all tokens; only the negatives for a signed method's unlikelihood), and, when the reference's
+    statistics come from its distribution, the reference's head once more as well.
+    """
+    labels = kwargs.get("labels")
+    virtual = virtual_positions(labels, request.label_length)
+    real_labels = labels if labels is None else labels[:, virtual:]  # (B, T): the caller's positions
+    reference = request.reference
+    reference_in_pass = reference is not None and bool(reference.statistics)
+    first = DistributionRequest(
+        statistics=request.statistics,
+        args=request.args,
+        reference=reference if reference_in_pass else None,
+        chunk_elements=request.chunk_elements,
+    )
+    job = _tile_statistics_for(first, labels)
+    outputs, hidden = _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job, request.label_length)
+    if job is not None and job.done:
+        request.values.update(_real_positions(job.per_position(), virtual))
+    elif first.statistics or reference_in_pass:
+        with torch.no_grad():
+            _distribution_pass(hidden, real_labels, causal_lm, first)
+        request.values.update(first.values)
+    request.before_terms(outputs, request)
+    second = dataclasses.replace(
+        request,
+        statistics=(),
+        reference=None if reference is None else dataclasses.replace(reference, statistics=()),
+        values={},
+        term_values={},
+        term_total=None,
+        before_terms=None,
+    )
+    _distribution_pass(hidden, real_labels, causal_lm, second)
+    request.term_values, request.term_total = second.term_values, second.term_total
+    return outputs
+
+
+def fused_statistics(outputs, names: Iterable[str], causal_lm) -> dict[str, torch.Tensor]:
+    """The statistics among `names` that TRL's fused head returns (`logps`, `entropy`), detached, float32."""
+    statistics = {}
+    for name in names:
+        if name in FUSED_STATISTICS:
+            value = getattr(outputs, FUSED_STATISTICS[name])
+            if value is None:
+                raise RuntimeError(
+                    f"The fused LM head of {type(causal_lm).__name__} does not compute '{FUSED_STATISTICS[name]}'."
+                )
+            statistics[name] = value.detach().float()
+    return statistics
 
 
 def forward_statistics(
@@ -857,16 +956,8 @@ def forward_statistics(
     request.statistics = tuple(distribution)
     needs_pass = bool(distribution or request.terms)
     outputs = model(**inputs, fused_lm_head=True, **({"distribution_request": request} if needs_pass else {}))
-    outputs = drop_virtual_positions(outputs, inputs["labels"].shape[1])  # PEFT prompt tuning prepends positions
-    statistics = {}
-    for name in names:
-        if name in FUSED_STATISTICS:
-            value = getattr(outputs, FUSED_STATISTICS[name])
-            if value is None:
-                raise RuntimeError(
-                    f"The fused LM head of {type(causal_lm).__name__} does not compute '{FUSED_STATISTICS[name]}'."
-                )
-            statistics[name] = value.detach().float()
+    outputs = drop_virtual_positions(outputs, request.label_length)  # PEFT prompt tuning prepends positions
+    statistics = fused_statistics(outputs, names, causal_lm)
     statistics.update(request.values)
     return outputs, statistics
 

@@ -46,7 +46,7 @@ from . import checks, epoch_cache, ref_cache
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
-from .objectives import priority_loss
+from .objectives import UNLIKELIHOOD_TERM, priority_loss
 from .priorities import get_priority
 from .reference import (
     AdapterReference,
@@ -71,6 +71,7 @@ from .statistics import (
     dequantize_lm_head,
     drop_virtual_positions,
     forward_statistics,
+    fused_statistics,
 )
 
 
@@ -623,12 +624,47 @@ class PrioritySFTTrainer(SFTTrainer):
         max_steps = getattr(self.state, "max_steps", 0) or 0
         return min(1.0, self.state.global_step / max_steps) if max_steps > 0 else 0.0
 
-    def _gather_statistics(self, model, inputs: dict[str, Any], training: bool, ahead=None, train_batch=None):
+    @functools.cached_property
+    def _distribution_terms(self) -> tuple[Any, ...]:
+        """The method's distribution terms, plus the bounded unlikelihood on Φ < 0 when the regime is signed and
+        `negative_loss="unlikelihood"`: computed from the logits in the LM-head pass (`objectives.unlikelihood_term`).
+        """
+        unlearn = (UNLIKELIHOOD_TERM,) if self.priority.signed and self.args.negative_loss == "unlikelihood" else ()
+        return (*self.priority.distribution_terms, *unlearn)
+
+    @functools.cached_property
+    def _terms_read_phi(self) -> bool:
+        """Some distribution term reads Φ, a policy or a trainer statistic: Φ is then computed inside the forward,
+        between the fused head and the terms (`statistics._statistics_then_terms`)."""
+        names = {name for term in self._distribution_terms for name in term.statistics}
+        return any(name == "priority" or stats_vocab.source_of(name) in ("policy", "trainer") for name in names)
+
+    def _phi_before_terms(self, statistics: dict[str, Any], priority_of: Callable) -> Callable:
+        """The request's `before_terms`: Φ from all statistics (the policy's just computed), then the terms' inputs."""
+
+        def before_terms(outputs, request: DistributionRequest) -> None:
+            statistics.update(fused_statistics(outputs, self._policy_statistics, causal_lm_of(self.model)))
+            statistics.update(request.values)
+            phi = priority_of(statistics)  # (B, T-1)
+            available = {**statistics, "priority": phi}
+            request.term_inputs = {
+                name: available[name] for term in request.terms for name in term.statistics if name in available
+            }
+            if request.terms == (UNLIKELIHOOD_TERM,):
+                request.rows = phi < 0  # (B, T-1): only the tokens to unlearn are projected
+
+        return before_terms
+
+    def _gather_statistics(
+        self, model, inputs: dict[str, Any], training: bool, ahead=None, train_batch=None, priority_of=None
+    ):
         """Run the reference (unless `ahead` carries its statistics) and the policy; return everything Φ reads.
 
         Returns `(outputs, statistics, request)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), the
         statistics are `(B, T-1)` tensors without gradient (plus `progress` and `state`), `request` holds the
-        distribution terms (with gradient) the forward computed.
+        distribution terms (with gradient) the forward computed. `priority_of(statistics)` computes Φ: it is called
+        inside the forward when a term reads Φ or a policy statistic; without it such terms are not computed (a
+        scoring pass needs no loss).
         """
         # Not model inputs. A batch collated elsewhere may lack the identity columns, which only training reads
         columns = {column: inputs.pop(column) for column in self._token_columns if column in inputs}
@@ -669,7 +705,9 @@ class PrioritySFTTrainer(SFTTrainer):
             )
             statistics["state"] = self.priority_state.bind(*identity, writable=training)
 
-        terms = self.priority.distribution_terms
+        terms = self._distribution_terms
+        if self._terms_read_phi and priority_of is None:
+            terms = ()
         request = DistributionRequest(
             args=self._step_args,
             terms=terms,
@@ -677,6 +715,7 @@ class PrioritySFTTrainer(SFTTrainer):
             # (reference statistics computed in the pass itself, from the reference's distribution, are not here yet)
             term_inputs={name: statistics[name] for term in terms for name in term.statistics if name in statistics},
             reference=reference_distribution,
+            before_terms=self._phi_before_terms(statistics, priority_of) if terms and self._terms_read_phi else None,
         )
         with record_function("trl_priority.policy_forward"):
             outputs, policy_statistics = forward_statistics(
@@ -719,11 +758,20 @@ class PrioritySFTTrainer(SFTTrainer):
 
         Returns `(outputs, phi, statistics, request)`; `phi` is `(B, T-1)` without gradient.
         """
-        outputs, statistics, request = self._gather_statistics(model, inputs, training, ahead)
         # A step of one micro-batch (`Trainer` counts them per step) selects in its own training forward, no pass
         whole_step = training and ahead is None and getattr(self, "current_gradient_accumulation_steps", None) == 1
-        with record_function("trl_priority.priority"):
-            phi = self._priority_of(statistics, None if ahead is None else ahead["selected"], whole_step)
+        computed: list[torch.Tensor] = []  # Φ, once: a stateful method's history must be written once per step
+
+        def priority_of(statistics: dict[str, Any]) -> torch.Tensor:
+            if not computed:
+                with record_function("trl_priority.priority"):
+                    computed.append(
+                        self._priority_of(statistics, None if ahead is None else ahead["selected"], whole_step)
+                    )
+            return computed[0]
+
+        outputs, statistics, request = self._gather_statistics(model, inputs, training, ahead, priority_of=priority_of)
+        phi = priority_of(statistics)  # computed in the forward already when a term reads it
         if self.priority_state is not None and training:
             self.priority_state.sync(self.accelerator)
         return outputs, phi, statistics, request
@@ -856,7 +904,11 @@ class PrioritySFTTrainer(SFTTrainer):
             raise RuntimeError("A step-wide selection does not match its micro-batch; please report this.")
         num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         denominator = torch.as_tensor(num_items).clamp(min=1)
-        loss = priority_loss(outputs.log_probs, phi, num_items, self.args.negative_loss)
+        # The negatives' unlikelihood, when the method is signed, is a term computed from the logits (below)
+        unlearned_in_pass = UNLIKELIHOOD_TERM in self._distribution_terms
+        loss = priority_loss(
+            outputs.log_probs, phi.clamp(min=0) if unlearned_in_pass else phi, num_items, self.args.negative_loss
+        )
 
         # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
         term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
@@ -873,8 +925,8 @@ class PrioritySFTTrainer(SFTTrainer):
         # Distribution terms, computed inside the forward: their weighted sum over the supervised positions
         if request.term_total is not None:
             loss = loss + request.term_total / denominator
-            for term, weight in zip(self.priority.distribution_terms, request.term_weights):
-                term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
+        for term, weight in zip(request.terms, request.term_weights):  # the same terms on every process
+            term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
 
         # From here as in `SFTTrainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP
         # averages the gradients, and the MoE aux loss is averaged over the accumulation steps

@@ -285,6 +285,79 @@ def test_target_sft_runs_a_reference_only_when_it_reads_one(make_model, tokenize
     assert reference_of({"alpha": "reference", "prior": "uniform"}) is not None
 
 
+def test_target_sft_at_warmup_weight_zero_is_plain_sft(make_model, tokenizer, datasets_, make_args):
+    """Warm-up weight 0 gives Φ = α = 1 on every token: Q_t = δ_{y_t}, the loss is the NLL alone. (The old term
+    recomputed the raw α_t = p_t, so the loss was NLL + (1 − p_t)·H(A_t, π_θ): Q's mass 1 + (1 − p_t).)"""
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, "target_sft", {"prior": "policy"},
+        args=dict(priority_warmup_ratio=0.5, max_steps=4),
+    )  # fmt: skip
+    batch = first_batch(trainer)
+    assert trainer.progress == 0.0
+    loss, grads = trainer_loss_and_grads(trainer, batch)
+
+    labels, mask = shifted_labels(batch)
+    logprobs = full_logprobs(trainer.model, batch)
+    nll = -(logprobs.gather(-1, labels[..., None]).squeeze(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, nll.detach(), rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, oracle_grads(trainer.model, nll))
+
+
+def test_target_sft_term_reads_the_pooled_trust(make_model, tokenizer, datasets_, make_args):
+    """With Φ pooled over words (max), the soft target uses the pooled α_t too: term = Σ_t (1 − Φ_t)·H_t / N with
+    H_t the policy's entropy (prior "policy": A_t = sg(π_θ), H(A_t, π_θ) = H(π_θ))."""
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, "target_sft", {"prior": "policy"},
+        args=dict(priority_granularity="word"),
+    )  # fmt: skip
+    batch = first_batch(trainer)
+    phi = trainer.token_priorities(batch)  # (B, T-1): pooled
+    loss, _ = trainer_loss_and_grads(trainer, batch)
+
+    labels, mask = shifted_labels(batch)
+    with torch.no_grad():
+        logprobs = full_logprobs(trainer.model, batch, grad=False)
+    p = logprobs.gather(-1, labels[..., None]).squeeze(-1).exp()  # (B, T-1)
+    pooled = (phi != p) & mask
+    assert pooled.any()  # some word's trust was raised to its best token's
+    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (B, T-1)
+    term = ((1 - phi) * entropy * mask).sum() / mask.sum()
+    nll = (phi * -p.log() * mask).sum() / mask.sum()
+    raw = ((1 - p) * entropy * mask).sum() / mask.sum()  # what a term recomputing α_t = p_t would give
+    assert abs(raw - term).item() > 1e-4 * term.item()  # the tiny model's p_t are small: the difference is too
+    assert trainer._metrics["train"]["loss/soft_target"][-1] == pytest.approx(term.item(), rel=1e-5)
+    torch.testing.assert_close(loss, nll + term, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_prior_at_eta_0_or_1_ignores_the_other_side_minus_inf():
+    """η = 1 is the reference alone, η = 0 the policy alone, even where the other side has log-probability −inf
+    (where 0·(−inf) gave NaN)."""
+    from trl_priority.priorities.distribution import _log_prior
+
+    policy = torch.tensor([[0.0, float("-inf"), -1.0]]).log_softmax(-1)
+    reference = torch.tensor([[-1.0, 0.0, float("-inf")]]).log_softmax(-1)
+    at_one, _ = _log_prior(policy, reference, "guided", 1.0, 0)
+    at_zero, _ = _log_prior(policy, reference, "guided", 0.0, 0)
+    torch.testing.assert_close(at_one, reference)
+    torch.testing.assert_close(at_zero, policy)
+    between, _ = _log_prior(policy, reference, "guided", 0.5, 0)
+    assert torch.isneginf(between[0, 1:]).all() and between[0, 0] == 0.0  # mass only where both have some
+
+    # The term and the KL anchor: a prior or reference entry 0 against a policy entry −inf counts 0
+    labels = torch.tensor([0])
+    logprobs = policy.clone().requires_grad_()
+    term = soft_target_cross_entropy(
+        logprobs, labels, reference, torch.tensor([0.5]), prior="guided", eta=0.5, top_k=0
+    )
+    kl = kl_to_reference(logprobs, labels, torch.tensor([[0.0, float("-inf"), float("-inf")]]))
+    assert torch.isfinite(term).all() and torch.isfinite(kl).all()
+    assert term.item() == pytest.approx(0.5 * -policy[0, 0].item()) and kl.item() == pytest.approx(
+        -policy[0, 0].item()
+    )
+    (term + kl).sum().backward()
+    assert torch.isfinite(logprobs.grad).all()
+
+
 def test_target_sft_top_k_needs_a_ranked_prior():
     with pytest.raises(ValueError, match="uniform prior has no most likely entries"):
         PrioritySFTConfig("out", priority="target_sft", priority_args={"prior": "uniform", "top_k": 5})
@@ -344,7 +417,15 @@ def test_soft_target_term_matches_a_naive_loop(alpha, prior, eta, top_k):
     labels = torch.randint(0, vocab, (n,), generator=generator)
     logprobs = logits.log_softmax(-1).requires_grad_()
     args = dict(alpha=alpha, alpha_value=0.6, prior=prior, eta=eta, top_k=top_k)
-    got = soft_target_cross_entropy(logprobs, labels, ref_logits.log_softmax(-1), **args)
+    # α_t as the trainer hands it to the term: target_sft's Φ
+    trust = {
+        "constant": torch.full((n,), 0.6),
+        "policy": logits.softmax(-1).gather(1, labels[:, None]).squeeze(1),
+        "reference": ref_logits.softmax(-1).gather(1, labels[:, None]).squeeze(1),
+    }[alpha]
+    got = soft_target_cross_entropy(
+        logprobs, labels, ref_logits.log_softmax(-1), trust, prior=prior, eta=eta, top_k=top_k
+    )
 
     assert got.shape == (n,) and got.requires_grad
     for i in range(n):
@@ -355,10 +436,8 @@ def test_soft_target_term_matches_a_naive_loop(alpha, prior, eta, top_k):
 def test_soft_target_without_reference_reads_none():
     logprobs = torch.randn(3, 7).log_softmax(-1)
     labels = torch.tensor([0, 3, 6])
-    got = soft_target_cross_entropy(
-        logprobs, labels, None, alpha="policy", alpha_value=0.9, prior="uniform", eta=0.5, top_k=0
-    )
     p = logprobs.gather(1, labels[:, None]).squeeze(1).exp()
+    got = soft_target_cross_entropy(logprobs, labels, None, p, prior="uniform", eta=0.5, top_k=0)
     torch.testing.assert_close(got, -(1 - p) * logprobs.mean(-1))
 
 
@@ -388,7 +467,9 @@ def test_chunk_size_does_not_change_loss_or_gradients(
 
     _, mask = shifted_labels(batch)
     assert projected and all(rows <= 3 and width == vocab for rows, width in projected)
-    # The policy's and the reference's distributions, each once (target_sft's `ref_logps` come from the same pass)
-    assert sum(rows for rows, _ in projected) == 2 * mask.sum()
+    # The policy's and the reference's distributions, each once; target_sft's term reads Φ, so Φ's `ref_logps` come
+    # from a first pass that projects the reference alone (`statistics._statistics_then_terms`)
+    passes = {"asft": 2, "target_sft": 3}[method]
+    assert sum(rows for rows, _ in projected) == passes * mask.sum()
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-7)
     assert_grads_close(chunked_grads, grads, rtol=1e-5, atol=1e-7)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from trl_priority import PrioritySFTTrainer, get_priority
+from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.priorities.dynamics import entrodrop_drop_rate
 from trl_priority.selection import select_in_batch
 from trl_priority.state import STATE_FILE, TokenState
@@ -86,7 +86,14 @@ def entrodrop_phi(entropy, mask, progress, **priority_args):
     """Φ as the trainer forms it for a micro-batch: the selection, then the priority."""
     priority = get_priority("entrodrop")
     args = priority.resolve_args(priority_args)
-    statistics = {"entropy": entropy, "mask": mask}
+    identity = torch.arange(entropy.numel()).view(entropy.shape).float()
+    statistics = {
+        "entropy": entropy,
+        "mask": mask,
+        "example_index": identity // entropy.shape[1],
+        "token_position": identity % entropy.shape[1],
+        "progress": torch.tensor(progress),
+    }
     fraction = priority.selection.kept_fraction(args, progress)
     statistics["selected"] = select_in_batch(priority.selection.scores(statistics, args), mask, fraction)
     return priority(statistics, args)
@@ -118,6 +125,64 @@ def test_entrodrop_hand_case_ties_and_all_masked_rows():
     # At least one token is kept, even with a drop rate that rounds every token away: keep round(0.05·5) = 0 → 1
     phi = entrodrop_phi(entropy, mask, 1.0, max_drop=0.95)
     assert phi.tolist() == [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0] * 6]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# EntroDrop, the position paper's Table 1 form: Φ ~ Bernoulli(1 − e^{−λH}), drawn from the token and the step
+# ------------------------------------------------------------------------------------------------------------------
+def bernoulli_phi(entropy, example, position, progress, **priority_args):
+    priority = get_priority("entrodrop")
+    args = priority.resolve_args({"variant": "bernoulli", **priority_args})
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    statistics = {
+        "entropy": entropy,
+        "mask": mask,
+        "example_index": example.float(),
+        "token_position": position.float(),
+        "progress": torch.tensor(progress),
+        "selected": mask,  # the variant keeps a fraction of 1: the trainer's selection keeps everything
+    }
+    assert priority.selection.kept_fraction(args, progress) == 1.0
+    return priority(statistics, args)
+
+
+@pytest.mark.parametrize("entropy_scale", [1.0, 2.5])
+def test_entrodrop_bernoulli_mean_is_the_closed_form(entropy_scale):
+    # 5 entropy levels, 8000 tokens each (400 examples × 20 positions per level): E[Φ] = 1 − e^{−λH}, σ ≤ 0.0056
+    levels = torch.tensor([0.0, 0.05, math.log(2), 1.5, 4.0])
+    examples, positions = torch.meshgrid(torch.arange(400), torch.arange(100), indexing="ij")  # (400, 100)
+    entropy = levels[positions % 5]  # (400, 100): column t has level t mod 5
+    phi = bernoulli_phi(entropy, examples, positions, 0.3, entropy_scale=entropy_scale)
+    assert set(phi.unique().tolist()) <= {0.0, 1.0}
+    for i, level in enumerate(levels.tolist()):
+        expected = 1 - math.exp(-entropy_scale * level)
+        mean = phi[:, i::5].mean().item()
+        assert mean == pytest.approx(expected, abs=0.02), level
+    assert phi[:, 0::5].sum() == 0  # H = 0: never kept
+
+
+def test_entrodrop_bernoulli_is_deterministic_per_token_and_step():
+    examples, positions = torch.meshgrid(torch.arange(50), torch.arange(40), indexing="ij")
+    entropy = torch.full((50, 40), math.log(2))  # kept with probability 1/2
+    phi = bernoulli_phi(entropy, examples, positions, 0.25)
+    # Same tokens, another batch layout (rows shuffled): the same draw per token
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    shuffled = bernoulli_phi(entropy[order], examples[order], positions[order], 0.25)
+    assert torch.equal(shuffled, phi[order])
+    # Another step, or another seed: a fresh draw (about half the tokens change for p = 1/2)
+    for other in (
+        bernoulli_phi(entropy, examples, positions, 0.5),
+        bernoulli_phi(entropy, examples, positions, 0.25, seed=1),
+    ):
+        changed = (other != phi).float().mean().item()
+        assert 0.4 < changed < 0.6
+    # And the same step again: the same draw (a resumed run sees what the first run saw)
+    assert torch.equal(bernoulli_phi(entropy, examples, positions, 0.25), phi)
+
+
+def test_entrodrop_bernoulli_refuses_a_step_wide_scope():
+    with pytest.raises(PriorityError, match="scope: step"):
+        get_priority("entrodrop").resolve_args({"variant": "bernoulli", "scope": "step"})
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -90,6 +90,12 @@ def critical(
     - The official code scores the text without the end-of-sequence token that DPO appends and gives that token
       weight 1 on both sides (L132-139); here the end token is scored like every other token of the sequence the
       trainer sees, so the column is aligned token for token (the code's Qwen branch re-aligns by hand).
+    - Against the position paper (Shen et al. 2026, arXiv 2602.01227, Table 1), which lists Critical Tokens among the
+      positive hard selections, Φ = 1[L(y) − L(y without x) > δ]: a token kept when removing it changes the loss by
+      more than δ (its counterfactual impact). This follows cDPO's own objective instead: signed, soft weights from
+      contrastive estimation, negative on the critical tokens of incorrect solutions. The table's hard selection is
+      not offered: it needs a counterfactual-impact column (one forward per token removed, or the paper's rollouts
+      from each prefix), which `trl_priority.token_scores` does not compute.
     """
     score = contrastive_score.clamp(0.0, 1.0)  # (B, T-1)
     learn = torch.ones_like(score) if only_neg else score  # (B, T-1)

@@ -30,9 +30,11 @@ def kl_to_reference(logprobs: torch.Tensor, labels: torch.Tensor, ref_logprobs: 
     """KL(π_ref ‖ π_θ) = Σ_v π_ref(v)·(log π_ref(v) − log π_θ(v)) at each position, with gradient through π_θ.
 
     Exactly the official `F.kl_div(log_softmax(student), softmax(ref), reduction="none").sum(-1)`: the forward KL,
-    with the reference as the target distribution; entries with π_ref(v) = 0 count 0.
+    with the reference as the target distribution; entries with π_ref(v) = 0 count 0, also where log π_θ(v) = −inf
+    (where `F.kl_div` alone gives 0·(−inf) = NaN).
     """
-    return F.kl_div(logprobs, ref_logprobs.exp(), reduction="none").sum(-1)  # (n,)
+    target = ref_logprobs.exp()  # (n, V)
+    return torch.where(target > 0, F.kl_div(logprobs, target, reduction="none"), 0.0).sum(-1)  # (n,)
 
 
 @register_priority(
@@ -62,6 +64,9 @@ def asft(logps: torch.Tensor, mask: torch.Tensor, *, kl_weight: NonNegative = 0.
     - Both parts are divided by N, the supervised tokens, as the code divides by its `valid_mask.sum()`; with
       gradient accumulation N counts the whole optimizer step (TRL's `num_items_in_batch`), where the code divides
       each micro-batch by its own count.
+    - Against the position paper (Shen et al. 2026, arXiv 2602.01227, Table 1), which lists Anchored SFT among the
+      hard selections as Φ = 1[D_KL(P_θ, P_anchor) < δ] (a token kept while the policy stays near the anchor): this
+      follows the official code, a soft KL penalty added to the DFT-weighted loss, no token ever masked.
     """
     return logps.exp() * mask  # (B, T-1)
 
@@ -73,25 +78,16 @@ Trust = Literal["constant", "policy", "reference"]
 Prior = Literal["uniform", "reference", "policy", "guided"]
 
 
-def _trust(
-    logprobs: torch.Tensor, labels: torch.Tensor, ref_logprobs: torch.Tensor | None, alpha: str, alpha_value: float
-) -> torch.Tensor:
-    """α_t for a chunk, without gradient: `(n,)`."""
-    if alpha == "constant":
-        return logprobs.new_full(labels.shape, alpha_value)
-    source = logprobs.detach() if alpha == "policy" else ref_logprobs
-    return source.gather(1, labels[:, None]).squeeze(1).exp()  # (n,)
-
-
 def _log_prior(
     logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, prior: str, eta: float, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log A_t over the vocabulary, without gradient: `(n, V)`, or `(n, k)` with the indices of the kept entries."""
-    if prior == "policy":
+    if prior == "policy" or (prior == "guided" and eta == 0):
         log_prior = logprobs.detach()  # (n, V)
-    elif prior == "reference":
+    elif prior == "reference" or (prior == "guided" and eta == 1):
         log_prior = ref_logprobs  # (n, V)
     else:  # guided: π̃ ∝ π_θ^(1−η) · π_ref^η, normalised
+        # 0 < η < 1 here: a −inf log-probability weighted by η or 1 − η stays −inf (at η ∈ {0, 1}, 0·(−inf) is NaN)
         log_prior = ((1 - eta) * logprobs.detach() + eta * ref_logprobs).log_softmax(-1)  # (n, V)
     if top_k <= 0:
         return log_prior, None
@@ -103,28 +99,29 @@ def soft_target_cross_entropy(
     logprobs: torch.Tensor,
     labels: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
+    priority: torch.Tensor,
     *,
-    alpha: str,
-    alpha_value: float,
     prior: str,
     eta: float,
     top_k: int,
 ) -> torch.Tensor:
     """(1 − α_t)·H(A_t, π_θ) = −(1 − α_t)·Σ_v A_t(v)·log π_θ(v): the part of H(Q_t, π_θ) off the one-hot.
 
-    α_t and A_t are recomputed from the chunk (a term cannot read policy statistics) and carry no gradient.
+    α_t is the Φ the trainer weights the NLL with (`priority`, `(n,)`): after warm-up and word/span pooling, so that
+    Q_t = α_t·δ_{y_t} + (1 − α_t)·A_t keeps mass 1 whatever the trainer did to Φ (at warm-up weight 0, α_t = 1 and
+    the loss is plain SFT). α_t and A_t carry no gradient. Entries with A_t(v) = 0 add 0, also where log π_θ(v) = −inf.
     """
-    with torch.no_grad():
-        trust = _trust(logprobs, labels, ref_logprobs, alpha, alpha_value)  # (n,)
-        if prior != "uniform":
+    trust = priority.detach()  # (n,)
+    if prior != "uniform":
+        with torch.no_grad():
             log_prior, index = _log_prior(logprobs, ref_logprobs, prior, eta, top_k)  # (n, V) or (n, k)
     if prior == "uniform":
         cross = -logprobs.mean(-1)  # (n,): A = 1/V everywhere
-    elif index is not None:
-        cross = -(log_prior.exp() * logprobs.gather(1, index)).sum(-1)  # (n,)
     else:
-        cross = -(log_prior.exp() * logprobs).sum(-1)  # (n,)
-    return (1 - trust) * cross  # (n,)
+        target = logprobs if index is None else logprobs.gather(1, index)  # (n, V) or (n, k)
+        weights = log_prior.exp()
+        cross = -torch.where(weights > 0, weights * target, 0.0).sum(-1)  # (n,): 0·(−inf) counts 0
+    return torch.where(trust < 1, (1 - trust) * cross, 0.0)  # (n,): α_t = 1 is SFT, even where H(A_t, π_θ) = inf
 
 
 def _reads_reference(args: dict) -> bool:
@@ -169,7 +166,9 @@ def target_sft(
 
     Here Φ_t = α_t weights the NLL of the observed token, and the `soft_target` term adds (1 − α_t)·H(A_t, π_θ) =
     −(1 − α_t)·Σ_v A_t(v)·log π_θ(v) over the whole vocabulary, computed in chunks inside the forward (logged as
-    `loss/soft_target`). The gradient with respect to the logits is π_θ − Q_t.
+    `loss/soft_target`). The gradient with respect to the logits is π_θ − Q_t. The term reads α_t as the trainer's
+    Φ (`priority`), after `priority_warmup_ratio` and `priority_granularity` pooling: Q_t's mass stays 1, and at
+    warm-up weight 0 (α_t = 1) the loss is plain SFT, not SFT plus (1 − α_t)·H(A_t, π_θ).
 
     Trust α_t (`alpha`):
         "constant"   α_t = alpha_value
@@ -203,9 +202,12 @@ def target_sft(
     sharing the policy's tokenizer can be given with `ref_model` or `ref_model_name_or_path`. Configurations that
     read no reference (alpha "constant"/"policy" with prior "uniform"/"policy") run none.
 
-    Cost: a configuration that reads the reference projects its LM head twice per supervised position, once for the
-    term's π_ref and once for Φ's `ref_logps` (read only by alpha="reference", but a priority's statistics are fixed
-    at registration); under LoRA the reference backbone is the same network with the adapter off.
+    Cost: the term reads Φ, so the trainer computes Φ inside the forward, after TRL's fused head and before the
+    term's chunked pass (`trl_priority.statistics._statistics_then_terms`). When the configuration reads the
+    reference, Φ's `ref_logps` (a statistic of the function's signature, read only by alpha="reference") comes from a
+    first chunked pass that projects the reference's LM head alone, before the term's pass projects both heads: the
+    reference's head runs twice per supervised position, the policy's once (plus TRL's fused head, as for every
+    method). Under LoRA the reference backbone is the same network with the adapter off.
     """
     if alpha == "constant":
         trust = torch.full_like(logps, alpha_value)  # (B, T-1)

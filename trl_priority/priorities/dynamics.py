@@ -15,7 +15,7 @@ import torch
 
 from ..selection import TopFraction
 from ..state import TokenState
-from .registry import Probability, Range, register_priority
+from .registry import PriorityError, Probability, Range, register_priority
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -36,11 +36,62 @@ def entrodrop_drop_rate(progress: float, *, max_drop: float, steepness: float, m
 
 
 def _entrodrop_kept_fraction(args: Mapping[str, Any], progress: float) -> float:
-    """1 − r(progress): the share of supervised tokens EntroDrop keeps at this point of training."""
+    """1 − r(progress): the share of supervised tokens EntroDrop keeps at this point of training (all of them for the
+    `bernoulli` variant, which draws its own)."""
+    if args["variant"] == "bernoulli":
+        return 1.0
     rate = entrodrop_drop_rate(
         progress, max_drop=args["max_drop"], steepness=args["steepness"], midpoint=args["midpoint"]
     )
     return 1.0 - rate
+
+
+_PRIME = 2_147_483_647  # 2^31 − 1: every intermediate below stays under 2^62, so int64 never overflows
+
+
+def hashed_uniform(keys: tuple[torch.Tensor, ...], seed: int) -> torch.Tensor:
+    """A number in [0, 1) per element, a deterministic function of the integer `keys` (same shape) and `seed`.
+
+    Keyed by a token's identity and the training step, not drawn from a generator: the same token at the same step
+    gets the same draw whatever the batch layout (padding, packing, number of processes) and after a resume. The mix
+    is a Lehmer multiplication modulo 2^31 − 1 followed by a xor-shift, twice per key; its mean is checked against the
+    closed form in the tests.
+    """
+    mixed = torch.full_like(keys[0], seed % _PRIME + 1, dtype=torch.int64)
+    for key in keys:
+        mixed = (mixed * 1_103_515_245 + key.to(torch.int64) % _PRIME) % _PRIME
+        for _ in range(2):
+            mixed = (mixed * 48_271) % _PRIME
+            mixed = mixed ^ (mixed >> 15)  # stays below 2^31
+    return mixed.double() / _PRIME
+
+
+def entrodrop_bernoulli(
+    entropy: torch.Tensor,
+    example_index: torch.Tensor,
+    token_position: torch.Tensor,
+    progress: torch.Tensor,
+    *,
+    entropy_scale: float,
+    seed: int,
+) -> torch.Tensor:
+    """Φ_t ~ Bernoulli(1 − exp(−λ·H_t)), λ = `entropy_scale`, drawn from the token's identity and the step.
+
+    The step enters through the bits of `progress` (global_step / max_steps, exact in float32 for the same run), so a
+    token draws afresh at every step (and every epoch) and a resumed run draws what the uninterrupted one would have.
+    """
+    keep = -torch.expm1(-entropy_scale * entropy.clamp(min=0))  # (B, T-1): 1 − e^{−λH}
+    step = progress.float().reshape(()).view(torch.int32).to(torch.int64).expand(entropy.shape)
+    draw = hashed_uniform((example_index.long(), token_position.long(), step), seed)  # (B, T-1) in [0, 1)
+    return (draw < keep.double()).float()  # (B, T-1)
+
+
+def _check_entrodrop(args: dict) -> None:
+    if args["variant"] == "bernoulli" and args["scope"] == "step":
+        raise PriorityError(
+            "priority_args for 'entrodrop': `scope: step` selects a top fraction over the optimizer step, which the "
+            "`bernoulli` variant does not (it draws each token from its own entropy). Leave `scope` unset."
+        )
 
 
 def policy_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,23 +104,34 @@ def policy_entropy(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     paper="Wang, Hu et al. 2025, Entropy-Guided Token Dropout (EntroDrop), arXiv 2512.23422",
     selection=TopFraction(policy_entropy, fraction=_entrodrop_kept_fraction, scope="scope"),
     signal_switch=True,
+    validate=_check_entrodrop,
 )
 def entrodrop(
     selected: torch.Tensor,
+    entropy: torch.Tensor,
+    example_index: torch.Tensor,
+    token_position: torch.Tensor,
+    progress: torch.Tensor,
     mask: torch.Tensor,
     *,
+    variant: Literal["top_fraction", "bernoulli"] = "top_fraction",
     max_drop: Annotated[float, Range(0, 1, high_open=True)] = 0.5,
     steepness: Annotated[float, Range(0, None, low_open=True)] = 10.0,
     midpoint: Probability = 0.5,
     scope: Literal["micro_batch", "step"] = "micro_batch",
+    entropy_scale: Annotated[float, Range(0, None, low_open=True)] = 1.0,
+    seed: int = 0,
 ) -> torch.Tensor:
     """EntroDrop: drop the lowest-entropy (most predictable) tokens, more of them as training goes on.
 
     Paper: Wang, Hu, Gao et al. 2025, "Entropy-Guided Token Dropout: Training Autoregressive Language Models with
-    Limited Domain Data", arXiv 2512.23422 (Renmin University). Only the abstract and secondary summaries could be
-    read: low-entropy tokens are masked out of the loss, and the masking strength ramps up over training following a
-    sigmoidal curriculum, for multi-epoch training on scarce domain data. No official code was found. The formula and
-    every default below are therefore OURS, not the paper's:
+    Limited Domain Data", arXiv 2512.23422 (Renmin University). Only its abstract and secondary summaries were at
+    hand: low-entropy tokens are masked out of the loss, and the masking strength ramps up over training following a
+    sigmoidal curriculum, for multi-epoch training on scarce domain data. No official code was found. The position
+    paper (Shen et al. 2026, arXiv 2602.01227, Table 1, soft-reweighting rows) writes EntroDrop differently, as a
+    stochastic keep, Φ_t ~ Bernoulli(1 − e^{−λ·H_t}), with no schedule and no λ given: that reading is the
+    `variant: bernoulli` below. The default follows the EntroDrop abstract's curriculum instead; its formula and
+    every default below are OURS, not the paper's:
 
         H_t   = H(π_θ(· | y_<t)) = −Σ_v π_θ(v) log π_θ(v)              (the fused-head `entropy` statistic)
         s     = progress = global_step / max_steps  ∈ [0, 1)
@@ -86,7 +148,22 @@ def entrodrop(
     training forward itself (no extra pass), `scope="step"` over every micro-batch of the optimizer step and every
     process (one extra no-grad scoring forward per micro-batch). Dropped tokens get Φ = 0 and the loss is divided by
     all supervised tokens, like every method here, not by the kept ones.
+
+    `variant: bernoulli` (the position paper's Table 1 form):
+
+        Φ_t ~ Bernoulli(1 − e^{−λ·H_t}),   λ = `entropy_scale` = 1 per nat (ours: the table gives no value)
+
+    so E[Φ_t] = 1 − e^{−λH_t}: a token of entropy ln 2 is kept half the time, a near-certain one almost never. The
+    draw is a deterministic function of `seed`, the token's identity (`example_index`, `token_position`) and the
+    step (`entrodrop_bernoulli`): reproducible, resumable, and independent of batching; a token draws afresh at each
+    step. `max_drop`, `steepness` and `midpoint` do not apply (the table has no schedule), nor `scope: step`.
+    Both variants read the identity columns, which the trainer generates.
     """
+    if variant == "bernoulli":
+        drawn = entrodrop_bernoulli(
+            entropy, example_index, token_position, progress, entropy_scale=entropy_scale, seed=seed
+        )
+        return drawn * mask  # (B, T-1)
     return selected.float() * mask  # (B, T-1)
 
 

@@ -255,9 +255,13 @@ def verifier(
     """Veridical priority: a checker reads each completion and marks its spans verified, wrong or unknown.
 
     Paper: Shen et al. 2026, "Supervised Fine-Tuning Needs to Unlock the Potential of Token Priority", position paper,
-    arXiv 2602.01227, appendix A.2 (veridical priority: Φ from verification of the demonstration, not from the
-    model); the abstract and introduction were readable, the appendix was not in what we could read, so the weights
-    below are this library's.
+    arXiv 2602.01227, appendix A.2 ("The Epistemic Reliability Gap"). The appendix names the problem and leaves the
+    method open: proxies such as loss, entropy or a reference's likelihood conflate confidence with correctness
+    (confident hallucinations get a high Φ), and it calls for grounding Φ in verified truth ("veridical priority")
+    through scalable, reference-free checks such as logical-consistency checks, rather than in likelihood. It gives no
+    Φ formula, no weights and no checker; everything below (the spans, the three weights, the arithmetic checker) is
+    this library's reading of that call, and signed Φ on wrong spans follows the table's Regime II (Φ < 0 on tokens
+    to correct), not anything the appendix prescribes.
 
         Φ_t = wrong_weight      on tokens of a span the checker marks "wrong"     (default 0; negative: unlearn)
         Φ_t = verified_weight   on tokens of a "verified" span                     (default 1)

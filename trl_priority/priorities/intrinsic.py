@@ -36,6 +36,10 @@ def dft(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Normalised, like every method here, by the supervised-token count; this is TRL's `loss_type="dft"` exactly.
     With `signal="reference"` the weight is the frozen reference's probability, exp(ref_logps): PriFT-prob.
+
+    Against the position paper (Shen et al. 2026, arXiv 2602.01227, Table 1): the table writes DFT as inverse
+    probability weighting, Φ = 1 − P_θ(x). This follows DFT's own paper and code instead, Φ = sg(P_θ): DFT multiplies
+    the NLL by the token's (stop-gradient) probability, which down-weights unlikely tokens, the opposite of 1 − P_θ.
     """
     return logps.exp() * mask  # (B, T-1)
 

@@ -52,6 +52,11 @@ def rho1(
     round(ratio · n), at least 1, exactly k tokens kept, ties broken by position. The paper divides the loss by the
     kept count k; here it is divided by all supervised tokens, like every method: a constant factor 1/ratio, which
     AdamW's update does not see (it normalises the gradient's scale away), so the paper's learning rate applies as is.
+
+    Against the position paper (Shen et al. 2026, arXiv 2602.01227, Table 1): the table writes Rho-1 as
+    Φ = 1[L_θ < L_ref], a fixed threshold at zero excess loss. This follows the Rho-1 paper, which keeps the top
+    fraction of tokens by L_θ − L_ref: tokens the policy finds harder than the reference, kept at a set ratio
+    whatever the sign of their excess loss.
     """
     return selected.float() * mask  # (B, T-1)
 

@@ -183,11 +183,12 @@ def swift(
 
         Φ_t = σ(p_θ(y_t) − p_ref(y_t))
 
-    citing Le, Tran Vuong, Tran, Ngo Van, Harandi, Le 2025, "Token-Level Self-Play with Importance-Aware Guidance for
-    Large Language Models" (SWIFT, Self-Play Weighted Fine-Tuning; NeurIPS 2025, openreview 3VvdoCcVPU), whose
-    token weights are estimated from a stronger teacher model. Neither the table nor the SWIFT paper's method section
-    could be read here (only abstracts and the brief's transcription of the table), and no code was fetched: the
-    formula is taken from the table as transcribed, with two knobs of ours:
+    (Table 1, soft reweighting rows: proxy signal "Self-Play Gap", an intrinsic signal; section 5.1 describes it as a
+    self-play extension of DFT-style reweighting that optimises preferences implicitly), citing Le, Tran Vuong, Tran,
+    Ngo Van, Harandi, Le 2025, "Token-Level Self-Play with Importance-Aware Guidance for Large Language Models"
+    (SWIFT, Self-Play Weighted Fine-Tuning; NeurIPS 2025, openreview 3VvdoCcVPU), whose token weights are estimated
+    from a stronger teacher model. The table's formula is read from the position paper's full text; the SWIFT paper's
+    own method section was not at hand and no code was fetched, so the formula is the table's, with two knobs of ours:
 
         d_t = p_θ(y_t) − p_ref(y_t)                 space="prob" (the table's form, default)
         d_t = log p_θ(y_t) − log p_ref(y_t)         space="logprob" (a log-ratio, SPIN/DPO's implicit reward)
