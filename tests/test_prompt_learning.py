@@ -151,3 +151,40 @@ def test_a_prompt_learning_peft_model_is_its_own_reference(kind, make_model, mak
         base = _label_logps(_real_logprobs(trainer.model, batch), batch["labels"]).exp() * mask
     assert not torch.allclose(expected, base, atol=1e-4)  # the starting prompt changes the probabilities
     torch.testing.assert_close(trainer.token_priorities(batch), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture
+def unlearn_all():
+    """A signed priority, Φ = −1 on every token: the loss is the bounded unlikelihood, a term computed from the
+    logits inside the forward once Φ is known."""
+    from trl_priority import register_priority
+    from trl_priority.priorities import registry
+
+    def unlearn_everything(mask):
+        """Φ = −1"""
+        return -mask.float()
+
+    register_priority(unlearn_everything, name="unlearn_everything", regime="signed", paper="a test")
+    yield "unlearn_everything"
+    registry._REGISTRY.pop("unlearn_everything")
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning"])
+def test_prompt_learning_with_a_signed_priority(kind, unlearn_all, make_model, make_args, tokenizer, datasets_):
+    trainer = PrioritySFTTrainer(
+        model=make_model(),
+        args=make_args(priority=unlearn_all, max_steps=2),
+        train_dataset=datasets_.text(4),
+        processing_class=tokenizer,
+        peft_config=_peft_config(kind),
+    )
+    batch = trainer.data_collator(list(trainer.train_dataset))
+    mask = batch["labels"][:, 1:] != -100
+    logps = _label_logps(_real_logprobs(trainer.model, batch), batch["labels"]).double()
+    expected = -torch.log1p(-logps.exp())[mask].sum() / mask.sum()  # U(p) = −log(1 − p)
+
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
+    torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-4, atol=1e-7)
+    trainer.train()
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
