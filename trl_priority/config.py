@@ -8,6 +8,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from .checks import check_model_init_kwargs, parse_json_mapping
 from .priorities import get_priority
 from .schedules import parse_schedule
 
@@ -214,6 +215,11 @@ class PrioritySFTConfig(SFTConfig):
                 f"`priority_args` must be a mapping of hyperparameter names to values (a dict, or a JSON object on the "
                 f"command line), got {type(self.priority_args).__name__} {self.priority_args!r}."
             )
+        # Parsed and checked like `priority_args`: a misspelt key fails here, not once the policy has loaded
+        self.ref_model_init_kwargs = parse_json_mapping(
+            "ref_model_init_kwargs", self.ref_model_init_kwargs, '{"dtype": "bfloat16"}'
+        )
+        check_model_init_kwargs("ref_model_init_kwargs", self.ref_model_init_kwargs, self.ref_model_name_or_path)
         if self.ref_cache_topk < 1:
             raise ValueError(
                 f"`ref_cache_topk={self.ref_cache_topk}` must be at least 1: the number of most likely reference "

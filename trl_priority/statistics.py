@@ -446,6 +446,7 @@ class DistributionRequest:
     before_terms: Callable[[Any, DistributionRequest], None] | None = None
     rows: torch.Tensor | None = None  # (B, T-1) bool: project the terms at these supervised positions only
     chunk_elements: int | None = None  # positions × vocabulary per chunk; None: `chunk_elements_for`, at call time
+    label_length: int | None = None  # the caller's T: a longer forward has PEFT's virtual tokens first
     # Results
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # statistic -> (B, T-1), no gradient
     term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
@@ -810,32 +811,69 @@ def add_distribution_head(causal_lm) -> None:
             return fused_forward(*args, **kwargs)
         request = getattr(distribution_request, "request", distribution_request)
         labels = kwargs.get("labels")
+        virtual = virtual_positions(labels, request.label_length)
+        real_labels = labels if labels is None else labels[:, virtual:]  # (B, T)
         if request.backbone_only:
             backbone_kwargs = {
                 k: v for k, v in kwargs.items() if k not in ("labels", "fused_lm_head", "num_items_in_batch")
             }
             backbone_kwargs["use_cache"] = False
-            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state  # (B, T, H)
+            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state[:, virtual:]  # (B, T, H)
             request.hidden = hidden
             if request.statistics or request.terms:
-                _distribution_pass(hidden, labels, self, request)
+                _distribution_pass(hidden, real_labels, self, request)
             return None
         if request.before_terms is not None and request.terms:
             return _statistics_then_terms(self, fused_forward, args, kwargs, request)
         job = _tile_statistics_for(request, labels)
-        outputs, hidden = _fused_forward_keeping_hidden(self, fused_forward, args, kwargs, job)
+        outputs, hidden = _fused_forward_keeping_hidden(self, fused_forward, args, kwargs, job, request.label_length)
         if job is not None and job.done:
-            request.values.update(job.per_position())
+            request.values.update(_real_positions(job.per_position(), virtual))
         else:  # terms, a reference's distribution, or a call the fused head did not serve: the chunked pass
-            _distribution_pass(hidden, labels, self, request)
+            _distribution_pass(hidden, real_labels, self, request)
         return outputs
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
     causal_lm._trl_priority_distribution_head = True
 
 
-def _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job: _TileStatistics | None):
-    """TRL's fused forward (with `job`'s statistics from its tiles), and the final hidden states it projected."""
+def virtual_positions(labels: torch.Tensor | None, label_length: int | None) -> int:
+    """How many positions a PEFT prompt-learning adapter prepended to a sequence whose caller's labels are
+    `label_length` long: the virtual tokens of prompt tuning and p-tuning (`PeftModelForCausalLM.forward` prepends
+    their embeddings and `num_virtual_tokens` labels -100). Prefix tuning adds keys and values, not positions: 0."""
+    if labels is None or label_length is None:
+        return 0
+    return max(0, labels.shape[1] - label_length)
+
+
+def _real_positions(values: Mapping[str, torch.Tensor], virtual: int) -> dict[str, torch.Tensor]:
+    """Per-position `(B, V + T - 1)` statistics without the first `virtual` positions: `(B, T - 1)`."""
+    return {name: value[:, virtual:] for name, value in values.items()}
+
+
+def drop_virtual_positions(outputs, label_length: int | None):
+    """TRL's fused-head `outputs` on the caller's positions only: `(B, T_virtual + T - 1)` per-token fields cut to
+    the last `T - 1`, so that position t scores `labels[:, t + 1]` of the caller's labels, as everywhere here.
+    Idempotent; `outputs.loss` is left as computed.
+
+    PEFT's own loss gives the virtual positions label -100; the one real label they score, the sequence's first
+    token predicted from the last virtual token, has no place in this layout (nothing else scores `labels[:, 0]`),
+    so a priority neither weights nor trains it.
+    """
+    if outputs is None or label_length is None:
+        return outputs
+    length = label_length - 1
+    for name, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > length:
+            outputs[name] = value[:, value.shape[1] - length :]
+    return outputs
+
+
+def _fused_forward_keeping_hidden(
+    causal_lm, fused_forward, args, kwargs, job: _TileStatistics | None, label_length: int | None = None
+):
+    """TRL's fused forward (with `job`'s statistics from its tiles), and the final hidden states it projected, both
+    on the caller's `label_length` positions (PEFT's prompt tuning prepends virtual ones)."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(module, hook_args, output):
@@ -847,7 +885,9 @@ def _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job: _
             outputs = fused_forward(*args, **kwargs)
     finally:
         handle.remove()
-    return outputs, captured["hidden"]
+    hidden = captured["hidden"]
+    virtual = virtual_positions(kwargs.get("labels"), label_length)
+    return drop_virtual_positions(outputs, label_length), hidden[:, virtual:]  # (B, T, H)
 
 
 def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: DistributionRequest):
@@ -865,6 +905,8 @@ def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: Dist
     statistics come from its distribution, the reference's head once more as well.
     """
     labels = kwargs.get("labels")
+    virtual = virtual_positions(labels, request.label_length)
+    real_labels = labels if labels is None else labels[:, virtual:]  # (B, T): the caller's positions
     reference = request.reference
     reference_in_pass = reference is not None and bool(reference.statistics)
     first = DistributionRequest(
@@ -874,12 +916,12 @@ def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: Dist
         chunk_elements=request.chunk_elements,
     )
     job = _tile_statistics_for(first, labels)
-    outputs, hidden = _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job)
+    outputs, hidden = _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job, request.label_length)
     if job is not None and job.done:
-        request.values.update(job.per_position())
+        request.values.update(_real_positions(job.per_position(), virtual))
     elif first.statistics or reference_in_pass:
         with torch.no_grad():
-            _distribution_pass(hidden, labels, causal_lm, first)
+            _distribution_pass(hidden, real_labels, causal_lm, first)
         request.values.update(first.values)
     request.before_terms(outputs, request)
     second = dataclasses.replace(
@@ -891,7 +933,7 @@ def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: Dist
         term_total=None,
         before_terms=None,
     )
-    _distribution_pass(hidden, labels, causal_lm, second)
+    _distribution_pass(hidden, real_labels, causal_lm, second)
     request.term_values, request.term_total = second.term_values, second.term_total
     return outputs
 
@@ -931,6 +973,7 @@ def forward_statistics(
     names = list(dict.fromkeys(names))
     distribution = [name for name in names if name in DISTRIBUTION_STATISTICS]
     request = request or DistributionRequest(args=args)
+    request.label_length = inputs["labels"].shape[1]
     causal_lm = causal_lm_of(model)
     if not getattr(causal_lm, "_trl_priority_distribution_head", False):
         add_distribution_head(causal_lm)
@@ -943,6 +986,7 @@ def forward_statistics(
     needs_pass = bool(distribution or request.terms)
     passed = {"distribution_request": _Untouched(request)} if needs_pass else {}
     outputs = model(**inputs, fused_lm_head=True, **passed)
+    outputs = drop_virtual_positions(outputs, request.label_length)  # PEFT prompt tuning prepends positions
     statistics = fused_statistics(outputs, names, causal_lm)
     statistics.update(request.values)
     return outputs, statistics

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import pickle
 import warnings
@@ -41,7 +42,7 @@ from trl.trainer.utils import (
     global_then_local_main_first,
 )
 
-from . import epoch_cache, ref_cache
+from . import checks, epoch_cache, ref_cache
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
@@ -68,6 +69,7 @@ from .statistics import (
     add_distribution_head,
     causal_lm_of,
     dequantize_lm_head,
+    drop_virtual_positions,
     forward_statistics,
     fused_statistics,
 )
@@ -232,6 +234,10 @@ class PrioritySFTTrainer(SFTTrainer):
 
         if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
             raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
+        checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
+        if message := checks.finished_model_warning(args.output_dir):
+            warnings.warn(message, stacklevel=2)
         if isinstance(model, str):
             check_model_path(model, "model")
         check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
@@ -272,6 +278,7 @@ class PrioritySFTTrainer(SFTTrainer):
                     self._column_specs[f"ref_{name}"] = DataStatistic(
                         f"ref_{name}", "token", 0.0, hint=ColumnReference.hint(name)
                     )
+            checks.check_data_columns(self.priority.name, self._column_specs, {"train": train_dataset, **evals})
             uses_starting_model = (
                 self._uses_reference
                 and not args.precomputed_ref_columns
@@ -313,6 +320,8 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.priority is None:
             return
         self._check_parallelism()
+        terms = bool(self.priority.token_terms or self.priority.distribution_terms)
+        self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         add_distribution_head(causal_lm_of(self.model))
         if epoch_columns and self._skip_prepare_dataset:  # rows not prepared here carry no per-token identity
             for column in epoch_columns:
@@ -521,6 +530,20 @@ class PrioritySFTTrainer(SFTTrainer):
             del peft_model.save_pretrained  # back to the class method
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """As `SFTTrainer`'s, and say how many examples train on the end token alone or were dropped."""
+        message = checks.empty_completions_warning(*checks.empty_completions(dataset), dataset_name)
+        if message:
+            warnings.warn(message, stacklevel=3)
+        prepared = self._prepare_dataset_with_columns(
+            dataset, processing_class, args, packing, formatting_func, dataset_name
+        )
+        if isinstance(dataset, Dataset) and isinstance(prepared, Dataset) and not packing:
+            message = checks.dropped_examples_warning(len(dataset), len(prepared), dataset_name, args.max_length)
+            if message:
+                warnings.warn(message, stacklevel=3)
+        return prepared
+
+    def _prepare_dataset_with_columns(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if not self._token_columns:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if "example_index" in self._column_specs:
@@ -839,7 +862,8 @@ class PrioritySFTTrainer(SFTTrainer):
             result = {"phi": mask.float(), "mask": mask}
             if label_logps:
                 with eval_mode(self.model):
-                    result["logps"] = self.model(**inputs, fused_lm_head=True).log_probs.float()  # (B, T-1)
+                    outputs = drop_virtual_positions(self.model(**inputs, fused_lm_head=True), mask.shape[1] + 1)
+                    result["logps"] = outputs.log_probs.float()  # (B, T-1)
             return result
         with eval_mode(self.model):
             outputs, phi, statistics, _ = self._forward_with_priority(self.model, inputs)  # pops the data columns
@@ -947,6 +971,9 @@ class PrioritySFTTrainer(SFTTrainer):
         )
         gathered = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # summed over processes
         num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = gathered[:8].tolist()
+        bad = int((~outputs.log_probs.detach()[mask].isfinite()).sum()) if not math.isfinite(nll) else 0
+        self.run_guard.check_nll(nll, bad, int(mask.sum()))  # a diverged model: Trainer would log loss 0
+        self.run_guard.check_phi(num_valid, effective, self.state.global_step)
         metrics = self._metrics[mode]
 
         def per_token(value: float) -> float:

@@ -21,7 +21,8 @@ from .registry import NonNegative, PriorityError, Probability, Range, register_p
 register_data_statistic(
     "noise",
     level="example",
-    hint="RobustFT reads one noise score per example (a number >= 0, 0 for a clean response) from a 'noise' column",
+    hint="RobustFT reads one noise score per example (a number >= 0, 0 for a clean response) from a 'noise' column "
+    "(builtin:gsm8k-noisy has one)",
 )
 
 
@@ -44,8 +45,8 @@ def wit(
     response_mask: torch.Tensor,
     mask: torch.Tensor,
     *,
-    prompt_weight: NonNegative = 0.4,
-    response_weight: NonNegative = 0.6,
+    prompt_weight: Probability = 0.4,
+    response_weight: Probability = 0.6,
 ) -> torch.Tensor:
     """WIT (Weighted Instruction Tuning): train on the prompt too, with its own weight.
 
@@ -57,7 +58,9 @@ def wit(
 
     With λ_p > 0, prompt tokens keep their labels during data preparation (`completion_only_loss` is turned off),
     and the `response_mask` statistic tells them apart, so the dataset must be prompt-completion. Defaults 0.4 / 0.6
-    are the official run scripts' values; the paper recommends λ_p in [0, 0.5] and λ_r in [0.5, 1].
+    are the official run scripts' values; the paper recommends λ_p in [0, 0.5] and λ_r in [0.5, 1]. Both must lie
+    in [0, 1], the range of the paper's grid: a weight above 1 only scales the step (raise `learning_rate` instead),
+    and a typo such as 1e9 would blow the run up.
 
     The loss is divided by the tokens with a non-zero weight, as in the paper: with λ_p > 0 every prompt and response
     token; with λ_p = 0 the prompt tokens are not supervised at all (their labels are masked, as with

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import torch
 
 from .. import statistics as stats_vocab
+from ..checks import non_finite_message
 
 
 Regime = Literal["hard", "soft", "signed"]
@@ -321,11 +322,7 @@ class Priority:
         phi = torch.where(mask, phi.detach().float(), 0.0)  # (B, T-1)
         if not torch.isfinite(phi).all():
             bad = (~torch.isfinite(phi)).sum().item()
-            raise PriorityError(
-                f"Priority '{self.name}' returned a non-finite Φ on {bad} of {int(mask.sum())} supervised tokens. "
-                "Check its statistics for inf/NaN (a model or reference that diverged, a data column with NaN) and "
-                "its hyperparameters."
-            )
+            raise PriorityError(non_finite_message(self.name, "returned a non-finite Φ", bad, int(mask.sum())))
         if self.regime == "hard" and not ((phi == 0) | (phi == 1)).all():
             other = phi[(phi != 0) & (phi != 1)][0].item()
             raise PriorityError(

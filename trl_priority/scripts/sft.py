@@ -26,7 +26,7 @@ from trl import (
     get_quantization_config,
 )
 
-from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin, get_priority, ref_cache
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin, checks, get_priority, ref_cache
 
 
 @dataclass
@@ -96,10 +96,11 @@ def build_trainer(script_args, training_args, model_args, dataset_args, callback
     training_args.model_init_kwargs = model_init_kwargs
 
     # Built-in assets are prepared once, by the main process, before the others read them
+    # (the data first: a column the method reads and the data lacks is named before a model is converted or loaded)
     with PartialState().main_process_first():
+        train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args)
         model_path = builtin.resolve_model(model_args.model_name_or_path)
         training_args.ref_model_name_or_path = builtin.resolve_model(training_args.ref_model_name_or_path)
-        train_dataset, eval_dataset = load_data(script_args, dataset_args, training_args)
 
     return PrioritySFTTrainer(
         model=model_path,
@@ -135,6 +136,7 @@ def precompute(script_args, training_args, model_args, dataset_args) -> Priority
 def main(script_args, training_args, model_args, dataset_args):
     if script_args.precompute_only:
         return precompute(script_args, training_args, model_args, dataset_args)
+    checks.check_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before any model loads
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.add_callback(stop := StopOnSignal())  # after DefaultFlowCallback, so that its `should_save` is overridden
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
