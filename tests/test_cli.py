@@ -18,7 +18,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 # Recipes that are not named after their method
 NOT_A_METHOD = {"quickstart", "rho1_reference", "token_cleaning_reference"}
 # A method's recipe in another setting (its own recipe is `<method>.yaml`): recipe -> method
-VARIANTS = {"qlora": "prift_prob"}
+VARIANTS = {"qlora": "prift_prob", "s2ft": "sft"}  # s2ft: sft with a structural priority (S2FT)
 
 
 def parse(recipe: Path, *overrides: str):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from importlib.resources import files
 
+from . import beyond_tokens
 from . import statistics as stats_vocab
 from .priorities import available_priorities, get_priority
 
@@ -76,6 +77,7 @@ def _print_list() -> int:
     for row in [dict(zip(columns, columns)), *rows]:
         print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip())
     print("\nEach method's docstring gives its formula and choices: help(trl_priority.get_priority('<method>').fn)")
+    beyond_tokens.print_rows()
     return 0
 
 

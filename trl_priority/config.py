@@ -91,9 +91,23 @@ class PrioritySFTConfig(SFTConfig):
         allow_priority_change (`bool`, *optional*, defaults to `False`):
             Every checkpoint records the priority and its settings (`priority.json`); resuming with others is an error
             unless this is set.
+
+        > Parameters that control a structural priority (Φ over parameters; composes with any `priority`)
+
+        structural_priority (`str`, *optional*):
+            `"s2ft"`: train only sparse attention heads and FFN channels selected by gradient sensitivity on the first
+            training batches, everything else frozen (`trl_priority.structural`). Full fine-tuning only.
+        structural_priority_args (`dict[str, Any]` or `str`, *optional*):
+            Its hyperparameters (`head_ratio`, `channel_ratio`, `threshold`, `strategy`, `calibration_batches`,
+            `seed`); see `trl_priority.structural.S2FTArgs`.
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs", "priority_schedule"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + [
+        "priority_args",
+        "ref_model_init_kwargs",
+        "priority_schedule",
+        "structural_priority_args",
+    ]
 
     priority: str | None = field(
         default=None,
@@ -182,6 +196,18 @@ class PrioritySFTConfig(SFTConfig):
             "checkpoint records them in priority.json; a mismatch is an error otherwise)."
         },
     )
+    structural_priority: str | None = field(
+        default=None,
+        metadata={
+            "help": "Φ over parameters: 's2ft' trains only sparse heads and FFN channels chosen by gradient "
+            "sensitivity (full fine-tuning; composes with any `priority`).",
+            "choices": ["s2ft"],
+        },
+    )
+    structural_priority_args: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Hyperparameters of the structural priority, e.g. '{\"head_ratio\": 0.25}'."},
+    )
 
     def __post_init__(self):
         # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
@@ -199,6 +225,7 @@ class PrioritySFTConfig(SFTConfig):
                 f"`priority_args` must be a mapping of hyperparameter names to values (a dict, or a JSON object on the "
                 f"command line), got {type(self.priority_args).__name__} {self.priority_args!r}."
             )
+        self._check_structural_priority()
         if self.ref_cache_topk < 1:
             raise ValueError(
                 f"`ref_cache_topk={self.ref_cache_topk}` must be at least 1: the number of most likely reference "
@@ -256,6 +283,23 @@ class PrioritySFTConfig(SFTConfig):
                     "weights. Set one of them."
                 )
         super().__post_init__()
+
+    def _check_structural_priority(self) -> None:
+        from .structural import STRUCTURAL_PRIORITIES, S2FTArgs
+
+        if isinstance(self.structural_priority_args, str):
+            self.structural_priority_args = json.loads(self.structural_priority_args)
+        if self.structural_priority is None:
+            if self.structural_priority_args:
+                raise ValueError(
+                    "`structural_priority_args` were given but no `structural_priority`: set it to 's2ft'."
+                )
+            return
+        if self.structural_priority not in STRUCTURAL_PRIORITIES:
+            raise ValueError(
+                f"`structural_priority={self.structural_priority!r}` is not one of {list(STRUCTURAL_PRIORITIES)}."
+            )
+        S2FTArgs.from_mapping(self.structural_priority_args)  # an unknown or out-of-range value fails here
 
     @property
     def priority_name(self) -> str | None:
