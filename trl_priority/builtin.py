@@ -18,6 +18,8 @@ Recipes name them with the `builtin:` prefix:
 - `dataset_name: builtin:gsm8k-contrast`: each problem twice, with its solution (`unlearn` 0) and with a corrupted
   one (`unlearn` 1), for signed methods; `builtin:gsm8k-contrast:<example_model_solutions.jsonl>` pairs each
   question's ground truth with a real incorrect model solution instead.
+- `dataset_name: builtin:gsm8k-preference`: `builtin:gsm8k-contrast` as DPO pairs (`prompt`, `chosen` correct,
+  `rejected` wrong, hallucination labels), for `trl-priority dpo` (F-DPO).
 - `dataset_name: builtin:gsm8k-wrong`: the incorrect half of `builtin:gsm8k-contrast` (every solution corrupted, or
   with `:<path>` the real incorrect model solutions), to fine-tune the negative model of `critical`'s contrastive
   estimation (recipes/critical.yaml).
@@ -207,6 +209,26 @@ def load_gsm8k_wrong(path: str | None = None, limit: int | None = None) -> Datas
     return contrast.filter(lambda example: example["unlearn"] != 0).remove_columns("unlearn")
 
 
+def load_gsm8k_preference(path: str | None = None, limit: int | None = None) -> Dataset:
+    """`builtin:gsm8k-contrast` as preference pairs for DPO (`FactualityDPOTrainer`): `prompt`, `chosen` (the correct
+    solution), `rejected` (the wrong one), and their hallucination labels `chosen_hallucinated` = 0 and
+    `rejected_hallucinated` = 1 (from `unlearn`)."""
+    contrast = load_gsm8k_contrast(path, limit)
+    pairs = [(contrast[i], contrast[i + 1]) for i in range(0, len(contrast) - 1, 2)]  # rows alternate right, wrong
+    return Dataset.from_list(
+        [
+            {
+                "prompt": right["prompt"],
+                "chosen": right["completion"],
+                "rejected": wrong["completion"],
+                "chosen_hallucinated": int(right["unlearn"]),
+                "rejected_hallucinated": int(wrong["unlearn"]),
+            }
+            for right, wrong in pairs
+        ]
+    )
+
+
 MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
 DATASETS = {
     "gsm8k": load_gsm8k,
@@ -214,6 +236,7 @@ DATASETS = {
     "gsm8k-noisy-spans": load_gsm8k_noisy_spans,
     "gsm8k-contrast": load_gsm8k_contrast,
     "gsm8k-wrong": load_gsm8k_wrong,
+    "gsm8k-preference": load_gsm8k_preference,
 }
 
 
