@@ -100,6 +100,13 @@ class PrioritySFTConfig(SFTConfig):
         structural_priority_args (`dict[str, Any]` or `str`, *optional*):
             Its hyperparameters (`head_ratio`, `channel_ratio`, `threshold`, `strategy`, `calibration_batches`,
             `seed`); see `trl_priority.structural.S2FTArgs`.
+
+        > Parameters that control differential privacy
+
+        differential_privacy (`dict[str, Any]` or `str`, *optional*):
+            Train with DP-SGD through Opacus (`pip install 'trl-priority[dp]'`): `noise_multiplier` (1.0),
+            `max_grad_norm` (per-example clipping, 1.0), `delta` (1e-5); ε is logged as `dp/epsilon`. With
+            `priority: atdp` this is ATDP. See `trl_priority.privacy`.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + [
@@ -107,6 +114,7 @@ class PrioritySFTConfig(SFTConfig):
         "ref_model_init_kwargs",
         "priority_schedule",
         "structural_priority_args",
+        "differential_privacy",
     ]
 
     priority: str | None = field(
@@ -209,6 +217,14 @@ class PrioritySFTConfig(SFTConfig):
         metadata={"help": "Hyperparameters of the structural priority, e.g. '{\"head_ratio\": 0.25}'."},
     )
 
+    differential_privacy: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'DP-SGD with Opacus, e.g. \'{"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}\'; '
+            "ε is logged as dp/epsilon."
+        },
+    )
+
     def __post_init__(self):
         # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
         # the error to show, before any model is loaded or anything is written.
@@ -226,6 +242,12 @@ class PrioritySFTConfig(SFTConfig):
                 f"command line), got {type(self.priority_args).__name__} {self.priority_args!r}."
             )
         self._check_structural_priority()
+        if isinstance(self.differential_privacy, str):
+            self.differential_privacy = json.loads(self.differential_privacy)
+        if self.differential_privacy is not None:
+            from .privacy import DPArgs
+
+            DPArgs.from_mapping(self.differential_privacy)  # an unknown or out-of-range setting fails here
         if self.ref_cache_topk < 1:
             raise ValueError(
                 f"`ref_cache_topk={self.ref_cache_topk}` must be at least 1: the number of most likely reference "

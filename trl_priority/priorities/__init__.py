@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from . import contrastive, distribution, dynamics, external, intrinsic, reference, signed, weighting  # noqa: F401  (registration side effects)
+from . import contrastive, distribution, dynamics, external, intrinsic, privacy, reference, signed, weighting  # noqa: F401  (registration side effects)
 from .registry import (
     Fraction,
     Hyperparameter,
