@@ -3,7 +3,18 @@
 Importing this package registers every built-in method.
 """
 
-from . import contrastive, distribution, dynamics, external, intrinsic, privacy, reference, signed, weighting  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    contrastive,
+    distribution,
+    dynamics,
+    external,
+    intrinsic,
+    multimodal,
+    privacy,
+    reference,
+    signed,
+    weighting,
+)
 from .registry import (
     Fraction,
     Hyperparameter,
