@@ -138,3 +138,20 @@ def test_paint_recipe_trains_two_steps_on_a_tiny_vlm(tmp_path):
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 2 and all(log["priority/mean"] > 1 for log in logs)
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_loss_is_phi_weighted_nll_from_the_full_logits(make_args):
+    """The loss the trainer optimises on the VLM is Σ_t Φ_t·(−log p(y_t)) / N, log p from the model's full logits."""
+    trainer, model = paint_trainer(make_args, alpha=1.0, layers=2)
+    batch = next(iter(trainer.get_train_dataloader()))
+    phi = trainer.token_priorities(dict(batch))
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+        ).logits
+    labels = batch["labels"][:, 1:]
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
+    mask = labels != -100
+    expected = torch.where(mask, phi * -logps, 0.0).sum() / mask.sum()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
