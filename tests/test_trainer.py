@@ -118,7 +118,11 @@ def with_every_data_column(dataset, tokenizer):
     return dataset
 
 
-@pytest.mark.parametrize("method", available_priorities())
+# Methods that read a vision-language model's attention to the image (PAINT) are checked on a VLM in test_multimodal
+TEXT_METHODS = [m for m in available_priorities() if "image_attention" not in get_priority(m).all_statistics]
+
+
+@pytest.mark.parametrize("method", TEXT_METHODS)
 @pytest.mark.parametrize("lora", [False, True])
 def test_every_method_loss_is_its_objective_on_the_full_logits(
     method, lora, make_model, tokenizer, datasets_, make_args, label_logps

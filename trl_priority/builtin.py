@@ -18,6 +18,10 @@ Recipes name them with the `builtin:` prefix:
 - `dataset_name: builtin:gsm8k-contrast`: each problem twice, with its solution (`unlearn` 0) and with a corrupted
   one (`unlearn` 1), for signed methods; `builtin:gsm8k-contrast:<example_model_solutions.jsonl>` pairs each
   question's ground truth with a real incorrect model solution instead.
+- `dataset_name: builtin:gsm8k-preference`: `builtin:gsm8k-contrast` as DPO pairs (`prompt`, `chosen` correct,
+  `rejected` wrong, hallucination labels), for `trl-priority dpo` (F-DPO).
+- `dataset_name: builtin:shapes`: 64 synthetic images (a coloured square in a corner) with a one-sentence
+  description, conversational with an `images` column, for vision-language recipes (PAINT).
 - `dataset_name: builtin:gsm8k-wrong`: the incorrect half of `builtin:gsm8k-contrast` (every solution corrupted, or
   with `:<path>` the real incorrect model solutions), to fine-tune the negative model of `critical`'s contrastive
   estimation (recipes/critical.yaml).
@@ -217,6 +221,51 @@ def load_python_functions(path: str | None = None, limit: int | None = 300) -> D
     return python_functions(limit)
 
 
+def load_gsm8k_preference(path: str | None = None, limit: int | None = None) -> Dataset:
+    """`builtin:gsm8k-contrast` as preference pairs for DPO (`FactualityDPOTrainer`): `prompt`, `chosen` (the correct
+    solution), `rejected` (the wrong one), and their hallucination labels `chosen_hallucinated` = 0 and
+    `rejected_hallucinated` = 1 (from `unlearn`)."""
+    contrast = load_gsm8k_contrast(path, limit)
+    pairs = [(contrast[i], contrast[i + 1]) for i in range(0, len(contrast) - 1, 2)]  # rows alternate right, wrong
+    return Dataset.from_list(
+        [
+            {
+                "prompt": right["prompt"],
+                "chosen": right["completion"],
+                "rejected": wrong["completion"],
+                "chosen_hallucinated": int(right["unlearn"]),
+                "rejected_hallucinated": int(wrong["unlearn"]),
+            }
+            for right, wrong in pairs
+        ]
+    )
+
+
+def load_shapes(path: str | None = None, limit: int | None = None, size: int = 32) -> Dataset:
+    """A synthetic image-captioning set for vision-language recipes (PAINT), made in-process: each image is one
+    coloured square on a white `size`×`size` canvas, and the answer names its colour and corner. 64 images
+    (8 colours × 4 corners × 2 square sizes), deterministic; `path` is unused (no files)."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
+    colours |= {"black": (0, 0, 0), "orange": (240, 130, 20), "purple": (130, 40, 170), "grey": (128, 128, 128)}
+    corners = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+    rows = []
+    for side in (size // 3, size // 2):
+        for colour, rgb in colours.items():
+            for corner, (x, y) in corners.items():
+                image = Image.new("RGB", (size, size), (255, 255, 255))
+                left, top = x * (size - side), y * (size - side)
+                ImageDraw.Draw(image).rectangle([left, top, left + side - 1, top + side - 1], fill=rgb)
+                answer = f"A {'small' if side < size // 2 else 'large'} {colour} square in the {corner} corner."
+                messages = [
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ]
+                rows.append({"messages": messages, "images": [image]})
+    return Dataset.from_list(rows[:limit])
+
+
 MODELS = {"smollm2-135m-instruct": smollm2_135m_instruct}
 DATASETS = {
     "gsm8k": load_gsm8k,
@@ -225,6 +274,8 @@ DATASETS = {
     "gsm8k-contrast": load_gsm8k_contrast,
     "gsm8k-wrong": load_gsm8k_wrong,
     "python-functions": load_python_functions,
+    "gsm8k-preference": load_gsm8k_preference,
+    "shapes": load_shapes,
 }
 
 

@@ -2,6 +2,7 @@
 
     trl-priority sft --config recipes/<method>.yaml [--key value ...] [--accelerate_config multi_gpu|zero2|...]
     trl-priority precompute-ref --config recipes/<method>.yaml [--ref_cache_dir DIR] [--accelerate_config ...]
+    trl-priority dpo --config recipes/fdpo.yaml [--key value ...]
     trl-priority list
     trl-priority inspect --config recipes/<method>.yaml --num-examples N [--output priorities.html] [--terminal]
 
@@ -24,6 +25,7 @@ import subprocess
 import sys
 from importlib.resources import files
 
+from . import beyond_tokens
 from . import statistics as stats_vocab
 from .priorities import available_priorities, get_priority
 
@@ -79,6 +81,7 @@ def _print_list() -> int:
         print("  ".join(row[c].ljust(widths.get(c, 0)) for c in columns).rstrip())
     print("\nEach method's docstring gives its formula and choices: help(trl_priority.get_priority('<method>').fn)")
     print(COMPOSING)
+    beyond_tokens.print_rows()
     return 0
 
 
@@ -96,11 +99,12 @@ def _run_sft(argv: list[str], command: str = "sft") -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.commands.training import _subtract_subsequence
 
-    from .scripts import sft
+    from .scripts import dpo, sft
 
+    script_module = dpo if command == "dpo" else sft  # `dpo`: F-DPO / Factuality Preference (trl_priority.preference)
     if command == "precompute-ref":  # the same script, launched the same way, stopping before training
         argv = [*argv, "--precompute_only", "true"]
-    parser = sft.make_parser(prog=f"trl-priority {command}")
+    parser = script_module.make_parser(prog=f"trl-priority {command}")
     # Parse here first: `-h`, an unknown method or a bad priority argument fail before anything is launched.
     *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -109,7 +113,7 @@ def _run_sft(argv: list[str], command: str = "sft") -> int:
     _check_unknown_settings(parser, launch_parser, config_remaining, cli_remaining, command)
     launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
     script_args = _subtract_subsequence(argv, cli_remaining)
-    script = str(files("trl_priority.scripts").joinpath("sft.py"))
+    script = str(files("trl_priority.scripts").joinpath(f"{script_module.__name__.rsplit('.', 1)[1]}.py"))
     with _forward_stop_signals():
         try:
             launch_command(launch_parser.parse_args(launch_args + [script] + script_args))
@@ -218,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         help="compute a recipe's reference statistics once into `ref_cache_dir` (default: auto), without training",
         add_help=False,
     )
+    commands.add_parser(
+        "dpo", help="train F-DPO / Factuality Preference (a DPO pair loss with a token priority)", add_help=False
+    )
     commands.add_parser("list", help="list the priority methods, their regime, signal source, needs and paper")
     commands.add_parser("inspect", help="show the Φ of a recipe on its first examples", add_help=False)
     args, _ = parser.parse_known_args(argv[:1])
     if args.command == "list":
         return _print_list()
-    if args.command in ("sft", "precompute-ref"):
+    if args.command in ("sft", "precompute-ref", "dpo"):
         return _run_sft(argv[1:], args.command)
     if args.command == "inspect":
         from . import inspect

@@ -98,9 +98,31 @@ class PrioritySFTConfig(SFTConfig):
         allow_priority_change (`bool`, *optional*, defaults to `False`):
             Every checkpoint records the priority and its settings (`priority.json`); resuming with others is an error
             unless this is set.
+
+        > Parameters that control a structural priority (Φ over parameters; composes with any `priority`)
+
+        structural_priority (`str`, *optional*):
+            `"s2ft"`: train only sparse attention heads and FFN channels selected by gradient sensitivity on the first
+            training batches, everything else frozen (`trl_priority.structural`). Full fine-tuning only.
+        structural_priority_args (`dict[str, Any]` or `str`, *optional*):
+            Its hyperparameters (`head_ratio`, `channel_ratio`, `threshold`, `strategy`, `calibration_batches`,
+            `seed`); see `trl_priority.structural.S2FTArgs`.
+
+        > Parameters that control differential privacy
+
+        differential_privacy (`dict[str, Any]` or `str`, *optional*):
+            Train with DP-SGD through Opacus (`pip install 'trl-priority[dp]'`): `noise_multiplier` (1.0),
+            `max_grad_norm` (per-example clipping, 1.0), `delta` (1e-5); ε is logged as `dp/epsilon`. With
+            `priority: atdp` this is ATDP. See `trl_priority.privacy`.
     """
 
-    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["priority_args", "ref_model_init_kwargs", "priority_schedule"]
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + [
+        "priority_args",
+        "ref_model_init_kwargs",
+        "priority_schedule",
+        "structural_priority_args",
+        "differential_privacy",
+    ]
 
     priority: str | None = field(
         default=None,
@@ -189,6 +211,26 @@ class PrioritySFTConfig(SFTConfig):
             "checkpoint records them in priority.json; a mismatch is an error otherwise)."
         },
     )
+    structural_priority: str | None = field(
+        default=None,
+        metadata={
+            "help": "Φ over parameters: 's2ft' trains only sparse heads and FFN channels chosen by gradient "
+            "sensitivity (full fine-tuning; composes with any `priority`).",
+            "choices": ["s2ft"],
+        },
+    )
+    structural_priority_args: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Hyperparameters of the structural priority, e.g. '{\"head_ratio\": 0.25}'."},
+    )
+
+    differential_privacy: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'DP-SGD with Opacus, e.g. \'{"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5}\'; '
+            "ε is logged as dp/epsilon."
+        },
+    )
 
     def __post_init__(self):
         # The priority is checked first, before TrainingArguments sets up devices: a wrong method name or argument is
@@ -220,6 +262,13 @@ class PrioritySFTConfig(SFTConfig):
             "ref_model_init_kwargs", self.ref_model_init_kwargs, '{"dtype": "bfloat16"}'
         )
         check_model_init_kwargs("ref_model_init_kwargs", self.ref_model_init_kwargs, self.ref_model_name_or_path)
+        self._check_structural_priority()
+        if isinstance(self.differential_privacy, str):
+            self.differential_privacy = json.loads(self.differential_privacy)
+        if self.differential_privacy is not None:
+            from .privacy import DPArgs
+
+            DPArgs.from_mapping(self.differential_privacy)  # an unknown or out-of-range setting fails here
         if self.ref_cache_topk < 1:
             raise ValueError(
                 f"`ref_cache_topk={self.ref_cache_topk}` must be at least 1: the number of most likely reference "
@@ -277,6 +326,23 @@ class PrioritySFTConfig(SFTConfig):
                     "weights. Set one of them."
                 )
         super().__post_init__()
+
+    def _check_structural_priority(self) -> None:
+        from .structural import STRUCTURAL_PRIORITIES, S2FTArgs
+
+        if isinstance(self.structural_priority_args, str):
+            self.structural_priority_args = json.loads(self.structural_priority_args)
+        if self.structural_priority is None:
+            if self.structural_priority_args:
+                raise ValueError(
+                    "`structural_priority_args` were given but no `structural_priority`: set it to 's2ft'."
+                )
+            return
+        if self.structural_priority not in STRUCTURAL_PRIORITIES:
+            raise ValueError(
+                f"`structural_priority={self.structural_priority!r}` is not one of {list(STRUCTURAL_PRIORITIES)}."
+            )
+        S2FTArgs.from_mapping(self.structural_priority_args)  # an unknown or out-of-range value fails here
 
     @property
     def priority_name(self) -> str | None:

@@ -10,6 +10,7 @@ position t scores the label `labels[:, t + 1]`. Priorities name the statistics t
 | `entropy`         | policy    | entropy of π_θ(· given y_<t), fused head                                         |
 | `mass`            | policy    | Σ_v π(v)·1[π(v) < π(y_t)] + π(y_t): probability mass at or below the label       |
 | `topk_entropy`    | policy    | entropy of the top-k renormalised next-token distribution (hyperparameter `k`)   |
+| `image_attention` | policy    | attention mass on image tokens (VLMs, eager attention, last `attention_layers`)  |
 | `ref_<name>`      | reference | any policy statistic above, under the frozen reference                           |
 | data statistics   | data      | per-token, per-example or span columns of the dataset (`DATA_STATISTICS`, open)  |
 | `progress`        | trainer   | fraction of training done, a scalar in [0, 1] (global_step / max_steps)          |
@@ -111,7 +112,71 @@ _FUSED_FROM_CHUNK = {
     "entropy": DistributionStatistic(lambda logprobs, labels: -(logprobs.exp() * logprobs).sum(-1)),
 }
 
-POLICY_STATISTICS = (*FUSED_STATISTICS, *DISTRIBUTION_STATISTICS)
+
+# ------------------------------------------------------------------------------------------------------------------
+# Attention statistics: pure functions of the attention weights of the decoder layers a method reads.
+#   weights: list over the layers read of (B, heads, T, T) attention probabilities (eager attention), no gradient
+#   inputs:  the model inputs (input_ids, ...);  model_config: the model's config (e.g. its image token id)
+#   returns: (B, T-1), aligned like `logps`
+# ------------------------------------------------------------------------------------------------------------------
+def image_attention(weights: list[torch.Tensor], inputs: Mapping[str, Any], model_config) -> torch.Tensor:
+    """a_t = mean over the layers read and their heads of Σ_{k: image token} A[t, k]: the attention mass the query
+    at position t (the position that predicts `labels[:, t + 1]`, as `logps` is aligned) puts on image tokens.
+
+    Used by PAINT (Arif et al. 2025, arXiv 2501.12206). The image tokens are those of `input_ids` equal to the
+    model's `image_token_id` (or `image_token_index`).
+    """
+    image_token = getattr(model_config, "image_token_id", None)
+    image_token = getattr(model_config, "image_token_index", None) if image_token is None else image_token
+    if image_token is None:
+        raise ValueError(
+            f"`image_attention` needs a vision-language model with an `image_token_id` in its config; "
+            f"{type(model_config).__name__} has none."
+        )
+    is_image = (inputs["input_ids"] == image_token).to(weights[0].dtype)  # (B, T)
+    mass = torch.stack([layer @ is_image[:, None, :, None] for layer in weights])  # (L, B, heads, T, 1)
+    return mass.squeeze(-1).mean(dim=(0, 2))[:, :-1].float()  # (B, T-1)
+
+
+@dataclass(frozen=True)
+class AttentionStatistic:
+    """An attention statistic: `fn(weights, inputs, model_config)`, and the priority hyperparameter naming how many
+    of the last decoder layers it reads (only those are captured)."""
+
+    fn: Callable[..., torch.Tensor]
+    layers_hyperparameter: str = "attention_layers"
+
+
+ATTENTION_STATISTICS: dict[str, AttentionStatistic] = {"image_attention": AttentionStatistic(image_attention)}
+
+POLICY_STATISTICS = (*FUSED_STATISTICS, *DISTRIBUTION_STATISTICS, *ATTENTION_STATISTICS)
+
+
+@contextmanager
+def captured_attention(causal_lm, num_layers: int):
+    """While the block runs, the attention weights `(B, heads, T, T)` of the last `num_layers` decoder layers are
+    appended to the yielded list (forward hooks on their `self_attn`; the model must run eager attention, which
+    returns them). Other layers keep whatever attention kernel they use."""
+    decoder = causal_lm.get_decoder()
+    layers = list(decoder.layers)[-num_layers:]
+    captured: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise ValueError(
+                "An attention statistic (`image_attention`) reads attention weights, which this model's attention "
+                "kernel does not return: load the model with `attn_implementation='eager'` (`--attn_implementation "
+                "eager`)."
+            )
+        captured.append(weights.detach())
+
+    handles = [layer.self_attn.register_forward_hook(keep) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -251,6 +316,8 @@ def known_statistics() -> list[str]:
 def hyperparameters_of(name: str) -> tuple[str, ...]:
     """Hyperparameters of the priority that a statistic is computed with (e.g. `k` for `topk_entropy`)."""
     base = name[4:] if name.startswith("ref_") else name
+    if base in ATTENTION_STATISTICS:
+        return (ATTENTION_STATISTICS[base].layers_hyperparameter,)
     return DISTRIBUTION_STATISTICS[base].hyperparameters if base in DISTRIBUTION_STATISTICS else ()
 
 
@@ -984,10 +1051,16 @@ def forward_statistics(
         return None, dict(request.values)
     request.statistics = tuple(distribution)
     needs_pass = bool(distribution or request.terms)
+    attention = [name for name in names if name in ATTENTION_STATISTICS]
+    num_layers = max((int(args[ATTENTION_STATISTICS[n].layers_hyperparameter]) for n in attention), default=0)
     passed = {"distribution_request": _Untouched(request)} if needs_pass else {}
-    outputs = model(**inputs, fused_lm_head=True, **passed)
+    with captured_attention(causal_lm, num_layers) if attention else nullcontext([]) as weights:
+        outputs = model(**inputs, fused_lm_head=True, **passed)
     outputs = drop_virtual_positions(outputs, request.label_length)  # PEFT prompt tuning prepends positions
     statistics = fused_statistics(outputs, names, causal_lm)
+    for name in attention:
+        layers = int(args[ATTENTION_STATISTICS[name].layers_hyperparameter])
+        statistics[name] = ATTENTION_STATISTICS[name].fn(weights[-layers:], inputs, causal_lm.config)
     statistics.update(request.values)
     return outputs, statistics
 

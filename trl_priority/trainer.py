@@ -42,7 +42,7 @@ from trl.trainer.utils import (
     global_then_local_main_first,
 )
 
-from . import checks, epoch_cache, ref_cache
+from . import checks, epoch_cache, privacy, ref_cache, structural
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
@@ -317,6 +317,8 @@ class PrioritySFTTrainer(SFTTrainer):
                 f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
             )
         self._dequantize_lm_head(causal_lm_of(self.model), "model")
+        structural.apply_structural_priority(self)  # Φ over parameters (S2FT): which ones train, before the optimizer
+        privacy.apply_differential_privacy(self)  # DP-SGD (Opacus) around the optimizer, when configured
         if self.priority is None:
             return
         self._check_parallelism()

@@ -34,6 +34,8 @@ def random_statistics(names, seed: int = 0) -> dict[str, torch.Tensor]:
             stats[name] = torch.rand(B, T, generator=generator) * math.log(20)
         elif base == "mass":
             stats[name] = torch.rand(B, T, generator=generator).clamp(min=1e-4)
+        elif base == "image_attention":  # an attention mass in [0, 1]
+            stats[name] = torch.rand(B, T, generator=generator)
         elif name == "response_mask":
             stats[name] = (torch.rand(B, T, generator=generator) > 0.5).long()
         elif stats_vocab.source_of(name) == "data":

@@ -10,6 +10,8 @@ from . import (  # noqa: F401  (registration side effects)
     example_level,
     external,
     intrinsic,
+    multimodal,
+    privacy,
     reference,
     signed,
     weighted,
