@@ -5,10 +5,11 @@ solutions against one fine-tuned on wrong ones), or need a forward the training 
 without its prompt). Their scores are computed once, before training, and stored as a per-token column that the
 priority reads as a registered token-level data statistic:
 
-| function                    | column              | read by    | scores                                            |
-|-----------------------------|---------------------|------------|---------------------------------------------------|
-| `contrastive_token_scores`  | `contrastive_score` | `critical` | softmax((1 + β)·z_pos − β·z_neg)[y_i], Lin et al. |
-| `information_gain`          | `information_gain`  | `tshirt`   | log p(y_i given x, y_<i) − log p(y_i given y_<i)  |
+| function                    | column                  | read by                   | scores                                  |
+|-----------------------------|-------------------------|---------------------------|-----------------------------------------|
+| `contrastive_token_scores`  | `contrastive_score`     | `critical`                | softmax((1 + β)·z_pos − β·z_neg)[y_i]   |
+| `information_gain`          | `information_gain`      | `tshirt`                  | log p(y_i ∣ x, y_<i) − log p(y_i ∣ y_<i) |
+| `counterfactual_impact`     | `counterfactual_impact` | `critical_counterfactual` | NLL of the later completion tokens with y_i deleted − with it |
 
 Each function takes a `datasets.Dataset` as the trainer accepts it (raw prompt-completion, conversational or not, or
 already tokenized with `input_ids`) and returns the same dataset with one more column: one value per token of the
@@ -25,6 +26,8 @@ From the command line (writes `<output>/train.jsonl`, loadable as `--dataset_nam
         --output data/critical
     python -m trl_priority.token_scores information-gain --model builtin:smollm2-135m-instruct \
         --dataset builtin:gsm8k --output data/tshirt
+    python -m trl_priority.token_scores counterfactual --model builtin:smollm2-135m-instruct \
+        --dataset builtin:gsm8k --output data/critical_counterfactual
 """
 
 from __future__ import annotations
@@ -223,6 +226,91 @@ def information_gain(
     return _with_column(dataset, column, values)
 
 
+def counterfactual_impact(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    tokenizer,
+    *,
+    column: str = "counterfactual_impact",
+    reduction: str = "sum",
+    batch_size: int = 8,
+    max_tokens: int | None = 100_000,
+    args: Any = None,
+) -> Dataset:
+    """Counterfactual impact of each completion token: how much deleting it raises the loss of the rest of the
+    completion. The position paper's Table 1 reading of Critical Tokens (Shen et al. 2026, arXiv 2602.01227; Lin et
+    al. 2024, arXiv 2411.19943): one value per token.
+
+        L(z) = −Σ_{s ∈ C, s ≠ i} log p(y_s | the tokens before y_s in z)           (reduction="sum", in nats)
+        impact_i = L(y without y_i) − L(y)
+                 = Σ_{s ∈ C, s > i} [log p(y_s | y_<s) − log p(y_s | y_<s without y_i)]
+
+    C is the completion (`completion_positions`); y without y_i is the trainer's sequence with the token at i deleted
+    (prompt kept). The same tokens are scored in both terms, so the tokens before i cancel (the model is causal) and
+    only the later completion tokens count: impact_i > 0 when y_i helps the model predict the rest of the
+    completion, < 0 when the rest is likelier without it. One forward per deleted token, `batch_size` at a time, plus
+    one forward per example for L(y).
+
+    Choices:
+    - L is the NLL of the *other* completion tokens, not of the whole sequence: deleting y_i removes its own term,
+      which would otherwise dominate the difference (it is simply the token's own loss), and the prompt is given.
+    - Sign: the table writes Φ = 1[L(y) − L(y_without_x) > δ]; that is impact > δ when L is read as the
+      log-likelihood of the rest (a score), its negative when L is the NLL. The column stores the "helps" sign;
+      the `critical_counterfactual` priority's `direction` chooses which tokens count as critical.
+    - reduction="sum" (default) measures the impact in nats over the whole rest of the completion, so δ has one
+      unit for every position; reduction="mean" divides by the number of other completion tokens |C| − 1 (the mean
+      NLL of L), so δ is per token and long completions do not dominate. The two agree on the sign, hence at δ = 0.
+    - The loss-difference reading only. The Critical Tokens paper (Lin et al. 2024) identifies critical tokens by
+      rollouts: it samples continuations from each prefix of an incorrect solution and marks the token after which
+      the continuations almost never reach the correct answer; and its training weights (cDPO) come from contrastive
+      estimation (`contrastive_token_scores`, the `critical` priority). Neither rollouts nor answer checking are done
+      here: this is the teacher-forced loss difference the position paper's table writes.
+    - Index 0 (nothing predicts it), prompt tokens and the last completion token (nothing of the completion follows
+      it) hold 0. Scores are computed on the untruncated sequence: with `max_length` the trainer cuts the column with
+      the tokens, but the impact of a kept token may include tokens cut after it.
+    - `max_tokens` bounds the number of deletion forwards (the completion tokens of the whole dataset, each a forward
+      over its sequence): above it, a ValueError says how many are needed before any forward runs; None lifts it.
+
+    Returns `dataset` with the column `column` (read by the `critical_counterfactual` priority).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction={reduction!r}: expected 'sum' or 'mean'")
+    rows = tokenize_like_trainer(dataset, tokenizer, args)
+    sequences = [list(ids) for ids in rows["input_ids"]]
+    completions = [completion_positions(row) for row in rows]
+    # the deletions to score: a completion token at i ≥ 1 followed by at least one completion token
+    jobs = [(row, i) for row, where in enumerate(completions) for i in where if i >= 1 and i < where[-1]]
+    if max_tokens is not None and len(jobs) > max_tokens:
+        raise ValueError(
+            f"counterfactual_impact needs {len(jobs)} forwards (one per completion token deleted) over "
+            f"{len(sequences)} examples, above max_tokens={max_tokens}: pass a larger max_tokens (or None), or score "
+            "a subset of the dataset."
+        )
+    pad_id = _pad_id(tokenizer)
+    values = [[0.0] * len(ids) for ids in sequences]
+    with eval_mode(model):
+        full: list[torch.Tensor] = []  # log p(y_s | y_<s) at each s ≥ 1 (index 0 holds 0), per example
+        for batch in _batches(sequences, batch_size):
+            logprobs = _next_token_logprobs(model, batch, pad_id)  # (B, L, V)
+            for row, ids in enumerate(batch):
+                targets = torch.tensor(ids[1:], device=logprobs.device)  # (L_row - 1,)
+                token = logprobs[row, : len(ids) - 1].gather(-1, targets[:, None]).squeeze(-1)  # (L_row - 1,)
+                full.append(torch.cat([token.new_zeros(1), token]).cpu())  # (L_row,)
+        for batch in _batches(jobs, batch_size):
+            deleted = [sequences[row][:i] + sequences[row][i + 1 :] for row, i in batch]
+            logprobs = _next_token_logprobs(model, deleted, pad_id)  # (B, L - 1, V)
+            for b, (row, i) in enumerate(batch):
+                later = torch.tensor([s for s in completions[row] if s > i])  # (n,) positions in the full sequence
+                targets = torch.tensor(sequences[row], device=logprobs.device)[later.to(logprobs.device)]  # (n,)
+                # without y_i, the token at s stands at s − 1 and is predicted at s − 2
+                without = logprobs[b, (later - 2).to(logprobs.device), targets].cpu()  # (n,)
+                impact = (full[row][later] - without).sum()
+                if reduction == "mean":
+                    impact = impact / (len(completions[row]) - 1)
+                values[row][i] = impact.item()
+    return _with_column(dataset, column, values)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------------
@@ -258,7 +346,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     contrastive.add_argument("--beta", type=float, default=1.0)
     gain = commands.add_parser("information-gain", help="information_gain for `tshirt`")
     gain.add_argument("--model", required=True, help="the scoring model, e.g. the starting model")
-    for command in (contrastive, gain):
+    impact = commands.add_parser("counterfactual", help="counterfactual_impact for `critical_counterfactual`")
+    impact.add_argument("--model", required=True, help="the scoring model, e.g. the starting model")
+    impact.add_argument("--reduction", choices=("sum", "mean"), default="sum")
+    impact.add_argument("--max_tokens", type=int, default=100_000, help="most deletion forwards; 0: no bound")
+    for command in (contrastive, gain, impact):
         command.add_argument("--dataset", required=True, help="builtin:<name>, a hub id or a local folder")
         command.add_argument("--output", required=True, help="folder to write train.jsonl into")
         command.add_argument("--tokenizer", default=None, help="default: the (positive) model's")
@@ -277,14 +369,31 @@ def main(argv: Sequence[str] | None = None) -> Path:
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(options.tokenizer or options.model))
         model = _load_model(options.model, options.device)
-        dataset = information_gain(model, dataset, tokenizer, batch_size=options.batch_size)
+        if options.command == "counterfactual":
+            dataset = counterfactual_impact(
+                model,
+                dataset,
+                tokenizer,
+                reduction=options.reduction,
+                batch_size=options.batch_size,
+                max_tokens=options.max_tokens or None,
+            )
+        else:
+            dataset = information_gain(model, dataset, tokenizer, batch_size=options.batch_size)
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
     dataset.to_json(output / "train.jsonl")
     return output / "train.jsonl"
 
 
-__all__ = ["completion_positions", "contrastive_token_scores", "information_gain", "main", "tokenize_like_trainer"]
+__all__ = [
+    "completion_positions",
+    "contrastive_token_scores",
+    "counterfactual_impact",
+    "information_gain",
+    "main",
+    "tokenize_like_trainer",
+]
 
 
 if __name__ == "__main__":
