@@ -2,22 +2,26 @@
 
 - `critical`: critical tokens by contrastive estimation between a model fine-tuned on correct solutions and one
   fine-tuned on incorrect solutions (cDPO's token weights, as a signed priority);
+- `critical_counterfactual`: the position paper's Table 1 reading of critical tokens, a hard selection of the tokens
+  whose deletion changes the loss of the rest of the completion by more than δ (their counterfactual impact);
 - `tshirt`: the tokens whose prediction the prompt changes most (T-SHIRT's informative tokens, as a mask).
 
-Both read a token-level data column that `trl_priority.token_scores` computes once, before training (the library has
-one reference slot, and T-SHIRT needs a forward without the prompt): `contrastive_score` and `information_gain`.
+Each reads a token-level data column that `trl_priority.token_scores` computes once, before training (the library has
+one reference slot, T-SHIRT needs a forward without the prompt, the counterfactual one forward per deleted token):
+`contrastive_score`, `counterfactual_impact` and `information_gain`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
 from ..selection import TopFraction
 from ..statistics import register_data_statistic
 from . import signed  # noqa: F401  (registers the example-level `unlearn` statistic that `critical` reads)
-from .registry import Fraction, NonNegative, register_priority
+from .registry import Fraction, NonNegative, PriorityError, register_priority
 
 
 register_data_statistic(
@@ -94,13 +98,111 @@ def critical(
       positive hard selections, Φ = 1[L(y) − L(y without x) > δ]: a token kept when removing it changes the loss by
       more than δ (its counterfactual impact). This follows cDPO's own objective instead: signed, soft weights from
       contrastive estimation, negative on the critical tokens of incorrect solutions. The table's hard selection is
-      not offered: it needs a counterfactual-impact column (one forward per token removed, or the paper's rollouts
-      from each prefix), which `trl_priority.token_scores` does not compute.
+      offered as its own method, `critical_counterfactual`, on a `counterfactual_impact` column
+      (`trl_priority.token_scores.counterfactual_impact`, one forward per deleted token; not the paper's rollouts).
     """
     score = contrastive_score.clamp(0.0, 1.0)  # (B, T-1)
     learn = torch.ones_like(score) if only_neg else score  # (B, T-1)
     phi = torch.where(unlearn != 0, -rejected_weight * (1.0 - score), learn)  # (B, T-1)
     return phi * mask
+
+
+register_data_statistic(
+    "counterfactual_impact",
+    level="token",
+    hint="`critical_counterfactual` reads one counterfactual impact per token of `input_ids` (the value at i scores "
+    "token i): compute the column once with `trl_priority.token_scores.counterfactual_impact(model, dataset, "
+    "tokenizer)` (the starting model), or `python -m trl_priority.token_scores counterfactual --model M --dataset D "
+    "--output OUT` and train on OUT (recipes/critical_counterfactual.yaml says how)",
+)
+
+
+def _oriented_impact(impact: torch.Tensor, direction: str) -> torch.Tensor:
+    """The impact in the direction that counts as critical: "helps" as stored, "hurts" negated, "either" |impact|."""
+    if direction == "hurts":
+        return -impact
+    return impact.abs() if direction == "either" else impact
+
+
+def counterfactual_score(counterfactual_impact: torch.Tensor, mask: torch.Tensor, *, direction: str) -> torch.Tensor:
+    """The selection score of `critical_counterfactual` with mode="top": the oriented impact; higher is kept."""
+    return _oriented_impact(counterfactual_impact, direction) * mask  # (B, T-1)
+
+
+def _counterfactual_kept_fraction(args: Mapping[str, Any], progress: float) -> float:
+    return args["ratio"] if args["mode"] == "top" else 1.0
+
+
+def _check_counterfactual_args(args: dict) -> None:
+    if args["mode"] == "threshold" and args["scope"] != "micro_batch":
+        raise PriorityError(
+            f"priority_args for 'critical_counterfactual': scope={args['scope']!r} chooses where the top `ratio` is "
+            "taken, which only mode='top' does; mode='threshold' compares each token with delta. Use "
+            "scope='micro_batch'."
+        )
+
+
+@register_priority(
+    regime="hard",
+    paper="Lin et al. 2024, Critical Tokens Matter: Token-Level Contrastive Estimation Enhances LLM's Reasoning "
+    "Capability, arXiv 2411.19943 (ICML 2025), as the position paper's Table 1 writes it (Shen et al. 2026, "
+    "arXiv 2602.01227)",
+    selection=TopFraction(counterfactual_score, fraction=_counterfactual_kept_fraction, scope="scope"),
+    validate=_check_counterfactual_args,
+)
+def critical_counterfactual(
+    counterfactual_impact: torch.Tensor,
+    selected: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: Literal["threshold", "top"] = "threshold",
+    delta: float = 0.0,
+    direction: Literal["helps", "hurts", "either"] = "helps",
+    ratio: Fraction = 0.5,
+    scope: Literal["micro_batch", "step", "example"] = "micro_batch",
+) -> torch.Tensor:
+    """Critical tokens by counterfactual impact: train only on the tokens whose deletion changes the loss of the rest.
+
+    Paper: Lin, Liang, Xu, Liu, Wang, Luo, Shi, Li, Yang, Tu 2024, "Critical Tokens Matter: Token-Level Contrastive
+    Estimation Enhances LLM's Reasoning Capability", arXiv 2411.19943 (ICML 2025), in the form the position paper
+    gives it (Shen et al. 2026, "Token Priority", arXiv 2602.01227, Table 1: a positive hard selection with an
+    intrinsic "counterfactual impact" signal, Φ = 1[L(y) − L(y without x) > δ]; section 5.1 describes it as keeping
+    the tokens whose removal alters the loss significantly). The project's `critical` follows cDPO's own signed
+    weights; this is the table's reading, a real alternative.
+
+        impact_t = L(y without y_t) − L(y),  L = NLL of the completion tokens other than y_t
+                                              (the `counterfactual_impact` column, computed once with the starting
+                                              model by `trl_priority.token_scores.counterfactual_impact`)
+        mode="threshold" (default, the table):  Φ_t = 1[d(impact_t) > delta]                           delta = 0
+        mode="top":                             Φ_t = 1[d(impact_t) among the top `ratio` of the supervised tokens]
+                                                                                                        ratio = 0.5
+        d = identity (direction="helps", default) | −impact ("hurts") | |impact| ("either")
+
+    Φ is on the label of each position (the column's value at t + 1), and only on the completion: prompt tokens and
+    the last completion token have impact 0 and are never kept at δ ≥ 0.
+
+    Choices (ours: the table gives the indicator only, no δ, no L, no code):
+    - L and the column: teacher-forced NLL of the other completion tokens, summed (reduction="sum", nats), with the
+      token deleted from the sequence; `counterfactual_impact(reduction="mean")` divides by their number. The
+      tokens before t cancel, so impact_t > 0 exactly when y_t makes the rest of the completion likelier. This is the
+      table's loss difference, not the paper's rollouts: Lin et al. find critical tokens by sampling continuations
+      from each prefix of an incorrect solution and checking their answers, and train with contrastive-estimation
+      weights (`critical`).
+    - direction="helps" (default) reads the table's L as the log-likelihood of the rest, so that Φ keeps the tokens
+      the rest of the solution depends on (the "sparks" of a reasoning chain in the position paper's section 3.3).
+      Read with L as the NLL, the table's literal sign keeps the tokens whose deletion makes the rest likelier,
+      direction="hurts"; direction="either" keeps |impact_t| > δ, the prose's "alters the loss".
+    - delta = 0 (ours, the table gives none): keep every token that helps at all; δ is in nats of the rest of the
+      completion (per token with reduction="mean"). mode="top" replaces δ by a quantile, as Rho-1 and T-SHIRT do,
+      so that the kept share does not depend on the impacts' scale; ties by position, at least one token kept.
+      `scope` (mode="top" only) takes it over the micro-batch (default: the column is data, it costs nothing), the
+      optimizer step ("step") or each example ("example").
+    - The impacts are the scoring model's, fixed before training (a static mask, like T-SHIRT's); the loss is
+      divided by all supervised tokens (N), masked ones included.
+    """
+    if mode == "top":
+        return (selected & mask).float()  # (B, T-1)
+    return ((_oriented_impact(counterfactual_impact, direction) > delta) & mask).float()  # (B, T-1)
 
 
 register_data_statistic(
