@@ -1,6 +1,8 @@
-"""Critical tokens (cDPO's contrastive estimation) and T-SHIRT's informative tokens: the offline scores against loops
-over the models' full logits written from the official code, the priorities against hand-computed values and the
-official selection rule, the cDPO gradient against a transcription of its loss, and both through the trainer."""
+"""Critical tokens (cDPO's contrastive estimation), critical tokens by counterfactual impact (the position paper's
+Table 1) and T-SHIRT's informative tokens: the offline scores against loops over the models' full logits written from
+the official code (the counterfactual impact against deleting each token and re-scoring, one plain forward at a time),
+the priorities against hand-computed values and the official selection rule, the cDPO gradient against a transcription
+of its loss, and all through the trainer (the counterfactual also under padding-free and packing)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_dataset
 
-from trl_priority import PrioritySFTTrainer, get_priority
+from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.objectives import priority_loss
-from trl_priority.priorities.contrastive import critical
+from trl_priority.priorities.contrastive import critical, critical_counterfactual
 from trl_priority.selection import select_in_batch
-from trl_priority.token_scores import contrastive_token_scores, information_gain, main
+from trl_priority.token_scores import contrastive_token_scores, counterfactual_impact, information_gain, main
 
 
 def chat_ids(tokenizer, example) -> tuple[list[int], int]:
@@ -165,6 +167,191 @@ def test_critical_without_its_column_names_the_function(make_model, tokenizer, d
         PrioritySFTTrainer(
             model=make_model(), args=make_args(priority="critical"), train_dataset=raw, processing_class=tokenizer
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# critical_counterfactual
+# ----------------------------------------------------------------------------------------------------------------
+def naive_rest_nll(model, ids: list[int], positions: list[int]) -> float:
+    """−Σ log p(ids[s] | ids[:s]) over `positions`, from one plain forward of `ids` alone (no padding, no batch)."""
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (L, V)
+    return -sum(logprobs[s - 1, ids[s]].item() for s in positions)
+
+
+def naive_impacts(model, ids: list[int], completion: list[int], reduction: str) -> list[float]:
+    """The definition, one token at a time: delete token t, re-score every other completion token (those before t
+    too) in the shorter sequence, subtract their NLL in the full one."""
+    impacts = [0.0] * len(ids)
+    for t in completion:
+        others = [s for s in completion if s != t]
+        if t == 0 or not others:
+            continue
+        deleted = ids[:t] + ids[t + 1 :]
+        moved = [s if s < t else s - 1 for s in others]  # where the other tokens stand without token t
+        impact = naive_rest_nll(model, deleted, moved) - naive_rest_nll(model, ids, others)
+        impacts[t] = impact / len(others) if reduction == "mean" else impact
+    return impacts
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_counterfactual_impact_matches_deleting_each_token(reduction, make_model, tokenizer, datasets_):
+    dataset = datasets_.conversational_prompt_completion(3)
+    model = make_model(seed=3)
+    scored = counterfactual_impact(model, dataset, tokenizer, reduction=reduction, batch_size=3)  # mixed, padded
+    nonzero = 0
+    for example in scored:
+        ids, prompt_len = chat_ids(tokenizer, example)
+        expected = naive_impacts(model, ids, list(range(prompt_len, len(ids))), reduction)
+        column = example["counterfactual_impact"]
+        assert len(column) == len(ids)
+        assert column == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert column[:prompt_len] == [0.0] * prompt_len and column[-1] == 0.0  # the prompt, the last token
+        nonzero += sum(abs(v) > 1e-3 for v in column)
+    assert nonzero > 10  # the model's impacts are not all 0
+
+
+def test_counterfactual_impact_on_a_split_completion(make_model, tokenizer):
+    """A tokenized row whose completion has two stretches (a multi-turn conversation with assistant-only loss): the
+    tokens between them stay in the context and are not scored."""
+    ids = [[5, 9, 14, 7, 30, 31, 8, 12, 40, 6], [3, 11, 21, 22, 23]]
+    completion_mask = [[0, 0, 1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 1, 0, 1]]
+    dataset = Dataset.from_dict({"input_ids": ids, "completion_mask": completion_mask})
+    model = make_model(seed=4)
+    scored = counterfactual_impact(model, dataset, tokenizer, batch_size=2)
+    for row, mask in zip(scored, completion_mask):
+        completion = [i for i, bit in enumerate(mask) if bit]
+        expected = naive_impacts(model, row["input_ids"], completion, "sum")
+        assert row["counterfactual_impact"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_counterfactual_impact_refuses_more_forwards_than_max_tokens(make_model, tokenizer):
+    dataset = Dataset.from_dict(
+        {"input_ids": [[5, 9, 14, 7], [3, 11, 21]], "completion_mask": [[0, 1, 1, 1], [1, 1, 1]]}
+    )
+    # deletions: 9 and 14 in the first row (7 is last), 11 in the second (3 is at index 0, 21 is last): 3 forwards
+    with pytest.raises(ValueError, match="needs 3 forwards .* above max_tokens=2"):
+        counterfactual_impact(make_model(), dataset, tokenizer, max_tokens=2)
+    assert len(counterfactual_impact(make_model(), dataset, tokenizer, max_tokens=3)) == 2
+    with pytest.raises(ValueError, match="reduction='max'"):
+        counterfactual_impact(make_model(), dataset, tokenizer, reduction="max")
+
+
+def test_critical_counterfactual_by_hand():
+    impact = torch.tensor([[0.3, -0.2, 0.0, 1.5], [-0.9, 0.05, 2.0, 0.7]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])  # 0.7 is not supervised
+    selected = torch.zeros_like(mask)  # not read in threshold mode
+
+    def phi(**args):
+        return critical_counterfactual(impact, selected, mask, **args).tolist()
+
+    # δ = 0, "helps": every supervised token whose deletion raises the rest's loss; 0.0 is not > 0
+    assert phi() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]]
+    assert phi(delta=0.5) == [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    # "hurts": the table's sign with L the NLL, tokens whose deletion lowers the rest's loss
+    assert phi(direction="hurts") == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    assert phi(direction="either", delta=0.25) == [[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+    assert phi(delta=-0.5) == [[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]]
+
+
+def test_critical_counterfactual_top_mode_by_hand():
+    impact = torch.tensor([[0.3, -0.2, 0.0, 1.5], [-0.9, 0.05, 2.0, 0.7]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    # 7 supervised impacts 0.3 −0.2 0.0 1.5 −0.9 0.05 2.0; ratio 0.5 keeps round(3.5) = 4: 2.0 1.5 0.3 0.05
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, {"mode": "top"})
+    assert phi.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]]
+    # by |impact|, ratio 2/7 keeps round(2) = 2: 2.0 1.5
+    args = {"mode": "top", "direction": "either", "ratio": 2 / 7}
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, args)
+    assert phi.tolist() == [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    # by −impact ("hurts"), ratio 2/7: −0.9, −0.2
+    args = {"mode": "top", "direction": "hurts", "ratio": 2 / 7}
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, args)
+    assert phi.tolist() == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+
+
+def test_critical_counterfactual_threshold_mode_refuses_a_selection_scope():
+    with pytest.raises(PriorityError, match="scope='step'.*only mode='top'"):
+        get_priority("critical_counterfactual").resolve_args({"scope": "step"})
+    get_priority("critical_counterfactual").resolve_args({"mode": "top", "scope": "step"})
+
+
+def original_columns(tokenizer, dataset, column: str) -> dict[tuple[int, ...], tuple[list[float], list[int]]]:
+    """Each example's input_ids -> (its scored column, its completion mask), straight from the chat template."""
+    out = {}
+    for example in dataset:
+        ids, prompt_len = chat_ids(tokenizer, example)
+        out[tuple(ids)] = (example[column], [0] * prompt_len + [1] * (len(ids) - prompt_len))
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"padding_free": True, "max_length": None}, {"packing": True}],
+    ids=["padded", "padding_free", "packing"],
+)
+def test_critical_counterfactual_through_the_trainer(settings, make_model, tokenizer, datasets_, make_args):
+    """Φ at position t is 1 exactly where the label t + 1 is a completion token of its example (the first of an example
+    under padding-free/packing predicts across the boundary and is masked) with an impact > δ, read from the
+    scored example the row holds."""
+    delta = 0.05
+    scored = counterfactual_impact(make_model(seed=3), datasets_.conversational_prompt_completion(4), tokenizer)
+    args = make_args(
+        priority="critical_counterfactual",
+        priority_args={"delta": delta},
+        per_device_train_batch_size=4,
+        max_steps=1,
+        shuffle_dataset=False,
+        **{"max_length": 256, **settings},
+    )
+    trainer = PrioritySFTTrainer(model=make_model(), args=args, train_dataset=scored, processing_class=tokenizer)
+    originals = original_columns(tokenizer, scored, "counterfactual_impact")
+    rows = list(trainer.train_dataset)
+    if settings.get("packing"):
+        assert any(len(row["seq_lengths"]) > 1 for row in rows)
+    # the expected Φ of each row's tokens, example by example, from the originals alone
+    kept_rows = []
+    for row in rows:
+        lengths = row.get("seq_lengths") or [len(row["input_ids"])]
+        start, keep = 0, []
+        for length in lengths:
+            impact, completion = originals[tuple(row["input_ids"][start : start + length])]
+            keep += [float(c == 1 and v > delta) for v, c in zip(impact, completion)]
+            keep[-length] = 0.0  # the example's first token: nothing of its own predicts it
+            start += length
+        kept_rows.append(keep)
+    if settings.get("padding_free"):  # the collator concatenates the rows into one
+        kept_rows = [sum(kept_rows, [])]
+    expected_rows = [keep[1:] for keep in kept_rows]  # position t scores the label t + 1
+    batch = trainer.data_collator(rows)
+    phi = trainer.token_priorities(batch)
+    expected = torch.zeros_like(phi)
+    for r, keep in enumerate(expected_rows):
+        expected[r, : len(keep)] = torch.tensor(keep)
+    assert torch.equal(phi, expected)
+    assert 0 < expected.sum() < (batch["labels"][:, 1:] != -100).sum()  # some tokens kept, some dropped
+    trainer.train()
+    assert 0 < trainer.state.log_history[0]["priority/kept_fraction"] < 1
+
+
+def test_counterfactual_command_line_matches_the_function(tmp_path, model_dir, datasets_, tokenizer):
+    source = tmp_path / "source"
+    source.mkdir()
+    datasets_.conversational_prompt_completion(2).to_json(source / "train.jsonl")
+    model = model_dir(seed=1)
+    path = main(["counterfactual", "--model", model, "--dataset", str(source), "--output", str(tmp_path / "i")])
+    rows = load_dataset(str(path.parent), split="train")
+    assert rows.column_names == ["prompt", "completion", "counterfactual_impact"]
+    from transformers import AutoModelForCausalLM
+
+    direct = counterfactual_impact(
+        AutoModelForCausalLM.from_pretrained(model), load_dataset(str(source), split="train"), tokenizer
+    )
+    for got, want in zip(rows["counterfactual_impact"], direct["counterfactual_impact"]):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+    with pytest.raises(ValueError, match="above max_tokens=1"):
+        main(["counterfactual", "--model", model, "--dataset", str(source), "--output", str(tmp_path / "j"),
+              "--max_tokens", "1"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
