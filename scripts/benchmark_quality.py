@@ -66,8 +66,9 @@ Methods needing more than the data. A trained ("explicit") reference (`rho1`, `f
 `selectkd`, `swift`) gets a model trained first, once per task and seed, in a clearly labelled step: LoRA SFT with the
 same settings on the rows the record marks clean (noisy task) or on the ground truths (unlearn task), merged. `critical`
 gets its `contrastive_score` column from that model and one trained the same way on the corrupted / wrong rows
-(`trl_priority.token_scores.contrastive_token_scores`); `tshirt` gets `information_gain` from the base model
-(`trl_priority.token_scores.information_gain`). These columns use the record of corrupted rows, like `robustft`.
+(`trl_priority.token_scores.contrastive_token_scores`); `tshirt` gets `information_gain` and
+`critical_counterfactual` gets `counterfactual_impact` from the base model (`trl_priority.token_scores`). These
+columns use the record of corrupted rows, like `robustft`.
 
 Differences and intervals. Every metric above is a ratio of sums over held-out problems, Σ_e num_e / Σ_e den_e (a
 mean when den_e = 1; pooled result accuracy when den_e counts results), and each run keeps its per-problem values in
@@ -188,7 +189,7 @@ METRIC_PARTS = {
 }
 # Columns each task's dataset carries (the record of corrupted / wrong rows), and columns computed on demand
 TASK_COLUMNS = {"noisy": ("noise", "unlearn", "nonfactual", "made_up"), "unlearn": ("unlearn",)}
-COMPUTED_COLUMNS = ("contrastive_score", "information_gain")
+COMPUTED_COLUMNS = ("contrastive_score", "information_gain", "counterfactual_impact")
 
 # The default table: the base model (always evaluated, once), TRL's two losses, and the methods for noisy data
 DEFAULT_METHODS = [
@@ -745,6 +746,9 @@ class Prepared:
             if name == "contrastive_score":  # Critical Tokens: SFT on correct vs on wrong solutions
                 positive, negative = self.model(task, seed, "clean"), self.model(task, seed, "wrong")
                 scored = token_scores.contrastive_token_scores(positive, negative, dataset, self.tokenizer)
+            elif name == "counterfactual_impact":  # the starting model, one forward per deleted token: no bound
+                base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+                scored = token_scores.counterfactual_impact(base, dataset, self.tokenizer, max_tokens=None)
             else:  # T-SHIRT: the starting model's information gain
                 base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
                 scored = token_scores.information_gain(base, dataset, self.tokenizer)

@@ -213,8 +213,9 @@ def test_main_writes_table_json_and_png(bq, gsm8k_dir, tmp_path, model_dir):
 
 
 def test_computed_columns_line_up_with_the_tokens(bq, gsm8k_dir, tmp_path, tokenizer, model_dir):
-    """Critical Tokens' contrastive score (from models trained on the clean and on the corrupted rows first) and
-    T-SHIRT's information gain: one value per token of the trainer's input_ids, next to the `unlearn` record."""
+    """Critical Tokens' contrastive score (from models trained on the clean and on the corrupted rows first), their
+    counterfactual impact and T-SHIRT's information gain: one value per token of the trainer's input_ids, next to the
+    `unlearn` record."""
     path = model_dir()
     cli = small_args(bq, gsm8k_dir, tmp_path, "--model", path)
     tasks, _, _ = bq.build_data(cli, tokenizer, tmp_path)
@@ -226,7 +227,14 @@ def test_computed_columns_line_up_with_the_tokens(bq, gsm8k_dir, tmp_path, token
     assert set(prepared.models) == {("noisy", 0, "clean"), ("noisy", 0, "wrong")}
     tshirt = bq.dataset_for("tshirt", tasks[0], cli, 0, prepared)
     assert tshirt.column_names == ["prompt", "completion", "information_gain"]
-    for name, dataset in (("contrastive_score", critical), ("information_gain", tshirt)):
+    counterfactual = bq.dataset_for("critical_counterfactual", tasks[0], cli, 0, prepared)
+    assert counterfactual.column_names == ["prompt", "completion", "counterfactual_impact"]
+    columns = (
+        ("contrastive_score", critical),
+        ("information_gain", tshirt),
+        ("counterfactual_impact", counterfactual),
+    )
+    for name, dataset in columns:
         assert [len(v) for v in dataset[name]] == [len(ids) for ids in tokens["input_ids"]]
 
 
