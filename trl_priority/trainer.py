@@ -59,7 +59,7 @@ from .reference import (
     freeze_and_place,
     is_callback_reference,
 )
-from .schedules import blend_with_uniform, pool_over_groups, schedule_value, warmup_weight
+from .schedules import blend_with_uniform, pool_over_groups, schedule_value, unit_groups, warmup_weight
 from .selection import select_in_batch, select_in_examples, select_over_step
 from .state import TokenState
 from .statistics import (
@@ -687,8 +687,7 @@ class PrioritySFTTrainer(SFTTrainer):
             # Whole words or spans: one Φ per (example, unit), pooled over its supervised tokens
             unit = statistics["_unit"]  # (B, T-1)
             example = statistics["_example"]
-            groups = torch.where(unit > 0 if granularity == "span" else unit >= 0, example * 65536 + unit, -1)
-            phi = pool_over_groups(phi, groups.long(), mask, self.args.priority_pooling)
+            phi = pool_over_groups(phi, unit_groups(example, unit, granularity), mask, self.args.priority_pooling)
         return blend_with_uniform(phi, mask, warmup_weight(self.progress, self.args.priority_warmup_ratio))
 
     def _forward_with_priority(self, model, inputs: dict[str, Any], training: bool = False, ahead=None):
