@@ -31,3 +31,86 @@ def test_unit_groups_are_numbered_within_the_batch():
     assert words.tolist() == [[0, 0, 1, 4], [2, 3, -1, -1]]
     spans = unit_groups(example, unit, "span")  # span 0: outside every span
     assert spans.tolist() == [[-1, -1, 0, -1], [-1, 1, -1, -1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference cache's key
+# ----------------------------------------------------------------------------------------------------------------
+def _as_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """Each parameter as DeepSpeed ZeRO-3 leaves it on one process: a 0-element placeholder, with the full shape in
+    `ds_shape` and this process's flattened partition in `ds_tensor` (here: the whole tensor, one process)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            placeholder = torch.nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=param.requires_grad)
+            placeholder.ds_shape = param.shape
+            placeholder.ds_numel = param.numel()
+            placeholder.ds_tensor = param.detach().reshape(-1).clone()
+            setattr(module, name, placeholder)
+    return model
+
+
+def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
+    """Two fine-tunes of one architecture under ZeRO-3: the old fingerprint skipped every 0-element parameter, so it
+    saw only names and shapes and gave both the same key (the second run reused the first run's values)."""
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import module_fingerprint
+
+    first, second = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    assert module_fingerprint(first) != module_fingerprint(second)
+    assert module_fingerprint(_as_zero3(first)) != module_fingerprint(_as_zero3(second))
+    again = _as_zero3(build_model(tokenizer, seed=0))
+    assert module_fingerprint(again) == module_fingerprint(first)
+
+
+def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(tokenizer, model_dir):
+    """A reference loaded from a path copies the policy's dtype and attention implementation unless its kwargs set
+    them: float32 and bfloat16 runs computed other values but shared one key."""
+    from types import SimpleNamespace
+
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import ReferenceSources, reference_identity
+
+    path = model_dir()
+    args = SimpleNamespace(ref_model_init_kwargs=None, model_init_kwargs={}, ref_model_name_or_path=path)
+
+    def identity(dtype, attention="sdpa"):
+        policy = build_model(tokenizer).to(dtype)
+        policy.config._attn_implementation = attention
+        trainer = SimpleNamespace(args=args, model=policy)
+        return reference_identity(trainer, ReferenceSources(ref_model=None, model=policy, starting_model=None))
+
+    assert identity(torch.float32) != identity(torch.bfloat16)
+    assert identity(torch.float32, "eager") != identity(torch.float32, "sdpa")
+    assert identity(torch.float32) == identity(torch.float32)
+
+
+def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer):
+    """A Hub reference at `revision: v2` was identified by the cached commit of `main`: a new commit on v2 kept the
+    old key, and the run reused values of the old weights."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import ReferenceSources, reference_identity
+
+    repo = tmp_path / "models--org--ref"
+    (repo / "refs").mkdir(parents=True)
+    for commit in ("a" * 40, "b" * 40, "c" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    args = SimpleNamespace(
+        ref_model_init_kwargs={"revision": "v2"}, model_init_kwargs={}, ref_model_name_or_path="org/ref"
+    )
+    policy = build_model(tokenizer)
+    trainer = SimpleNamespace(args=args, model=policy)
+    sources = ReferenceSources(ref_model=None, model=policy, starting_model=None)
+
+    def identity_at(main: str, v2: str):
+        (repo / "refs" / "main").write_text(main)
+        (repo / "refs" / "v2").write_text(v2)
+        return reference_identity(trainer, sources)
+
+    assert identity_at("a" * 40, "b" * 40)["commit"] == "b" * 40
+    assert identity_at("a" * 40, "b" * 40) != identity_at("a" * 40, "c" * 40)

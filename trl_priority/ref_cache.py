@@ -215,23 +215,52 @@ def path_identity(path: str, revision: str | None = None) -> dict[str, Any]:
     return {"hub": path, "revision": revision or "main"}
 
 
+def _local_values(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The values of a weight this process holds: the whole tensor, its ZeRO-3 partition (`ds_tensor`: the parameter
+    itself is then empty), or its FSDP2 `DTensor` local shard; None on the meta device."""
+    if hasattr(tensor, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter is a 0-element placeholder
+        tensor = tensor.ds_tensor
+    elif hasattr(tensor, "to_local") and hasattr(tensor, "placements"):  # torch DTensor (FSDP2)
+        tensor = tensor.to_local()
+    if tensor.device.type == "meta":
+        return None
+    return tensor.detach().reshape(-1)
+
+
+def _is_partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_tensor") or (hasattr(tensor, "to_local") and hasattr(tensor, "placements"))
+
+
 def module_fingerprint(module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
-    """A cheap hash of a model's weights: each tensor's name, dtype and shape, 4096 strided values and its float64
-    sum (one pass over the weights, no copy of them). Two models that differ in any trained weight differ in it."""
+    """A cheap hash of a model's weights: each tensor's name, dtype and full shape, 4096 strided values and the
+    float64 sum of the values this process holds (one pass over the weights, no copy of them).
+
+    Partitioned weights (DeepSpeed ZeRO-3's `ds_tensor`, FSDP2's `DTensor` shards) are hashed by their local part;
+    every process then hashes its own parts and the per-process digests are combined in rank order (a collective:
+    every process calls this together, as `precompute_reference_statistics` does). What the sample and the sums can
+    miss is in docs/reference_cache.md ("What the weights' hash can miss").
+    """
     hasher = hashlib.sha256()
+    partitioned = False
     with torch.no_grad():
         for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
             if skip(name):
                 continue
             shape = tuple(getattr(tensor, "ds_shape", tensor.shape))  # the full shape under ZeRO-3
             hasher.update(f"{name}:{tensor.dtype}:{shape}".encode())
-            if tensor.device.type == "meta" or tensor.numel() == 0:
+            partitioned = partitioned or _is_partitioned(tensor)
+            flat = _local_values(tensor)
+            if flat is None or flat.numel() == 0:
                 continue
-            flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096]
             hasher.update(sample.float().cpu().numpy().tobytes())
             hasher.update(repr(flat.sum(dtype=torch.float64).item()).encode())
-    return hasher.hexdigest()
+    digest = hasher.hexdigest()
+    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, digest)  # one short string per process
+        digest = hashlib.sha256("".join(everyone).encode()).hexdigest()
+    return digest
 
 
 def _jsonable(value: Any) -> Any:
@@ -256,6 +285,19 @@ class ReferenceSources:
     quantization_config: Any = None
 
 
+def reference_loading(model: torch.nn.Module, init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dtype and attention implementation a reference runs with: those of its loading kwargs, else the ones it
+    copies from `model` (`PrioritySFTTrainer._load_like_policy`: a reference loaded from a path takes the policy's;
+    the adapter-off base and the starting model are the policy's). float32 and bfloat16 runs get other values."""
+    init_kwargs = init_kwargs or {}
+    causal_lm = stats_vocab.causal_lm_of(model)
+    dtype = init_kwargs.get("dtype", init_kwargs.get("torch_dtype")) or getattr(causal_lm, "dtype", None)
+    attention = init_kwargs.get("attn_implementation") or getattr(
+        getattr(causal_lm, "config", None), "_attn_implementation", None
+    )
+    return {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": attention}
+
+
 def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
     """What identifies the reference's values, following `PrioritySFTTrainer._build_reference`'s choice."""
     args = trainer.args
@@ -273,22 +315,40 @@ def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
     if ref_model is None and args.ref_model_name_or_path is not None:
         ref_model = args.ref_model_name_or_path
     if isinstance(ref_model, str):
-        init_kwargs = _jsonable(args.ref_model_init_kwargs or args.model_init_kwargs)
-        return {"kind": "model", **path_identity(ref_model), "init_kwargs": init_kwargs, "quantization": quantization}
+        init_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
+        return {
+            "kind": "model",
+            **path_identity(ref_model, init_kwargs.get("revision")),
+            "init_kwargs": _jsonable(init_kwargs),
+            "quantization": quantization,
+            "loaded_as": reference_loading(trainer.model, init_kwargs),
+        }
     if ref_model is not None:
-        return {"kind": "model", "parameters": module_fingerprint(ref_model)}
+        return {
+            "kind": "model",
+            "parameters": module_fingerprint(ref_model),
+            "loaded_as": reference_loading(ref_model),
+        }
     # The starting model: the LoRA base with the adapter off, a frozen copy of a starting adapter, or a frozen copy
     if is_peft_model(trainer.model):
         kind = "starting_adapter" if "ref" in trainer.model.peft_config else "adapter_off"
     else:
         kind = "starting_model"
     if isinstance(sources.model, str) and kind != "starting_adapter":
-        init_kwargs = _jsonable(args.model_init_kwargs)
-        return {"kind": kind, **path_identity(sources.model), "init_kwargs": init_kwargs, "quantization": quantization}
+        init_kwargs = args.model_init_kwargs or {}
+        return {
+            "kind": kind,
+            **path_identity(sources.model, init_kwargs.get("revision")),
+            "init_kwargs": _jsonable(init_kwargs),
+            "quantization": quantization,
+            "loaded_as": reference_loading(trainer.model),
+        }
     if kind == "starting_model" and sources.starting_model is not None:
-        return {"kind": kind, "parameters": module_fingerprint(sources.starting_model)}
+        starting = sources.starting_model
+        return {"kind": kind, "parameters": module_fingerprint(starting), "loaded_as": reference_loading(starting)}
     # The policy's own weights before training, less the adapter being trained
-    return {"kind": kind, "parameters": module_fingerprint(trainer.model, skip=lambda name: ".default." in name)}
+    parameters = module_fingerprint(trainer.model, skip=lambda name: ".default." in name)
+    return {"kind": kind, "parameters": parameters, "loaded_as": reference_loading(trainer.model)}
 
 
 def cache_components(
@@ -739,7 +799,8 @@ def precompute_reference_statistics(
     reference, identity, entries, attached = None, None, [], {}
     for name, dataset in datasets.items():
         if identity is None:
-            identity = _main_value(accelerator, reference_identity, trainer, sources)
+            # Every process hashes (partitioned weights are hashed shard by shard, together); the main one's counts
+            identity = _main_value(accelerator, lambda given: given, reference_identity(trainer, sources))
         components, lengths = cache_components(trainer, dataset, names, identity, eval_dataset=name != "train")
         components = _main_value(accelerator, lambda given: given, components)
         key = cache_key(components)
