@@ -114,3 +114,42 @@ def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer
 
     assert identity_at("a" * 40, "b" * 40)["commit"] == "b" * 40
     assert identity_at("a" * 40, "b" * 40) != identity_at("a" * 40, "c" * 40)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token state and the epoch cache on disk
+# ----------------------------------------------------------------------------------------------------------------
+def _header_bytes(path) -> int:
+    with open(path, "rb") as file:
+        return int.from_bytes(file.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
+
+
+def test_token_state_with_many_examples_saves_a_small_header_and_round_trips(tmp_path):
+    """200,000 stored examples: one tensor per example wrote a ~15 MB header (the format caps it at 100 MB, reached
+    at ~1.2M examples, and the checkpoint could not be read back). Three tensors per table keep it tiny."""
+    from trl_priority.state import STATE_FILE, TokenState
+
+    n = 200_000
+    rows = torch.arange(2 * n, dtype=torch.float32).view(n, 2)  # 2 tokens per example
+    state = TokenState()
+    state.load_state_dict({**{f"first_logps/{e}": rows[e] for e in range(n)}, "visits/5": torch.tensor([1.0])})
+    state.save(str(tmp_path))
+    assert _header_bytes(tmp_path / STATE_FILE) < 2_000
+    restored = TokenState()
+    restored.load(str(tmp_path))
+    assert len(restored) == n + 1
+    restored.bind(torch.tensor([[0, n - 1, 5, 5]]), torch.tensor([[1, 0, 0, 1]]))
+    assert restored.get("first_logps").tolist() == [[1.0, 2 * n - 2, 10.0, 11.0]]
+    assert restored.get("visits").nan_to_num(-1).tolist() == [[-1.0, -1.0, 1.0, -1.0]]
+
+
+def test_token_state_reads_the_older_one_tensor_per_example_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from trl_priority.state import STATE_FILE, TokenState
+
+    save_file({"first_logps/3": torch.tensor([0.5, float("nan"), 0.25])}, str(tmp_path / STATE_FILE))
+    state = TokenState()
+    state.load(str(tmp_path))
+    state.bind(torch.tensor([[3, 3]]), torch.tensor([[0, 2]]))
+    assert state.get("first_logps").tolist() == [[0.5, 0.25]]

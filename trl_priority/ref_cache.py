@@ -859,6 +859,7 @@ def precompute_reference_statistics(
     trainer.reference = CachedColumns(root, topk)
     trainer._epoch_cache = None
     trainer._reference_sources = None
+    trainer._cached_reference_identity = identity  # `priority.json` records it: a resume must read the same values
     release_reference(trainer, reference or previous, starting_adapter=identity["kind"] == "starting_adapter")
     trainer.ref_cache_entries = entries
     return entries
