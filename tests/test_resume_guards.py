@@ -73,3 +73,41 @@ def test_the_epoch_cache_of_another_reference_is_not_served(make_model, tokenize
         make_model, tokenizer, datasets_, make_args, tmp_path / "other", ref_seed=2, allow_priority_change=True
     )
     assert forwards == 2  # another reference: its own values, computed again
+
+
+def test_evaluation_reads_no_training_history(make_model, tokenizer, datasets_, make_args):
+    """`t3s` keys its history by example index: evaluation example i was given training example i's history (its
+    anchors decided, so Φ = 0 on tokens it never trained on). Evaluated with the history or with an empty one, the
+    evaluation loss must be the same, and the history unchanged."""
+    from trl_priority import PrioritySFTTrainer
+    from trl_priority.state import TokenState
+
+    rows = datasets_.prompt_completion(8)
+    args = make_args(priority="t3s", priority_args={"threshold": -1e9}, max_steps=4, eval_strategy="no")
+    trainer = PrioritySFTTrainer(
+        model=make_model(), args=args, train_dataset=rows.select(range(4)), eval_dataset=rows.select(range(4, 8)),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    history = trainer.priority_state.state_dict()
+    assert any(key.startswith("anchor/") and (row == 1).any() for key, row in history.items())  # anchors decided
+    with_history = trainer.evaluate()["eval_loss"]
+    assert trainer.priority_state.state_dict().keys() == history.keys()
+    trainer.priority_state = TokenState()
+    without = trainer.evaluate()["eval_loss"]
+    assert with_history == pytest.approx(without, rel=1e-6)
+
+
+def test_the_epoch_cache_refuses_a_schedule_on_a_statistic_hyperparameter(make_model, tokenizer, datasets_, make_args):
+    """EAFT on the reference's top-k entropy with `k` scheduled: epoch 1's values (computed with k = 5) were served in
+    epoch 2 (when k had moved). `ref_cache_dir` refused it; the epoch cache accepted it."""
+    settings = dict(
+        method="eaft", priority_args={"signal": "reference"}, priority_schedule={"k": {"start": 5, "end": 2}},
+        num_train_epochs=2, max_steps=-1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"moves \['k'\].*ref_epoch_cache='none'"):
+        make_trainer(make_model, tokenizer, datasets_, make_args, make_model(seed=1), **settings)
+    trainer = make_trainer(
+        make_model, tokenizer, datasets_, make_args, make_model(seed=1), ref_epoch_cache="none", **settings
+    )
+    assert trainer._epoch_cache is None

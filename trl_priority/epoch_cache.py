@@ -22,7 +22,7 @@ import torch
 from accelerate.logging import get_logger
 
 from . import statistics as stats_vocab
-from .ref_cache import _differences, cached_statistics, dataset_digest
+from .ref_cache import _differences, cached_statistics, dataset_digest, scheduled_statistic_hyperparameters
 from .reference import AdapterReference, CallbackReference, ColumnReference, ModelReference, Reference
 from .state import TokenState, load_state, save_state
 
@@ -36,7 +36,7 @@ def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_d
     """Whether the run keeps the reference's values per token for its later epochs (decided before data preparation,
     which then adds the per-token identity columns): an online, cacheable reference, and possibly more than one
     epoch (`max_steps` set, or `num_train_epochs` > 1)."""
-    return (
+    wanted = (
         args.ref_epoch_cache != "none"
         and cache_dir is None
         and not args.precomputed_ref_columns
@@ -45,6 +45,14 @@ def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_d
         and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
         and (args.max_steps > 0 or args.num_train_epochs > 1)
     )
+    scheduled = scheduled_statistic_hyperparameters(args, priority, priority_args) if wanted else []
+    if scheduled:
+        raise ValueError(
+            f"`priority_schedule` moves {scheduled}, which the reference statistics are computed with, so the values of "
+            "epoch 1 cannot be kept for the later epochs (`ref_epoch_cache`). Leave them fixed, or set "
+            "`ref_epoch_cache='none'`."
+        )
+    return wanted
 
 
 def epoch_cache_key(trainer, reference: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -129,6 +129,17 @@ def cached_topk(args, priority, priority_args: Mapping[str, Any]) -> int | None:
     return int(args.ref_cache_topk)
 
 
+def scheduled_statistic_hyperparameters(args, priority, priority_args: Mapping[str, Any]) -> list[str]:
+    """The hyperparameters of the cached reference statistics that `priority_schedule` moves: values computed with
+    them once are wrong later in the run (neither cache takes them)."""
+    return [
+        hp
+        for name in cached_statistics(priority, priority_args)
+        for hp in stats_vocab.hyperparameters_of(name)
+        if hp in (args.priority_schedule or {})
+    ]
+
+
 def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | None:
     """The folder this run caches its reference statistics in, or None (checked before any model is loaded)."""
     if args.ref_cache_dir is None:
@@ -142,12 +153,7 @@ def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | Non
     if priority is None or not priority.reference_used(priority_args):
         logger.warning(f"Priority '{name}' reads no reference statistics; `ref_cache_dir` is ignored.")
         return None
-    scheduled = [
-        hp
-        for name in cached_statistics(priority, priority_args)
-        for hp in stats_vocab.hyperparameters_of(name)
-        if hp in (args.priority_schedule or {})
-    ]
+    scheduled = scheduled_statistic_hyperparameters(args, priority, priority_args)
     if scheduled:
         raise ValueError(
             f"`priority_schedule` moves {scheduled}, which the cached reference statistics are computed with, so "

@@ -644,7 +644,9 @@ class PrioritySFTTrainer(SFTTrainer):
                 columns["example_index"][:, 1:].to(mask.device),
                 columns["token_position"][:, 1:].to(mask.device),
             )
-            statistics["state"] = self.priority_state.bind(*identity, writable=training)
+            # Evaluation rows are other examples under the same example indices: they see no training history
+            state = TokenState() if getattr(self, "_evaluating", False) else self.priority_state
+            statistics["state"] = state.bind(*identity, writable=training)
 
         terms = self.priority.distribution_terms
         request = DistributionRequest(
@@ -806,6 +808,15 @@ class PrioritySFTTrainer(SFTTrainer):
                     reference, _ = self.reference.statistics(self.model, inputs, ("logps",), self._step_args)
                     result["ref_logps"] = reference["ref_logps"]
         return result
+
+    def prediction_step(self, *args, **kwargs):
+        """`SFTTrainer.prediction_step`, marked as evaluation: a stateful method's Φ on an evaluation row neither reads
+        nor writes the training history (which is keyed by the training rows' example indices)."""
+        self._evaluating = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._evaluating = False
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
