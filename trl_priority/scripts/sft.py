@@ -83,6 +83,17 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+def resume_target(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it. The parser gives a string: "true" (the spelling the
+    docs recommend) means the last complete checkpoint of `output_dir` (True), "false" or "" no resume (None), and
+    anything else is a checkpoint's path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "", "none"):
+        return None
+    return value or None
+
+
 def build_trainer(script_args, training_args, model_args, dataset_args, callbacks=None) -> PrioritySFTTrainer:
     """The trainer `main` trains, built from the parsed recipe without training: model (with its PEFT adapter),
     datasets, reference. `trl-priority inspect` builds it the same way to show the priorities of a recipe."""
@@ -137,7 +148,7 @@ def main(script_args, training_args, model_args, dataset_args):
         return precompute(script_args, training_args, model_args, dataset_args)
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.add_callback(stop := StopOnSignal())  # after DefaultFlowCallback, so that its `should_save` is overridden
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         trainer.accelerator.print(
