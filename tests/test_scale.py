@@ -5,6 +5,8 @@ Each test here failed on the code before the fix it guards (see the test's docst
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from trl_priority.schedules import pool_over_groups, unit_groups
@@ -153,3 +155,56 @@ def test_token_state_reads_the_older_one_tensor_per_example_file(tmp_path):
     state.load(str(tmp_path))
     state.bind(torch.tensor([[3, 3]]), torch.tensor([[0, 2]]))
     assert state.get("first_logps").tolist() == [[0.5, 0.25]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing cache entries
+# ----------------------------------------------------------------------------------------------------------------
+def _entry_values(path) -> list:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path / "data"))["ref_logps"]
+
+
+def test_a_complete_entry_is_never_deleted_by_a_second_writer(tmp_path):
+    """Two jobs computing one entry: the second `write_entry` deleted the first one's complete entry (which the
+    first job may have memory-mapped) to put its own copy in place."""
+    import numpy as np
+
+    from trl_priority.ref_cache import write_entry
+
+    key = "k" * 32
+    meta = {"format": 1, "key": key}
+    final = write_entry(str(tmp_path), key, {"ref_logps": [np.array([0.0, -1.0], np.float32)]}, meta)
+    inode = os.stat(os.path.join(final, "meta.json")).st_ino
+    again = write_entry(str(tmp_path), key, {"ref_logps": [np.array([0.0, -2.0], np.float32)]}, meta)
+    assert again == final and os.stat(os.path.join(final, "meta.json")).st_ino == inode
+    assert _entry_values(tmp_path / key) == [[0.0, -1.0]]
+    assert sorted(os.listdir(tmp_path)) == [key]  # the second copy was dropped, not left behind
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    """Folders of writes killed before their `os.replace` stayed forever: a dead writer's (this host) and any older
+    than a day are removed by the next write; a live writer's stays."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from trl_priority.ref_cache import STALE_TEMPORARY_SECONDS, write_entry
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    host = socket.gethostname()
+    dead = tmp_path / f".{'a' * 32}.tmp-{host}-{dead_pid}-x1"
+    old = tmp_path / f".{'b' * 32}.tmp-q8w3e"  # an older version's name, or another host's: only its age tells
+    live = tmp_path / f".{'c' * 32}.tmp-{host}-{os.getpid()}-x2"
+    for folder in (dead, old, live):
+        folder.mkdir()
+    past = time.time() - STALE_TEMPORARY_SECONDS - 60
+    os.utime(old, (past, past))
+    key = "k" * 32
+    write_entry(str(tmp_path), key, {"ref_logps": [np.zeros(2, np.float32)]}, {"format": 1, "key": key})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([key, live.name])

@@ -53,6 +53,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -470,15 +471,58 @@ def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
+STALE_TEMPORARY_SECONDS = 24 * 3600  # a temporary folder this old is a dead writer's, whichever host it was on
+
+
+def _temporary_prefix(key: str) -> str:
+    """`.KEY.tmp-HOST-PID-`: a writer's temporary folder names its host and process, so a later writer can tell
+    whether it is still alive (`remove_stale_temporaries`)."""
+    return f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the temporary folder `name` was left by a process of this host that no longer runs."""
+    host_pid = name.split(".tmp-", 1)[1].rsplit("-", 1)[0] if ".tmp-" in name else ""
+    host, _, pid = host_pid.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's (or an older version's) writer: only its age tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(root: str, max_age: float = STALE_TEMPORARY_SECONDS) -> list[str]:
+    """Remove the temporary folders of interrupted writes under `root`: those whose writer (a process of this host)
+    is dead, and any older than `max_age` seconds. Returns the names removed."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if not (name.startswith(".") and ".tmp-" in name and os.path.isdir(path)):
+            continue
+        with contextlib.suppress(OSError):
+            if _writer_is_dead(name) or now - os.path.getmtime(path) > max_age:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
 def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], meta: Mapping[str, Any]) -> str:
     """Write an entry atomically: into a hidden temporary sibling, `meta.json` last, then `os.replace` into place.
 
     An exception or a kill before the replace leaves only the temporary folder (never read as an entry, removed on
-    an exception); a reader sees either no entry or a complete one.
+    an exception, or by a later write once its writer is dead: `remove_stale_temporaries`); a reader sees either no
+    entry or a complete one. A complete entry with the same key is never deleted (another job may be reading it,
+    memory-mapped): this write's copy is dropped instead. Only a folder found incomplete is replaced.
     """
     final = os.path.join(root, key)
     os.makedirs(root, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    remove_stale_temporaries(root)
+    temporary = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
     try:
         arrays = {}
         for column, rows in columns.items():  # one list column: offsets and values, no Python numbers
@@ -494,8 +538,14 @@ def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], me
             arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
         Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
         _write_meta(temporary, meta)  # last: a folder without it is not an entry
+        if (_read_meta(final) or {}).get("key") == key:
+            shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile: keep theirs
+            return final
         if os.path.isdir(final):
-            shutil.rmtree(final)  # found incomplete or corrupt before this write
+            # Found incomplete or corrupt before this write: moved aside first (atomic), so `final` is never half gone
+            aside = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
+            os.replace(final, os.path.join(aside, "old"))
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.replace(temporary, final)
         except OSError:
