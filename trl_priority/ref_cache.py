@@ -538,8 +538,9 @@ def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], me
             arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
         Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
         _write_meta(temporary, meta)  # last: a folder without it is not an entry
-        if (_read_meta(final) or {}).get("key") == key:
-            shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile: keep theirs
+        lengths = np.array([len(row) for row in next(iter(columns.values()), [])], dtype=np.int64)
+        if (_read_meta(final) or {}).get("key") == key and read_entry(final, key, list(columns), lengths) is not None:
+            shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile, complete: keep theirs
             return final
         if os.path.isdir(final):
             # Found incomplete or corrupt before this write: moved aside first (atomic), so `final` is never half gone
