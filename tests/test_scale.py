@@ -208,3 +208,34 @@ def test_stale_temporary_folders_are_removed(tmp_path):
     key = "k" * 32
     write_entry(str(tmp_path), key, {"ref_logps": [np.zeros(2, np.float32)]}, {"format": 1, "key": key})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([key, live.name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step-wide selection
+# ----------------------------------------------------------------------------------------------------------------
+class _TwoRanks:
+    """An accelerator of 2 processes whose other rank holds the same tensors as this one (rank 0)."""
+
+    num_processes, process_index = 2, 0
+
+    def gather(self, tensor):
+        return torch.cat([tensor, tensor])
+
+    def pad_across_processes(self, tensor, dim=0, pad_index=0):
+        return tensor
+
+
+def test_step_selection_when_no_process_has_a_supervised_token():
+    """Every row of the step fully masked on every process: nothing is kept, and no empty tensor is gathered (the
+    selection returns before the collective). Not a test that failed before: the old code did not raise here on
+    CPU/gloo (an empty `view(2, -1)` is legal); it guards the early return."""
+    from trl_priority.selection import select_over_step
+
+    masks = [torch.zeros(2, 5, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool)]
+    scores = [torch.rand(2, 5), torch.rand(1, 3)]
+    selected = select_over_step(scores, masks, 0.6, _TwoRanks())
+    assert [s.shape for s in selected] == [m.shape for m in masks] and not any(s.any() for s in selected)
+    # The same accelerator with supervised tokens still selects (the fake gathers a copy of this rank's scores)
+    masks[0][0, :2] = True
+    selected = select_over_step(scores, masks, 0.5, _TwoRanks())
+    assert int(selected[0].sum()) == 1
