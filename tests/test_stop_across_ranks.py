@@ -6,7 +6,14 @@ Each test failed on the code before (named in its docstring).
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from trl_priority.scripts import sft
 
@@ -35,3 +42,46 @@ def test_resume_from_checkpoint_true_resumes_from_the_last_checkpoint(tmp_path, 
     # Steps 1-2 not trained again: a fresh run would have written checkpoint-2 anew
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").stat().st_mtime_ns == written
     assert sft.resume_target("false") is None and sft.resume_target("ckpt/checkpoint-2") == "ckpt/checkpoint-2"
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+    """Only rank 1 is sent SIGTERM, during step 3. Each process kept its own stop flag: rank 1 stopped after step 3
+    while rank 0 went on into step 4's gradient all-reduce and waited there for ever (here: past the timeout). The
+    stop is now agreed at the step end: both stop after step 3, on SIGTERM, and exit 143."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(REPOSITORY / "tests" / "stop_worker.py"), "--output_dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        log, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        log, _ = process.communicate()
+        pytest.fail("the processes did not all stop: " + log.decode()[-3000:])
+    records = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert records == [{"step": 3, "signal": signal.SIGTERM}] * 2, log.decode()[-3000:]
+    assert "exitcode  : 143" in log.decode() or process.returncode != 0
+
+
+def test_the_command_exit_code_says_stop_or_failure():
+    """Under torch elastic (`accelerate launch` with several processes) a stop or a failure reached the command as
+    an elastic exception: a traceback and exit 1 whatever happened."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from trl_priority.cli import launch_exit_code
+
+    def failed(*codes):
+        failures = {
+            r: ProcessFailure(local_rank=r, pid=r + 1, exitcode=c, error_file="/nonexistent")
+            for r, c in enumerate(codes)
+        }
+        return ChildFailedError("sft.py", failures)
+
+    assert launch_exit_code(SignalException("stop", signal.SIGTERM)) == 143  # the command was sent SIGTERM
+    assert launch_exit_code(SignalException("stop", signal.SIGINT)) == 130  # Ctrl-C
+    assert launch_exit_code(failed(143, 143)) == 143  # the training processes were sent SIGTERM, and stopped
+    assert launch_exit_code(failed(143, -9)) == 137  # one was killed: a failure, not a clean stop
+    assert launch_exit_code(failed(1, 143)) == 1  # one raised
+    assert launch_exit_code(subprocess.CalledProcessError(143, "sft")) == 143  # one process
+    assert launch_exit_code(ValueError("not the launcher's")) is None
