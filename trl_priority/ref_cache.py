@@ -64,7 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
@@ -652,10 +652,12 @@ def compute_reference_columns(
     collator,
     description: str,
     topk: int | None = None,
-) -> dict[str, list[np.ndarray]]:
+    writer: bool = True,
+) -> dict[str, list[np.ndarray]] | None:
     """`{"ref_<name>": one float32 array per row}` over every row of `dataset`, computed data-parallel: each process
-    scores a shard (longest rows first, so batches pad little), and the shards are gathered on every process. With
-    `topk`, also `ref_topk_ids` / `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
+    scores a shard (longest rows first, so batches pad little), and the shards are gathered, in pieces, on the
+    processes that write the entry (`writer`); the others get None. With `topk`, also `ref_topk_ids` /
+    `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
     args, accelerator = trainer.args, trainer.accelerator
     batch_size = args.ref_cache_batch_size or args.per_device_eval_batch_size
     trainer._set_signature_columns_if_needed()
@@ -707,11 +709,43 @@ def compute_reference_columns(
                 values[index] = {key: split[key][j] for key in split}
             bar.update(len(chunk))
     bar.close()
-    merged: dict[int, dict[str, np.ndarray]] = {}
-    for part in gather_object([values]):
-        merged.update(part)
+    merged = gather_to_writers(values, mine, writer, accelerator.num_processes)
+    if merged is None:
+        return None
     keys = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
     return {key: [merged[i][key] for i in range(len(dataset))] for key in keys}
+
+
+GATHER_PIECE_ROWS = 256  # rows of values sent in one message when the shards are gathered to the writers
+
+
+def gather_to_writers(
+    values: dict[int, Any], mine: Sequence[int], writer: bool, num_processes: int, piece_rows: int = GATHER_PIECE_ROWS
+) -> dict[int, Any] | None:
+    """Every process's `{row: values}` on the processes that write the entry (`writer`), None on the others.
+
+    Each writer receives the shards one piece of `piece_rows` rows at a time (`torch.distributed.gather_object` to
+    that writer), so no process other than a writer ever holds another's values, and no message holds more than a
+    piece. `mine` (this process's rows, as many on every process) gives the pieces' order.
+    """
+    if num_processes == 1:
+        return values
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    flags = [None] * num_processes
+    dist.all_gather_object(flags, writer)  # who writes: the main process, or each node's (`save_on_each_node`)
+    writers = [r for r, is_writer in enumerate(flags) if is_writer]
+    merged: dict[int, Any] | None = {} if writer else None
+    for destination in writers:
+        for start in range(0, len(mine), piece_rows):
+            piece = {index: values[index] for index in mine[start : start + piece_rows]}
+            received = [None] * num_processes if rank == destination else None
+            dist.gather_object(piece, received, dst=destination)
+            if rank == destination:
+                for part in received:
+                    merged.update(part)
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -868,11 +902,12 @@ def precompute_reference_statistics(
             entry.differences = _main_value(accelerator, _nearest_entry, root, components)
             start = time.perf_counter()
             reference = reference or build_reference()
-            values = compute_reference_columns(
-                trainer, reference, dataset, names, base_collator, f"Reference statistics of the {name} dataset", topk
-            )
             writer = accelerator.is_main_process or (
                 trainer.args.save_on_each_node and accelerator.is_local_main_process
+            )
+            description = f"Reference statistics of the {name} dataset"
+            values = compute_reference_columns(
+                trainer, reference, dataset, names, base_collator, description, topk, writer=writer
             )
             if writer:
                 meta = {
