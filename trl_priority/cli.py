@@ -138,7 +138,9 @@ def launch_exit_code(error: BaseException) -> int | None:
         if stopped and len(stopped) == len(codes):
             return max(stopped)
         failed = [code for code in codes if code not in STOPPED]
-        print(f"trl-priority: a training process failed (exit codes {codes}); its traceback is above.", file=sys.stderr)
+        print(
+            f"trl-priority: a training process failed (exit codes {codes}); its traceback is above.", file=sys.stderr
+        )
         return failed[0] if failed and failed[0] > 0 else 1
     return None
 
