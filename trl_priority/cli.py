@@ -117,10 +117,49 @@ def _run_sft(argv: list[str], command: str = "sft") -> int:
     with _forward_stop_signals():
         try:
             launch_command(launch_parser.parse_args(launch_args + [script] + script_args))
-        except subprocess.CalledProcessError as error:
-            # The training process already printed its traceback, or was stopped by a forwarded signal
-            return error.returncode if error.returncode > 0 else 128 - error.returncode
+        except Exception as error:  # the launcher's ways of saying a training process stopped or failed
+            code = launch_exit_code(error)
+            if code is None:
+                raise
+            return code
     return 0
+
+
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # 130, 143: the training stopped cleanly on a signal
+
+
+def launch_exit_code(error: BaseException) -> int | None:
+    """The exit code of `trl-priority sft` when `accelerate launch` raised `error`: 130 / 143 when training was
+    stopped by SIGINT / SIGTERM (cleanly, at a step end: `scripts/sft.py`), the failed process's code otherwise
+    (its traceback is already printed); None for an error that is not the training's.
+
+    One process: a `CalledProcessError`. Several processes (torch elastic, which replaces this command's signal
+    handlers while it runs): a `SignalException` when the command itself was signalled (the agent then sends the
+    signal on to every training process, which stop at their step end), or a `ChildFailedError` carrying each
+    process's exit code (all 143 when the training processes themselves were sent SIGTERM).
+    """
+    if isinstance(error, subprocess.CalledProcessError):
+        return error.returncode if error.returncode > 0 else 128 - error.returncode
+    try:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    except ImportError:  # pragma: no cover - torch without elastic
+        return None
+    if isinstance(error, SignalException):
+        print(f"trl-priority: stopped by {signal.Signals(error.sigval).name}.", file=sys.stderr)
+        return 128 + int(error.sigval)
+    if isinstance(error, ChildFailedError):
+        codes = [failure.exitcode for failure in error.failures.values()]
+        codes = [code if code >= 0 else 128 - code for code in codes]  # killed by a signal: 128 + its number
+        stopped = [code for code in codes if code in STOPPED]
+        if stopped and len(stopped) == len(codes):
+            return max(stopped)
+        failed = [code for code in codes if code not in STOPPED]
+        print(
+            f"trl-priority: a training process failed (exit codes {codes}); its traceback is above.", file=sys.stderr
+        )
+        return failed[0] if failed and failed[0] > 0 else 1
+    return None
 
 
 def accelerate_config_path(name: str) -> str:

@@ -10,6 +10,7 @@ training.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -19,23 +20,23 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
 
-from .ref_cache import cached_statistics
+from . import statistics as stats_vocab
+from .ref_cache import _differences, cached_statistics, dataset_digest, scheduled_statistic_hyperparameters
 from .reference import AdapterReference, CallbackReference, ColumnReference, ModelReference, Reference
-from .state import TokenState
+from .state import TokenState, load_state, save_state
 
 
 logger = get_logger(__name__)
 
-EPOCH_CACHE_NAME = "ref_epoch_cache"  # in checkpoints: .safetensors (memory) or .sqlite (disk)
+EPOCH_CACHE_NAME = "ref_epoch_cache"  # in checkpoints: .safetensors (memory) or .sqlite (disk), and .json (its key)
 
 
 def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_dir: str | None) -> bool:
     """Whether the run keeps the reference's values per token for its later epochs (decided before data preparation,
     which then adds the per-token identity columns): an online, cacheable reference, and possibly more than one
     epoch (`max_steps` set, or `num_train_epochs` > 1)."""
-    return (
+    wanted = (
         args.ref_epoch_cache != "none"
         and cache_dir is None
         and not args.precomputed_ref_columns
@@ -44,6 +45,32 @@ def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_d
         and not (args.dataset_kwargs or {}).get("skip_prepare_dataset", False)
         and (args.max_steps > 0 or args.num_train_epochs > 1)
     )
+    scheduled = scheduled_statistic_hyperparameters(args, priority, priority_args) if wanted else []
+    if scheduled:
+        raise ValueError(
+            f"`priority_schedule` moves {scheduled}, which the reference statistics are computed with, so the values of "
+            "epoch 1 cannot be kept for the later epochs (`ref_epoch_cache`). Leave them fixed, or set "
+            "`ref_epoch_cache='none'`."
+        )
+    return wanted
+
+
+def epoch_cache_key(trainer, reference: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the kept values depend on, saved next to them (`ref_epoch_cache.json`) and compared on resume: the
+    reference (`ref_cache.reference_identity`), the statistics with their hyperparameters, the training rows (their
+    content hash, since the values are keyed by example index) and the mixed precision."""
+    if not hasattr(trainer, "_epoch_cache_rows"):
+        rows = trainer.train_dataset
+        trainer._epoch_cache_rows = dataset_digest(rows)[0] if hasattr(rows, "select_columns") else None
+    names = cached_statistics(trainer.priority, trainer.priority_args)
+    statistics = {n: {hp: trainer.priority_args[hp] for hp in stats_vocab.hyperparameters_of(n)} for n in names}
+    key = {
+        "reference": reference,
+        "statistics": statistics,
+        "rows": trainer._epoch_cache_rows,
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
+    }
+    return json.loads(json.dumps(key, default=str))
 
 
 class _SqliteRows:
@@ -215,27 +242,49 @@ class EpochCache(Reference):
         return statistics, distribution_
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, key: Mapping[str, Any] | None = None) -> None:
+        """The kept values, and `key` (`epoch_cache_key`: what they were computed with) beside them."""
+        if key is not None:
+            with open(os.path.join(directory, f"{EPOCH_CACHE_NAME}.json"), "w") as file:
+                json.dump(key, file, indent=2, sort_keys=True)
         if isinstance(self.state, DiskTokenState):
             self.state.backup_to(os.path.join(directory, f"{EPOCH_CACHE_NAME}.sqlite"))
             return
-        state = self.state.state_dict() or {"__empty__/0": torch.zeros(0)}
-        save_file(
-            {k: v.contiguous() for k, v in state.items()}, os.path.join(directory, f"{EPOCH_CACHE_NAME}.safetensors")
-        )
+        save_state(self.state, os.path.join(directory, f"{EPOCH_CACHE_NAME}.safetensors"))
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, key: Mapping[str, Any] | None = None) -> None:
+        """Restore the kept values of a checkpoint, if they were computed with `key`; otherwise start empty (the
+        values of another reference, statistic or dataset must not be served)."""
         tensors = os.path.join(directory, f"{EPOCH_CACHE_NAME}.safetensors")
         database = os.path.join(directory, f"{EPOCH_CACHE_NAME}.sqlite")
+        if not (os.path.exists(database) or os.path.exists(tensors)):
+            logger.info(f"trl-priority: {directory} holds no reference epoch cache; it starts empty.")
+            return
+        if key is not None:
+            saved = _read_key(os.path.join(directory, f"{EPOCH_CACHE_NAME}.json"))
+            if saved != key:
+                why = (
+                    "it has no key (an older checkpoint)" if saved is None else "; ".join(_differences(key, saved)[:4])
+                )
+                logger.warning(
+                    f"trl-priority: the reference epoch cache of {directory} was computed with other inputs ({why}); "
+                    "it starts empty and the reference runs again for the tokens of this run."
+                )
+                return
         if os.path.exists(database) and isinstance(self.state, DiskTokenState):
             self.state.restore_from(database)
         elif os.path.exists(database):
             self.state.load_state_dict(_read_sqlite_state(database))
-        elif os.path.exists(tensors):
-            state = {k: v for k, v in load_file(tensors).items() if not k.startswith("__empty__/")}
-            self.state.load_state_dict(state)
         else:
-            logger.info(f"trl-priority: {directory} holds no reference epoch cache; it starts empty.")
+            load_state(self.state, tensors)
 
 
-__all__ = ["DiskTokenState", "EpochCache", "epoch_cache_wanted", "reference_is_frozen"]
+def _read_key(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+__all__ = ["DiskTokenState", "EpochCache", "epoch_cache_key", "epoch_cache_wanted", "reference_is_frozen"]

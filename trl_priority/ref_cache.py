@@ -53,6 +53,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -63,7 +64,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
+from accelerate.utils import broadcast_object_list, is_peft_model
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
@@ -129,6 +130,17 @@ def cached_topk(args, priority, priority_args: Mapping[str, Any]) -> int | None:
     return int(args.ref_cache_topk)
 
 
+def scheduled_statistic_hyperparameters(args, priority, priority_args: Mapping[str, Any]) -> list[str]:
+    """The hyperparameters of the cached reference statistics that `priority_schedule` moves: values computed with
+    them once are wrong later in the run (neither cache takes them)."""
+    return [
+        hp
+        for name in cached_statistics(priority, priority_args)
+        for hp in stats_vocab.hyperparameters_of(name)
+        if hp in (args.priority_schedule or {})
+    ]
+
+
 def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | None:
     """The folder this run caches its reference statistics in, or None (checked before any model is loaded)."""
     if args.ref_cache_dir is None:
@@ -142,12 +154,7 @@ def cache_dir_for(args, priority, priority_args: Mapping[str, Any]) -> str | Non
     if priority is None or not priority.reference_used(priority_args):
         logger.warning(f"Priority '{name}' reads no reference statistics; `ref_cache_dir` is ignored.")
         return None
-    scheduled = [
-        hp
-        for name in cached_statistics(priority, priority_args)
-        for hp in stats_vocab.hyperparameters_of(name)
-        if hp in (args.priority_schedule or {})
-    ]
+    scheduled = scheduled_statistic_hyperparameters(args, priority, priority_args)
     if scheduled:
         raise ValueError(
             f"`priority_schedule` moves {scheduled}, which the cached reference statistics are computed with, so "
@@ -215,23 +222,52 @@ def path_identity(path: str, revision: str | None = None) -> dict[str, Any]:
     return {"hub": path, "revision": revision or "main"}
 
 
+def _local_values(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The values of a weight this process holds: the whole tensor, its ZeRO-3 partition (`ds_tensor`: the parameter
+    itself is then empty), or its FSDP2 `DTensor` local shard; None on the meta device."""
+    if hasattr(tensor, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter is a 0-element placeholder
+        tensor = tensor.ds_tensor
+    elif hasattr(tensor, "to_local") and hasattr(tensor, "placements"):  # torch DTensor (FSDP2)
+        tensor = tensor.to_local()
+    if tensor.device.type == "meta":
+        return None
+    return tensor.detach().reshape(-1)
+
+
+def _is_partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_tensor") or (hasattr(tensor, "to_local") and hasattr(tensor, "placements"))
+
+
 def module_fingerprint(module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False) -> str:
-    """A cheap hash of a model's weights: each tensor's name, dtype and shape, 4096 strided values and its float64
-    sum (one pass over the weights, no copy of them). Two models that differ in any trained weight differ in it."""
+    """A cheap hash of a model's weights: each tensor's name, dtype and full shape, 4096 strided values and the
+    float64 sum of the values this process holds (one pass over the weights, no copy of them).
+
+    Partitioned weights (DeepSpeed ZeRO-3's `ds_tensor`, FSDP2's `DTensor` shards) are hashed by their local part;
+    every process then hashes its own parts and the per-process digests are combined in rank order (a collective:
+    every process calls this together, as `precompute_reference_statistics` does). What the sample and the sums can
+    miss is in docs/reference_cache.md ("What the weights' hash can miss").
+    """
     hasher = hashlib.sha256()
+    partitioned = False
     with torch.no_grad():
         for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
             if skip(name):
                 continue
             shape = tuple(getattr(tensor, "ds_shape", tensor.shape))  # the full shape under ZeRO-3
             hasher.update(f"{name}:{tensor.dtype}:{shape}".encode())
-            if tensor.device.type == "meta" or tensor.numel() == 0:
+            partitioned = partitioned or _is_partitioned(tensor)
+            flat = _local_values(tensor)
+            if flat is None or flat.numel() == 0:
                 continue
-            flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096]
             hasher.update(sample.float().cpu().numpy().tobytes())
             hasher.update(repr(flat.sum(dtype=torch.float64).item()).encode())
-    return hasher.hexdigest()
+    digest = hasher.hexdigest()
+    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, digest)  # one short string per process
+        digest = hashlib.sha256("".join(everyone).encode()).hexdigest()
+    return digest
 
 
 def _jsonable(value: Any) -> Any:
@@ -256,6 +292,19 @@ class ReferenceSources:
     quantization_config: Any = None
 
 
+def reference_loading(model: torch.nn.Module, init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The dtype and attention implementation a reference runs with: those of its loading kwargs, else the ones it
+    copies from `model` (`PrioritySFTTrainer._load_like_policy`: a reference loaded from a path takes the policy's;
+    the adapter-off base and the starting model are the policy's). float32 and bfloat16 runs get other values."""
+    init_kwargs = init_kwargs or {}
+    causal_lm = stats_vocab.causal_lm_of(model)
+    dtype = init_kwargs.get("dtype", init_kwargs.get("torch_dtype")) or getattr(causal_lm, "dtype", None)
+    attention = init_kwargs.get("attn_implementation") or getattr(
+        getattr(causal_lm, "config", None), "_attn_implementation", None
+    )
+    return {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": attention}
+
+
 def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
     """What identifies the reference's values, following `PrioritySFTTrainer._build_reference`'s choice."""
     args = trainer.args
@@ -273,22 +322,40 @@ def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
     if ref_model is None and args.ref_model_name_or_path is not None:
         ref_model = args.ref_model_name_or_path
     if isinstance(ref_model, str):
-        init_kwargs = _jsonable(args.ref_model_init_kwargs or args.model_init_kwargs)
-        return {"kind": "model", **path_identity(ref_model), "init_kwargs": init_kwargs, "quantization": quantization}
+        init_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
+        return {
+            "kind": "model",
+            **path_identity(ref_model, init_kwargs.get("revision")),
+            "init_kwargs": _jsonable(init_kwargs),
+            "quantization": quantization,
+            "loaded_as": reference_loading(trainer.model, init_kwargs),
+        }
     if ref_model is not None:
-        return {"kind": "model", "parameters": module_fingerprint(ref_model)}
+        return {
+            "kind": "model",
+            "parameters": module_fingerprint(ref_model),
+            "loaded_as": reference_loading(ref_model),
+        }
     # The starting model: the LoRA base with the adapter off, a frozen copy of a starting adapter, or a frozen copy
     if is_peft_model(trainer.model):
         kind = "starting_adapter" if "ref" in trainer.model.peft_config else "adapter_off"
     else:
         kind = "starting_model"
     if isinstance(sources.model, str) and kind != "starting_adapter":
-        init_kwargs = _jsonable(args.model_init_kwargs)
-        return {"kind": kind, **path_identity(sources.model), "init_kwargs": init_kwargs, "quantization": quantization}
+        init_kwargs = args.model_init_kwargs or {}
+        return {
+            "kind": kind,
+            **path_identity(sources.model, init_kwargs.get("revision")),
+            "init_kwargs": _jsonable(init_kwargs),
+            "quantization": quantization,
+            "loaded_as": reference_loading(trainer.model),
+        }
     if kind == "starting_model" and sources.starting_model is not None:
-        return {"kind": kind, "parameters": module_fingerprint(sources.starting_model)}
+        starting = sources.starting_model
+        return {"kind": kind, "parameters": module_fingerprint(starting), "loaded_as": reference_loading(starting)}
     # The policy's own weights before training, less the adapter being trained
-    return {"kind": kind, "parameters": module_fingerprint(trainer.model, skip=lambda name: ".default." in name)}
+    parameters = module_fingerprint(trainer.model, skip=lambda name: ".default." in name)
+    return {"kind": kind, "parameters": parameters, "loaded_as": reference_loading(trainer.model)}
 
 
 def cache_components(
@@ -404,15 +471,58 @@ def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
+STALE_TEMPORARY_SECONDS = 24 * 3600  # a temporary folder this old is a dead writer's, whichever host it was on
+
+
+def _temporary_prefix(key: str) -> str:
+    """`.KEY.tmp-HOST-PID-`: a writer's temporary folder names its host and process, so a later writer can tell
+    whether it is still alive (`remove_stale_temporaries`)."""
+    return f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the temporary folder `name` was left by a process of this host that no longer runs."""
+    host_pid = name.split(".tmp-", 1)[1].rsplit("-", 1)[0] if ".tmp-" in name else ""
+    host, _, pid = host_pid.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's (or an older version's) writer: only its age tells
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_stale_temporaries(root: str, max_age: float = STALE_TEMPORARY_SECONDS) -> list[str]:
+    """Remove the temporary folders of interrupted writes under `root`: those whose writer (a process of this host)
+    is dead, and any older than `max_age` seconds. Returns the names removed."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if not (name.startswith(".") and ".tmp-" in name and os.path.isdir(path)):
+            continue
+        with contextlib.suppress(OSError):
+            if _writer_is_dead(name) or now - os.path.getmtime(path) > max_age:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
 def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], meta: Mapping[str, Any]) -> str:
     """Write an entry atomically: into a hidden temporary sibling, `meta.json` last, then `os.replace` into place.
 
     An exception or a kill before the replace leaves only the temporary folder (never read as an entry, removed on
-    an exception); a reader sees either no entry or a complete one.
+    an exception, or by a later write once its writer is dead: `remove_stale_temporaries`); a reader sees either no
+    entry or a complete one. A complete entry with the same key is never deleted (another job may be reading it,
+    memory-mapped): this write's copy is dropped instead. Only a folder found incomplete is replaced.
     """
     final = os.path.join(root, key)
     os.makedirs(root, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+    remove_stale_temporaries(root)
+    temporary = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
     try:
         arrays = {}
         for column, rows in columns.items():  # one list column: offsets and values, no Python numbers
@@ -428,8 +538,15 @@ def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], me
             arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
         Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
         _write_meta(temporary, meta)  # last: a folder without it is not an entry
+        lengths = np.array([len(row) for row in next(iter(columns.values()), [])], dtype=np.int64)
+        if (_read_meta(final) or {}).get("key") == key and read_entry(final, key, list(columns), lengths) is not None:
+            shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile, complete: keep theirs
+            return final
         if os.path.isdir(final):
-            shutil.rmtree(final)  # found incomplete or corrupt before this write
+            # Found incomplete or corrupt before this write: moved aside first (atomic), so `final` is never half gone
+            aside = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
+            os.replace(final, os.path.join(aside, "old"))
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.replace(temporary, final)
         except OSError:
@@ -535,10 +652,12 @@ def compute_reference_columns(
     collator,
     description: str,
     topk: int | None = None,
-) -> dict[str, list[np.ndarray]]:
+    writer: bool = True,
+) -> dict[str, list[np.ndarray]] | None:
     """`{"ref_<name>": one float32 array per row}` over every row of `dataset`, computed data-parallel: each process
-    scores a shard (longest rows first, so batches pad little), and the shards are gathered on every process. With
-    `topk`, also `ref_topk_ids` / `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
+    scores a shard (longest rows first, so batches pad little), and the shards are gathered, in pieces, on the
+    processes that write the entry (`writer`); the others get None. With `topk`, also `ref_topk_ids` /
+    `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
     args, accelerator = trainer.args, trainer.accelerator
     batch_size = args.ref_cache_batch_size or args.per_device_eval_batch_size
     trainer._set_signature_columns_if_needed()
@@ -590,11 +709,43 @@ def compute_reference_columns(
                 values[index] = {key: split[key][j] for key in split}
             bar.update(len(chunk))
     bar.close()
-    merged: dict[int, dict[str, np.ndarray]] = {}
-    for part in gather_object([values]):
-        merged.update(part)
+    merged = gather_to_writers(values, mine, writer, accelerator.num_processes)
+    if merged is None:
+        return None
     keys = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
     return {key: [merged[i][key] for i in range(len(dataset))] for key in keys}
+
+
+GATHER_PIECE_ROWS = 256  # rows of values sent in one message when the shards are gathered to the writers
+
+
+def gather_to_writers(
+    values: dict[int, Any], mine: Sequence[int], writer: bool, num_processes: int, piece_rows: int = GATHER_PIECE_ROWS
+) -> dict[int, Any] | None:
+    """Every process's `{row: values}` on the processes that write the entry (`writer`), None on the others.
+
+    Each writer receives the shards one piece of `piece_rows` rows at a time (`torch.distributed.gather_object` to
+    that writer), so no process other than a writer ever holds another's values, and no message holds more than a
+    piece. `mine` (this process's rows, as many on every process) gives the pieces' order.
+    """
+    if num_processes == 1:
+        return values
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    flags = [None] * num_processes
+    dist.all_gather_object(flags, writer)  # who writes: the main process, or each node's (`save_on_each_node`)
+    writers = [r for r, is_writer in enumerate(flags) if is_writer]
+    merged: dict[int, Any] | None = {} if writer else None
+    for destination in writers:
+        for start in range(0, len(mine), piece_rows):
+            piece = {index: values[index] for index in mine[start : start + piece_rows]}
+            received = [None] * num_processes if rank == destination else None
+            dist.gather_object(piece, received, dst=destination)
+            if rank == destination:
+                for part in received:
+                    merged.update(part)
+    return merged
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -739,7 +890,8 @@ def precompute_reference_statistics(
     reference, identity, entries, attached = None, None, [], {}
     for name, dataset in datasets.items():
         if identity is None:
-            identity = _main_value(accelerator, reference_identity, trainer, sources)
+            # Every process hashes (partitioned weights are hashed shard by shard, together); the main one's counts
+            identity = _main_value(accelerator, lambda given: given, reference_identity(trainer, sources))
         components, lengths = cache_components(trainer, dataset, names, identity, eval_dataset=name != "train")
         components = _main_value(accelerator, lambda given: given, components)
         key = cache_key(components)
@@ -750,11 +902,12 @@ def precompute_reference_statistics(
             entry.differences = _main_value(accelerator, _nearest_entry, root, components)
             start = time.perf_counter()
             reference = reference or build_reference()
-            values = compute_reference_columns(
-                trainer, reference, dataset, names, base_collator, f"Reference statistics of the {name} dataset", topk
-            )
             writer = accelerator.is_main_process or (
                 trainer.args.save_on_each_node and accelerator.is_local_main_process
+            )
+            description = f"Reference statistics of the {name} dataset"
+            values = compute_reference_columns(
+                trainer, reference, dataset, names, base_collator, description, topk, writer=writer
             )
             if writer:
                 meta = {
@@ -798,6 +951,7 @@ def precompute_reference_statistics(
     trainer.reference = CachedColumns(root, topk)
     trainer._epoch_cache = None
     trainer._reference_sources = None
+    trainer._cached_reference_identity = identity  # `priority.json` records it: a resume must read the same values
     release_reference(trainer, reference or previous, starting_adapter=identity["kind"] == "starting_adapter")
     trainer.ref_cache_entries = entries
     return entries

@@ -60,6 +60,24 @@ def blend_with_uniform(phi: torch.Tensor, mask: torch.Tensor, weight: float) -> 
     return torch.where(mask, blended, 0.0)
 
 
+def unit_groups(example: torch.Tensor, unit: torch.Tensor, granularity: str) -> torch.Tensor:
+    """`(B, T-1)` group of each token for `priority_granularity` "word" or "span": one group per (example, unit),
+    numbered 0, 1, ... within the batch (never from the example index itself, which can be in the millions); -1 where
+    a token has no unit (a span id of 0 is "outside every span", a word id < 0 is padding).
+
+    Args:
+        example: `(B, T-1)` example index of each token (packed and padding-free rows hold several examples).
+        unit: `(B, T-1)` word or span id of each token within its example.
+        granularity: "word" or "span".
+    """
+    has_unit = (unit > 0) if granularity == "span" else (unit >= 0)  # (B, T-1)
+    groups = torch.full_like(unit, -1, dtype=torch.long)  # (B, T-1)
+    if bool(has_unit.any()):
+        pairs = torch.stack([example[has_unit].long(), unit[has_unit].long()], dim=-1)  # (n, 2)
+        groups[has_unit] = torch.unique(pairs, dim=0, return_inverse=True)[1]
+    return groups
+
+
 def pool_over_groups(phi: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """Φ replaced, on each supervised token, by the max / mean / min of Φ over the supervised tokens of its group;
     a group with a negative Φ takes its minimum (its most negative Φ), whatever `how` says.
@@ -74,12 +92,14 @@ def pool_over_groups(phi: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor
     grouped = mask & (groups >= 0)  # (B, T-1)
     if not bool(grouped.any()):
         return phi
-    width = int(groups.max()) + 1
-    rows = torch.arange(phi.size(0), device=phi.device)[:, None].expand_as(groups)
-    keys = (rows * width + groups.clamp(min=0))[grouped]  # (n,)
+    rows = torch.arange(phi.size(0), device=phi.device)[:, None].expand_as(groups)  # (B, T-1)
+    # (row, group) pairs renumbered 0..n_groups-1 in this batch: the pooled table has one slot per group present,
+    # whatever the ids' size (ids built from a large example index would otherwise need B × (max id + 1) slots)
+    pairs = torch.stack([rows[grouped], groups[grouped]], dim=-1)  # (n, 2)
+    _, keys = torch.unique(pairs, dim=0, return_inverse=True)  # (n,) in [0, n_groups)
     values = phi[grouped]  # (n,)
     reduce = {"max": "amax", "min": "amin", "mean": "mean"}[how]
-    empty = torch.zeros(phi.size(0) * width, dtype=phi.dtype, device=phi.device)
+    empty = torch.zeros(int(keys.max()) + 1, dtype=phi.dtype, device=phi.device)  # (n_groups,)
     pooled = empty.scatter_reduce(0, keys, values, reduce=reduce, include_self=False)[keys]  # (n,)
     lowest = empty.scatter_reduce(0, keys, values, reduce="amin", include_self=False)[keys]  # (n,)
     out = phi.clone()

@@ -134,6 +134,8 @@ def select_over_step(
     offset, everything = 0, local
     if accelerator is not None and accelerator.num_processes > 1:
         sizes = accelerator.gather(torch.tensor([local.numel()], device=local.device)).tolist()
+        if max(sizes) == 0:  # no process has a supervised token in this step: nothing to keep (and nothing to gather)
+            return [torch.zeros_like(mask) for mask in masks]
         padded = accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
         gathered = accelerator.gather(padded).view(len(sizes), -1)
         everything = torch.cat([row[:size] for row, size in zip(gathered, sizes)])

@@ -22,10 +22,12 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
 STATE_FILE = "priority_state.safetensors"
+FLAT_FORMAT = "flat-1"  # `save_state`'s layout: three tensors per table, whatever the number of examples
 
 
 class TokenState:
@@ -123,8 +125,7 @@ class TokenState:
             self._tables.setdefault(name, {})[int(example)] = row.float().clone()
 
     def save(self, directory: str) -> None:
-        state = self.state_dict() or {"__empty__/0": torch.zeros(0)}
-        save_file({key: row.contiguous() for key, row in state.items()}, os.path.join(directory, STATE_FILE))
+        save_state(self, os.path.join(directory, STATE_FILE))
 
     def load(self, directory: str) -> None:
         path = os.path.join(directory, STATE_FILE)
@@ -133,7 +134,64 @@ class TokenState:
                 f"The checkpoint {directory} has no {STATE_FILE}: it was not written by a run of this stateful "
                 "priority, so its token history cannot be restored. Resume from a checkpoint of the same method."
             )
-        self.load_state_dict({k: v for k, v in load_file(path).items() if not k.startswith("__empty__/")})
+        load_state(self, path)
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# On disk: a few large tensors, not one per example
+# ------------------------------------------------------------------------------------------------------------------
+def flatten_tables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`{"name/example": row}` (`TokenState.state_dict`) as three tensors per table:
+
+        name/examples  (E,)    int64    the examples stored, ascending
+        name/offsets   (E+1,)  int64    example e's row is values[offsets[e] : offsets[e + 1]]
+        name/values    (N,)    float32  every row, one after the other
+
+    One tensor per example made the safetensors header (its list of tensor names, capped at 100 MB) overflow past
+    about 1.2M stored examples, and the checkpoint could not be read back.
+    """
+    tables: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, row in state.items():
+        name, example = key.rsplit("/", 1)
+        tables.setdefault(name, []).append((int(example), row))
+    flat = {}
+    for name, rows in tables.items():
+        rows.sort(key=lambda item: item[0])
+        lengths = torch.tensor([row.numel() for _, row in rows], dtype=torch.int64)  # (E,)
+        flat[f"{name}/examples"] = torch.tensor([example for example, _ in rows], dtype=torch.int64)
+        flat[f"{name}/offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+        flat[f"{name}/values"] = torch.cat([row.float().reshape(-1) for _, row in rows])
+    return flat
+
+
+def unflatten_tables(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `flatten_tables`: `{"name/example": row}`."""
+    state = {}
+    for key in flat:
+        if not key.endswith("/examples"):
+            continue
+        name = key[: -len("/examples")]
+        examples, offsets = flat[f"{name}/examples"].tolist(), flat[f"{name}/offsets"]
+        rows = torch.split(flat[f"{name}/values"], (offsets[1:] - offsets[:-1]).tolist())
+        state.update({f"{name}/{example}": row for example, row in zip(examples, rows)})
+    return state
+
+
+def save_state(state: TokenState, path: str) -> None:
+    """`state` to a safetensors file, as a few large tensors (`flatten_tables`)."""
+    flat = flatten_tables(state.state_dict())
+    save_file({k: v.contiguous() for k, v in flat.items()}, path, metadata={"format": FLAT_FORMAT})
+
+
+def load_state(state: TokenState, path: str) -> None:
+    """Load a file of `save_state`, or of the older layout (one tensor per example, `name/example`)."""
+    with safe_open(path, framework="pt") as file:
+        flat = (file.metadata() or {}).get("format") == FLAT_FORMAT
+    tensors = load_file(path)
+    if flat:
+        state.load_state_dict(unflatten_tables(tensors))
+    else:
+        state.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("__empty__/")})

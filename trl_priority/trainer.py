@@ -60,7 +60,7 @@ from .reference import (
     freeze_and_place,
     is_callback_reference,
 )
-from .schedules import blend_with_uniform, pool_over_groups, schedule_value, warmup_weight
+from .schedules import blend_with_uniform, pool_over_groups, schedule_value, unit_groups, warmup_weight
 from .selection import select_in_batch, select_in_examples, select_over_step
 from .state import TokenState
 from .statistics import (
@@ -705,7 +705,9 @@ class PrioritySFTTrainer(SFTTrainer):
                 columns["example_index"][:, 1:].to(mask.device),
                 columns["token_position"][:, 1:].to(mask.device),
             )
-            statistics["state"] = self.priority_state.bind(*identity, writable=training)
+            # Evaluation rows are other examples under the same example indices: they see no training history
+            state = TokenState() if getattr(self, "_evaluating", False) else self.priority_state
+            statistics["state"] = state.bind(*identity, writable=training)
 
         terms = self._distribution_terms
         if self._terms_read_phi and priority_of is None:
@@ -751,8 +753,7 @@ class PrioritySFTTrainer(SFTTrainer):
             # Whole words or spans: one Φ per (example, unit), pooled over its supervised tokens
             unit = statistics["_unit"]  # (B, T-1)
             example = statistics["_example"]
-            groups = torch.where(unit > 0 if granularity == "span" else unit >= 0, example * 65536 + unit, -1)
-            phi = pool_over_groups(phi, groups.long(), mask, self.args.priority_pooling)
+            phi = pool_over_groups(phi, unit_groups(example, unit, granularity), mask, self.args.priority_pooling)
         return blend_with_uniform(phi, mask, warmup_weight(self.progress, self.args.priority_warmup_ratio))
 
     def _forward_with_priority(self, model, inputs: dict[str, Any], training: bool = False, ahead=None):
@@ -881,6 +882,15 @@ class PrioritySFTTrainer(SFTTrainer):
                     reference, _ = self.reference.statistics(self.model, inputs, ("logps",), self._step_args)
                     result["ref_logps"] = reference["ref_logps"]
         return result
+
+    def prediction_step(self, *args, **kwargs):
+        """`SFTTrainer.prediction_step`, marked as evaluation: a stateful method's Φ on an evaluation row neither reads
+        nor writes the training history (which is keyed by the training rows' example indices)."""
+        self._evaluating = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._evaluating = False
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -1037,38 +1047,61 @@ class PrioritySFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # The method's state, in checkpoints
     # ------------------------------------------------------------------------------------------------------------
+    def _reference_identity(self) -> dict[str, Any] | None:
+        """What identifies the reference's values in this run (`ref_cache.reference_identity`), computed once, on
+        every process together (hashing partitioned weights is collective): part of `priority.json` and the epoch
+        cache's key."""
+        if not hasattr(self, "_reference_identity_value"):
+            identity = getattr(self, "_cached_reference_identity", None)  # set by the reference cache
+            if identity is None and self.reference is not None and not isinstance(self.reference, ColumnReference):
+                identity = ref_cache.reference_identity(self, self._reference_sources)
+            elif identity is None and self.reference is not None:
+                identity = {"kind": "columns"}
+            self._reference_identity_value = identity
+        return self._reference_identity_value
+
     def _priority_record(self) -> dict[str, Any]:
+        """Everything a resume must keep for Φ to mean what it meant (`priority.json`; a checkpoint of an older
+        version holds fewer keys, and only those are compared)."""
         return {
             "priority": None if self.priority is None else self.priority.name,
             "priority_args": self.priority_args,
             "negative_loss": self.args.negative_loss,
+            "priority_schedule": self.args.priority_schedule or {},
+            "priority_warmup_ratio": self.args.priority_warmup_ratio,
+            "priority_granularity": self.args.priority_granularity,
+            "priority_pooling": self.args.priority_pooling,
+            "reference": self._reference_identity(),
         }
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
+        record = self._priority_record()  # on every process: the reference's identity may be a collective hash
         # Next to the optimizer state, before `trainer_state.json` marks the checkpoint complete
         if self.args.should_save:
             with open(os.path.join(output_dir, PRIORITY_RECORD), "w") as file:
-                json.dump(self._priority_record(), file, indent=2, default=str)
+                json.dump(record, file, indent=2, default=str)
             if self.priority_state is not None:
                 self.priority_state.save(output_dir)
             if self._epoch_cache is not None:
-                self._epoch_cache.save(output_dir)
+                self._epoch_cache.save(output_dir, key=epoch_cache.epoch_cache_key(self, record["reference"]))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         record_path = os.path.join(checkpoint, PRIORITY_RECORD)
+        current = json.loads(json.dumps(self._priority_record(), default=str))
         if os.path.exists(record_path) and not self.args.allow_priority_change:
             with open(record_path) as file:
                 saved = json.load(file)
-            current = json.loads(json.dumps(self._priority_record(), default=str))
-            if saved != current:
-                changed = {key: (saved.get(key), current[key]) for key in current if saved.get(key) != current[key]}
-                details = "; ".join(
-                    f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items()
-                )
+            # A checkpoint of an older version records fewer settings: those it has must match
+            changed = {
+                key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]
+            }
+            if changed:
+                now, then = ({key: pair[i] for key, pair in changed.items()} for i in (1, 0))
+                details = "; ".join(ref_cache._differences(now, then))  # "key.part checkpoint's → now"
                 raise ValueError(
                     f"The checkpoint {checkpoint} was trained with other priority settings ({details}). Resume with "
                     "the same settings, or set `allow_priority_change=True` if the change is intended."
@@ -1076,4 +1109,4 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.priority_state is not None:
             self.priority_state.load(checkpoint)
         if self._epoch_cache is not None:
-            self._epoch_cache.load(checkpoint)
+            self._epoch_cache.load(checkpoint, key=epoch_cache.epoch_cache_key(self, current["reference"]))

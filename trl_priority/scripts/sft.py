@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass, field
 
+import torch
 from accelerate import PartialState
 from datasets import load_dataset
 from transformers import TrainerCallback
@@ -66,7 +67,11 @@ def load_data(script_args: ScriptArguments, dataset_args: DatasetMixtureConfig, 
 class StopOnSignal(TrainerCallback):
     """SIGINT or SIGTERM stops training cleanly at the end of the current optimizer step, without saving a
     half-trained final model: the last complete checkpoint stays the one to resume from. (`trl-priority sft` forwards
-    both signals here, so stopping the command stops the training; SIGKILL still stops at once.)"""
+    both signals here, so stopping the command stops the training; SIGKILL still stops at once.)
+
+    Under several processes the stop is agreed at every step end (`agreed_signal`: one all-reduce of one number), so
+    every process stops after the same step even when only one was signalled (a process that stopped alone would
+    leave the others waiting in the next step's collectives)."""
 
     def __init__(self):
         self.signum = None
@@ -77,10 +82,34 @@ class StopOnSignal(TrainerCallback):
         self.signum = signum  # a repeated signal (Ctrl-C reaches both the command and this process) changes nothing
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.signum = agreed_signal(self.signum)
         if self.signum is not None:
             control.should_training_stop = True
             control.should_save = False
         return control
+
+
+def agreed_signal(signum: int | None) -> int | None:
+    """The stop signal any process received (the largest number, SIGTERM over SIGINT), the same on every process;
+    `signum` itself with a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    flag = torch.tensor([signum or 0], dtype=torch.int64, device=PartialState().device)  # (1,)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+def resume_target(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it. The parser gives a string: "true" (the spelling the
+    docs recommend) means the last complete checkpoint of `output_dir` (True), "false" or "" no resume (None), and
+    anything else is a checkpoint's path."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "0", "", "none"):
+        return None
+    return value or None
 
 
 def build_trainer(script_args, training_args, model_args, dataset_args, callbacks=None) -> PrioritySFTTrainer:
@@ -139,7 +168,7 @@ def main(script_args, training_args, model_args, dataset_args):
     checks.check_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # before any model loads
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
     trainer.add_callback(stop := StopOnSignal())  # after DefaultFlowCallback, so that its `should_save` is overridden
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_target(training_args.resume_from_checkpoint))
     if stop.signum is not None:
         name = signal.Signals(stop.signum).name
         trainer.accelerator.print(

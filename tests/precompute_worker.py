@@ -1,0 +1,70 @@
+"""One process of the two-process `precompute-ref` test (`tests/test_stop_across_ranks.py`); not collected by pytest.
+
+    OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/precompute_worker.py \\
+        --output_dir /tmp/pre
+
+Fills `ref_cache_dir` over 7 rows on 2 processes (gathered in pieces of 2 rows) and writes `<output_dir>/rank-<r>.json`:
+how many rows of values `compute_reference_columns` handed this process (the writer needs all 7; the other, none),
+the entry's key and the cached `ref_logps` every process reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from tests.conftest import (  # noqa: E402
+    build_args,
+    build_model,
+    build_tokenizer,
+    prompt_completion_dataset,
+    save_model_dir,
+)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    output_dir = parser.parse_args(argv).output_dir
+
+    from accelerate import PartialState
+
+    from trl_priority import PrioritySFTTrainer, ref_cache
+
+    state = PartialState(cpu=True)
+    received = []
+    compute = ref_cache.compute_reference_columns
+
+    def recorded(*args, **kwargs):
+        values = compute(*args, **kwargs)
+        received.append(0 if values is None else len(next(iter(values.values()))))
+        return values
+
+    ref_cache.compute_reference_columns = recorded
+    ref_cache.GATHER_PIECE_ROWS = 2
+    tokenizer = build_tokenizer()
+    with state.main_process_first():
+        reference = save_model_dir(os.path.join(output_dir, "models"), tokenizer, 1)
+    args = build_args(
+        os.path.join(output_dir, "run"), priority="prift_prob", ref_model_name_or_path=reference, use_cpu=True,
+        ref_cache_dir=os.path.join(output_dir, "cache"), ref_cache_batch_size=2, per_device_train_batch_size=1,
+    )  # fmt: skip
+    trainer = PrioritySFTTrainer(
+        model=build_model(tokenizer), args=args, train_dataset=prompt_completion_dataset(7), processing_class=tokenizer
+    )
+    record = {
+        "received": received,
+        "key": trainer.ref_cache_entries[0].key,
+        "ref_logps": [list(row) for row in trainer.train_dataset["ref_logps"]],
+    }
+    with open(os.path.join(output_dir, f"rank-{state.process_index}.json"), "w") as file:
+        json.dump(record, file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Large example indices, many entries, partitioned weights: the paths that only show at scale stay exact and small.
+
+Each test here failed on the code before the fix it guards (see the test's docstring for how it failed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trl_priority.schedules import pool_over_groups, unit_groups
+
+
+def test_pooling_with_huge_group_ids_allocates_per_group_present():
+    """Group ids built as `example_index * 65536 + unit` at example index 10^9: the old pooling allocated a table of
+    B × (max id + 1) floats (here ~500 TB, an allocation error; ~13 GB per row at example 50,000). Renumbered per
+    batch, it equals pooling the same groups with small ids."""
+    phi = torch.tensor([[0.1, 0.9, 0.4, 0.3], [0.5, 0.2, 0.8, 0.7]])  # (B, T-1)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    small = torch.tensor([[0, 0, 1, 1], [2, -1, 2, 3]])
+    huge = torch.where(small >= 0, 10**9 * 65536 + small, -1)
+    for how in ("max", "mean", "min"):
+        torch.testing.assert_close(pool_over_groups(phi, huge, mask, how), pool_over_groups(phi, small, mask, how))
+
+
+def test_unit_groups_are_numbered_within_the_batch():
+    """One group per (example, unit) pair present, numbered from 0, whatever the example index (the old ids were
+    `example * 65536 + unit`: 3.3e9 at example 50,000, and a unit ≥ 65536 ran into the next example's ids)."""
+    example = torch.tensor([[50_000, 50_000, 50_000, 7_000_000], [50_001, 50_001, -1, -1]])
+    unit = torch.tensor([[0, 0, 70_000, 0], [0, 1, -1, -1]])
+    words = unit_groups(example, unit, "word")
+    assert words.tolist() == [[0, 0, 1, 4], [2, 3, -1, -1]]
+    spans = unit_groups(example, unit, "span")  # span 0: outside every span
+    assert spans.tolist() == [[-1, -1, 0, -1], [-1, 1, -1, -1]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference cache's key
+# ----------------------------------------------------------------------------------------------------------------
+def _as_zero3(model: torch.nn.Module) -> torch.nn.Module:
+    """Each parameter as DeepSpeed ZeRO-3 leaves it on one process: a 0-element placeholder, with the full shape in
+    `ds_shape` and this process's flattened partition in `ds_tensor` (here: the whole tensor, one process)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            placeholder = torch.nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=param.requires_grad)
+            placeholder.ds_shape = param.shape
+            placeholder.ds_numel = param.numel()
+            placeholder.ds_tensor = param.detach().reshape(-1).clone()
+            setattr(module, name, placeholder)
+    return model
+
+
+def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
+    """Two fine-tunes of one architecture under ZeRO-3: the old fingerprint skipped every 0-element parameter, so it
+    saw only names and shapes and gave both the same key (the second run reused the first run's values)."""
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import module_fingerprint
+
+    first, second = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    assert module_fingerprint(first) != module_fingerprint(second)
+    assert module_fingerprint(_as_zero3(first)) != module_fingerprint(_as_zero3(second))
+    again = _as_zero3(build_model(tokenizer, seed=0))
+    assert module_fingerprint(again) == module_fingerprint(first)
+
+
+def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(tokenizer, model_dir):
+    """A reference loaded from a path copies the policy's dtype and attention implementation unless its kwargs set
+    them: float32 and bfloat16 runs computed other values but shared one key."""
+    from types import SimpleNamespace
+
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import ReferenceSources, reference_identity
+
+    path = model_dir()
+    args = SimpleNamespace(ref_model_init_kwargs=None, model_init_kwargs={}, ref_model_name_or_path=path)
+
+    def identity(dtype, attention="sdpa"):
+        policy = build_model(tokenizer).to(dtype)
+        policy.config._attn_implementation = attention
+        trainer = SimpleNamespace(args=args, model=policy)
+        return reference_identity(trainer, ReferenceSources(ref_model=None, model=policy, starting_model=None))
+
+    assert identity(torch.float32) != identity(torch.bfloat16)
+    assert identity(torch.float32, "eager") != identity(torch.float32, "sdpa")
+    assert identity(torch.float32) == identity(torch.float32)
+
+
+def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer):
+    """A Hub reference at `revision: v2` was identified by the cached commit of `main`: a new commit on v2 kept the
+    old key, and the run reused values of the old weights."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    from tests.conftest import build_model
+    from trl_priority.ref_cache import ReferenceSources, reference_identity
+
+    repo = tmp_path / "models--org--ref"
+    (repo / "refs").mkdir(parents=True)
+    for commit in ("a" * 40, "b" * 40, "c" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    args = SimpleNamespace(
+        ref_model_init_kwargs={"revision": "v2"}, model_init_kwargs={}, ref_model_name_or_path="org/ref"
+    )
+    policy = build_model(tokenizer)
+    trainer = SimpleNamespace(args=args, model=policy)
+    sources = ReferenceSources(ref_model=None, model=policy, starting_model=None)
+
+    def identity_at(main: str, v2: str):
+        (repo / "refs" / "main").write_text(main)
+        (repo / "refs" / "v2").write_text(v2)
+        return reference_identity(trainer, sources)
+
+    assert identity_at("a" * 40, "b" * 40)["commit"] == "b" * 40
+    assert identity_at("a" * 40, "b" * 40) != identity_at("a" * 40, "c" * 40)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-token state and the epoch cache on disk
+# ----------------------------------------------------------------------------------------------------------------
+def _header_bytes(path) -> int:
+    with open(path, "rb") as file:
+        return int.from_bytes(file.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
+
+
+def test_token_state_with_many_examples_saves_a_small_header_and_round_trips(tmp_path):
+    """200,000 stored examples: one tensor per example wrote a ~15 MB header (the format caps it at 100 MB, reached
+    at ~1.2M examples, and the checkpoint could not be read back). Three tensors per table keep it tiny."""
+    from trl_priority.state import STATE_FILE, TokenState
+
+    n = 200_000
+    rows = torch.arange(2 * n, dtype=torch.float32).view(n, 2)  # 2 tokens per example
+    state = TokenState()
+    state.load_state_dict({**{f"first_logps/{e}": rows[e] for e in range(n)}, "visits/5": torch.tensor([1.0])})
+    state.save(str(tmp_path))
+    assert _header_bytes(tmp_path / STATE_FILE) < 2_000
+    restored = TokenState()
+    restored.load(str(tmp_path))
+    assert len(restored) == n + 1
+    restored.bind(torch.tensor([[0, n - 1, 5, 5]]), torch.tensor([[1, 0, 0, 1]]))
+    assert restored.get("first_logps").tolist() == [[1.0, 2 * n - 2, 10.0, 11.0]]
+    assert restored.get("visits").nan_to_num(-1).tolist() == [[-1.0, -1.0, 1.0, -1.0]]
+
+
+def test_token_state_reads_the_older_one_tensor_per_example_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from trl_priority.state import STATE_FILE, TokenState
+
+    save_file({"first_logps/3": torch.tensor([0.5, float("nan"), 0.25])}, str(tmp_path / STATE_FILE))
+    state = TokenState()
+    state.load(str(tmp_path))
+    state.bind(torch.tensor([[3, 3]]), torch.tensor([[0, 2]]))
+    assert state.get("first_logps").tolist() == [[0.5, 0.25]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing cache entries
+# ----------------------------------------------------------------------------------------------------------------
+def _entry_values(path) -> list:
+    from datasets import load_from_disk
+
+    return load_from_disk(str(path / "data"))["ref_logps"]
+
+
+def test_a_complete_entry_is_never_deleted_by_a_second_writer(tmp_path):
+    """Two jobs computing one entry: the second `write_entry` deleted the first one's complete entry (which the
+    first job may have memory-mapped) to put its own copy in place."""
+    import numpy as np
+
+    from trl_priority.ref_cache import write_entry
+
+    key = "k" * 32
+    meta = {"format": 1, "key": key}
+    final = write_entry(str(tmp_path), key, {"ref_logps": [np.array([0.0, -1.0], np.float32)]}, meta)
+    inode = os.stat(os.path.join(final, "meta.json")).st_ino
+    again = write_entry(str(tmp_path), key, {"ref_logps": [np.array([0.0, -2.0], np.float32)]}, meta)
+    assert again == final and os.stat(os.path.join(final, "meta.json")).st_ino == inode
+    assert _entry_values(tmp_path / key) == [[0.0, -1.0]]
+    assert sorted(os.listdir(tmp_path)) == [key]  # the second copy was dropped, not left behind
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    """Folders of writes killed before their `os.replace` stayed forever: a dead writer's (this host) and any older
+    than a day are removed by the next write; a live writer's stays."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from trl_priority.ref_cache import STALE_TEMPORARY_SECONDS, write_entry
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    host = socket.gethostname()
+    dead = tmp_path / f".{'a' * 32}.tmp-{host}-{dead_pid}-x1"
+    old = tmp_path / f".{'b' * 32}.tmp-q8w3e"  # an older version's name, or another host's: only its age tells
+    live = tmp_path / f".{'c' * 32}.tmp-{host}-{os.getpid()}-x2"
+    for folder in (dead, old, live):
+        folder.mkdir()
+    past = time.time() - STALE_TEMPORARY_SECONDS - 60
+    os.utime(old, (past, past))
+    key = "k" * 32
+    write_entry(str(tmp_path), key, {"ref_logps": [np.zeros(2, np.float32)]}, {"format": 1, "key": key})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([key, live.name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step-wide selection
+# ----------------------------------------------------------------------------------------------------------------
+class _TwoRanks:
+    """An accelerator of 2 processes whose other rank holds the same tensors as this one (rank 0)."""
+
+    num_processes, process_index = 2, 0
+
+    def gather(self, tensor):
+        return torch.cat([tensor, tensor])
+
+    def pad_across_processes(self, tensor, dim=0, pad_index=0):
+        return tensor
+
+
+def test_step_selection_when_no_process_has_a_supervised_token():
+    """Every row of the step fully masked on every process: nothing is kept, and no empty tensor is gathered (the
+    selection returns before the collective). Not a test that failed before: the old code did not raise here on
+    CPU/gloo (an empty `view(2, -1)` is legal); it guards the early return."""
+    from trl_priority.selection import select_over_step
+
+    masks = [torch.zeros(2, 5, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool)]
+    scores = [torch.rand(2, 5), torch.rand(1, 3)]
+    selected = select_over_step(scores, masks, 0.6, _TwoRanks())
+    assert [s.shape for s in selected] == [m.shape for m in masks] and not any(s.any() for s in selected)
+    # The same accelerator with supervised tokens still selects (the fake gathers a copy of this rank's scores)
+    masks[0][0, :2] = True
+    selected = select_over_step(scores, masks, 0.5, _TwoRanks())
+    assert int(selected[0].sum()) == 1
