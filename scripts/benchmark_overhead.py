@@ -6,6 +6,7 @@ reports, per method, the ratio of its time per optimizer step and of its peak me
 
     python scripts/benchmark_overhead.py --repeats 3                      # the default run (see docs)
     python scripts/benchmark_overhead.py --methods sft,dft,eaft --modes lora --references online --repeats 3
+    python scripts/benchmark_overhead.py --methods sft,dft --modes s2ft --references online --repeats 3   # S2FT vs LoRA
 
 Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhead.png` (the chart) to `--output-dir`
 (default `docs/benchmarks/`). `docs/benchmarks_overhead.md` describes the method in full; in short:
@@ -26,6 +27,14 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
   approximation of the exact distribution their online row uses.
 - Targets (judged on the median): a method that reads no reference ≤ 1.05x time and memory; a cached reference
   ≤ 1.05x; an online reference ≤ 1.4x time; a method that computes a full next-token distribution ≤ 1.2x memory.
+- Trainable parameters: every run counts `p.numel()` over the parameters with `requires_grad` once its trainer is
+  built (after S2FT's selection), the method's and the TRL runs' (a mode's TRL runs all count the same).
+
+Modes: `lora` (TRL and the method both with LoRA), `full` (both full fine-tuning, for `--full-methods`), and `s2ft`:
+the method runs with `structural_priority: s2ft` (`trl_priority.structural`, its arguments from `--s2ft-args`, the
+recipe's defaults otherwise) and no LoRA, against TRL's SFTTrainer with the `lora` mode's LoRA: what S2FT costs in
+time, memory and trainable parameters against the adapter it replaces. No target applies to that mode (it compares
+two ways to fine-tune, not a priority's overhead).
 
 Models (random weights): on the CPU, a small Llama-shaped model with SmolLM2's vocabulary (49,152), where the LM head
 is most of the compute, so a priority's costs show; on a GPU, a Qwen2-0.5B-shaped model (151,936 vocabulary, tied
@@ -48,6 +57,7 @@ import copy
 import csv
 import ctypes
 import gc
+import json
 import math
 import os
 import platform
@@ -265,7 +275,7 @@ class PeakMemory:
 class Case:
     """One row of the table: a method (None: TRL's SFTTrainer) in a mode, with its reference online or cached."""
 
-    mode: str  # "lora" or "full"
+    mode: str  # "lora", "full" or "s2ft" (the method with S2FT, TRL with LoRA)
     method: str | None  # "name" or "name@granularity"
     reference: str = "-"  # "online", "cached", or "-" for a method that reads no reference
 
@@ -290,6 +300,8 @@ class Result:
     wall_times: list[float] = field(default_factory=list)  # the method's median wall time, per repeat (s)
     memories: list[float] = field(default_factory=list)  # bytes
     base_memories: list[float] = field(default_factory=list)
+    trainable: list[int] = field(default_factory=list)  # the method's trainable parameters, per repeat
+    base_trainable: list[int] = field(default_factory=list)  # TRL's (the run before its block)
 
     @property
     def time_ratios(self) -> list[float]:
@@ -308,8 +320,12 @@ def classify(case: Case) -> tuple[str, float | None, float | None, str]:
     policy_distribution = any(name in DISTRIBUTION_STATISTICS for name in priority.statistics_from("policy", args))
     reference_distribution = any(name in DISTRIBUTION_STATISTICS for name in priority.reference_statistics_for(args))
     if not uses_reference:
+        if case.mode == "s2ft":  # S2FT against LoRA: two ways to fine-tune, no overhead target
+            return "policy-only", None, None, ""
         memory = FULL_DISTRIBUTION_MEMORY if policy_distribution else POLICY_ONLY
         return "policy-only", POLICY_ONLY, memory, ""
+    if case.mode == "s2ft":
+        return ("cached" if case.reference == "cached" else "online") + " reference", None, None, ""
     if case.reference == "cached":
         # A whole-distribution method's cache holds the reference's top-k (`ref_cache_topk`): the policy's
         # distribution is still projected, with gradient, for its term
@@ -317,6 +333,26 @@ def classify(case: Case) -> tuple[str, float | None, float | None, str]:
         return "cached reference", CACHED_REFERENCE, FULL_DISTRIBUTION_MEMORY if full else CACHED_REFERENCE, ""
     full = policy_distribution or reference_distribution or priority.needs_reference_distribution
     return "online reference", ONLINE_REFERENCE, FULL_DISTRIBUTION_MEMORY if full else None, ""
+
+
+MODES = ("lora", "full", "s2ft")
+
+
+def lora_config() -> LoraConfig:
+    """The LoRA of the `lora` mode, and of TRL's runs in the `s2ft` mode."""
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+
+
+def uses_lora(case: Case) -> bool:
+    return case.mode == "lora" or (case.mode == "s2ft" and case.method is None)
+
+
+def baseline_label(mode: str) -> str:
+    return "TRL SFTTrainer (lora, s2ft mode)" if mode == "s2ft" else f"TRL SFTTrainer ({mode})"
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def make_trainer(case: Case, model, dataset, tokenizer, cli, output_dir, callbacks=(), ref_model=None):
@@ -337,7 +373,7 @@ def make_trainer(case: Case, model, dataset, tokenizer, cli, output_dir, callbac
         seed=0,
         dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if case.mode == "lora" else None
+    peft_config = lora_config() if uses_lora(case) else None
     kwargs = {} if ref_model is None else {"ref_model": ref_model}
     if case.method is None:
         args, trainer_cls = SFTConfig(**common, loss_type="nll"), SFTTrainer
@@ -348,6 +384,11 @@ def make_trainer(case: Case, model, dataset, tokenizer, cli, output_dir, callbac
             priority=case.name,
             priority_granularity=case.granularity,
             ref_cache_dir=cli.ref_cache_dir if cached else None,
+            **(
+                dict(structural_priority="s2ft", structural_priority_args=cli.s2ft_args or None)
+                if case.mode == "s2ft"
+                else {}
+            ),
         )
         trainer_cls = PrioritySFTTrainer
     trainer = trainer_cls(
@@ -375,9 +416,9 @@ def fill_cache(case: Case, base, dataset, tokenizer, cli, output_dir) -> None:
     release_memory()
 
 
-def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[float, float, float]:
+def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[float, float, float, int]:
     """Train `cli.steps` steps from a copy of `base`; return the fastest step after the first (on `cli.clock`), the
-    fastest on the wall clock, and the peak memory."""
+    fastest on the wall clock, the peak memory and the trainable parameters (counted once the trainer is built)."""
     # An explicit reference read from the cache is needed only for the cache key, while the trainer is built (the
     # trainer frees it): made before the memory count starts, and dropped before training
     cached_reference = None
@@ -395,12 +436,13 @@ def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[flo
         trainer = make_trainer(case, model, dataset, tokenizer, cli, output_dir, [timer], ref_model)
         if cached_reference is not None:
             ref_model = cached_reference = None
+        trainable = trainable_parameters(trainer.model)
         trainer.train()
     del trainer, model, ref_model
     release_memory()
     # Every step does the same work, and interference only ever adds time: the fastest step is the run's cost
     wall = min(timer.wall)
-    return (wall if cli.clock == "wall" else min(timer.cpu)), wall, memory.value
+    return (wall if cli.clock == "wall" else min(timer.cpu)), wall, memory.value, trainable
 
 
 def measure(results: list[Result], mode: str, base, dataset, tokenizer, cli, output_dir) -> None:
@@ -418,12 +460,14 @@ def measure(results: list[Result], mode: str, base, dataset, tokenizer, cli, out
             for result in block:
                 values.append(run_once(result.case, base, dataset, tokenizer, cli, output_dir))
             after = run_once(baseline, base, dataset, tokenizer, cli, output_dir)
-            for result, (step_time, wall, peak) in zip(block, values):
+            for result, (step_time, wall, peak, trainable) in zip(block, values):
                 result.times.append(step_time)
                 result.wall_times.append(wall)
                 result.memories.append(peak)
+                result.trainable.append(trainable)
                 result.base_times.append((before[0] + after[0]) / 2)
                 result.base_memories.append((before[2] + after[2]) / 2)
+                result.base_trainable.append(before[3])
                 print(f"  [{repeat + 1}/{cli.repeats}] {row_label(result)}: {fmt_row(result)}", flush=True)
             before = after
 
@@ -506,7 +550,7 @@ def profile_cases(results: list[Result], base, dataset, tokenizer, cli, output_d
         for case in cases:
             found = profile_case(case, base, dataset, tokenizer, cli, output_dir)
             baseline = baseline or found["step"]
-            label = f"TRL SFTTrainer ({mode})" if case.method is None else row_label(Result(case, "", None, None))
+            label = baseline_label(mode) if case.method is None else row_label(Result(case, "", None, None))
             cells = [f"{found['regions'][r]:.3f}" if r in found["regions"] else "" for r in PROFILE_REGIONS]
             ops = ", ".join(f"{name} {seconds:.3f}" for name, seconds in found["ops"])
             lines.append(
@@ -546,25 +590,44 @@ def verdict(values: list[float], target: float | None) -> str:
     return f"{'met' if median <= target else 'missed'} (≤ {target:g})"
 
 
+def fmt_count(values: list[int]) -> str:
+    """A count that every repeat measured the same (else its min-max)."""
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
 def fmt_row(result: Result) -> str:
-    return f"time x{fmt_ratio(result.time_ratios)}, memory x{fmt_ratio(result.memory_ratios)}"
+    counts = (
+        f", trainable {fmt_count(result.trainable)} (TRL {fmt_count(result.base_trainable)})"
+        if result.trainable
+        else ""
+    )
+    return f"time x{fmt_ratio(result.time_ratios)}, memory x{fmt_ratio(result.memory_ratios)}{counts}"
 
 
 def markdown_table(results: list[Result]) -> str:
+    # The trainable-parameter columns when the results have them (a CSV written before they existed has none)
+    counted = any(r.trainable for r in results)
     lines = [
         "| mode | method | reference | time ratio, median (min-max) | time target | "
-        "memory ratio, median (min-max) | memory target |",
-        "|---|---|---|---|---|---|---|",
+        "memory ratio, median (min-max) | memory target |"
+        + (" trainable parameters | TRL's trainable parameters |" if counted else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if counted else ""),
     ]
     for r in results:
         case = r.case
         if r.note:
-            lines.append(f"| {case.mode} | `{case.method}` | {case.reference} | {r.note} | | | |")
+            lines.append(
+                f"| {case.mode} | `{case.method}` | {case.reference} | {r.note} | | | |" + (" | |" if counted else "")
+            )
             continue
         lines.append(
             f"| {case.mode} | `{case.method}` | {case.reference} | {fmt_ratio(r.time_ratios)} | "
             f"{verdict(r.time_ratios, r.time_target)} | {fmt_ratio(r.memory_ratios)} | "
             f"{verdict(r.memory_ratios, r.memory_target)} |"
+            + (f" {fmt_count(r.trainable)} | {fmt_count(r.base_trainable)} |" if counted else "")
         )
     return "\n".join(lines)
 
@@ -589,6 +652,8 @@ def write_csv(results: list[Result], path: Path) -> None:
                 "time_target",
                 "memory_target",
                 "note",
+                "trainable_parameters",
+                "trl_trainable_parameters",
             ]
         )
         for r in results:
@@ -599,11 +664,12 @@ def write_csv(results: list[Result], path: Path) -> None:
                 "" if r.memory_target is None else r.memory_target,
             ]
             if r.note:
-                writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, r.note])
+                writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, r.note, "", ""])
             rows = zip(
-                r.time_ratios, r.memory_ratios, r.times, r.base_times, r.wall_times, r.memories, r.base_memories
-            )
-            for repeat, (tr, mr, t, bt, wt, m, bm) in enumerate(rows):
+                r.time_ratios, r.memory_ratios, r.times, r.base_times, r.wall_times, r.memories, r.base_memories,
+                r.trainable, r.base_trainable, strict=True,
+            )  # fmt: skip
+            for repeat, (tr, mr, t, bt, wt, m, bm, n, bn) in enumerate(rows):
                 writer.writerow(
                     [
                         *head,
@@ -617,6 +683,8 @@ def write_csv(results: list[Result], path: Path) -> None:
                         f"{bm / 2**20:.4f}",
                         *targets,
                         "",
+                        n,
+                        bn,
                     ]
                 )
 
@@ -696,6 +764,9 @@ def read_csv(path: Path) -> list[Result]:
             result.wall_times.append(float(row["wall_step_time_s"]))
             result.memories.append(float(row["peak_memory_mib"]) * 2**20)
             result.base_memories.append(float(row["trl_peak_memory_mib"]) * 2**20)
+            if row.get("trainable_parameters"):  # absent from a CSV written before the column existed
+                result.trainable.append(int(row["trainable_parameters"]))
+                result.base_trainable.append(int(row["trl_trainable_parameters"]))
     return list(results.values())
 
 
@@ -728,7 +799,16 @@ def machine() -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="all", help="comma-separated, `name@word` for a granularity; all")
-    parser.add_argument("--modes", default="lora,full", help="lora, full or both")
+    parser.add_argument(
+        "--modes",
+        default="lora,full",
+        help="comma-separated: lora, full, s2ft (the method with S2FT against TRL with LoRA); default lora,full",
+    )
+    parser.add_argument(
+        "--s2ft-args",
+        default=None,
+        help="the s2ft mode's `structural_priority_args`, JSON (e.g. '{\"strategy\": \"random\"}'); default the recipe's",
+    )
     parser.add_argument(
         "--full-methods",
         default=DEFAULT_FULL_METHODS,
@@ -785,6 +865,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         setattr(cli, key, shape[key])
     if cli.steps < 2:
         parser.error("--steps must be at least 2: the first step is not timed")
+    cli.s2ft_args = json.loads(cli.s2ft_args) if cli.s2ft_args else None
     cli.bf16 = torch.cuda.is_available()
     if cli.clock == "auto":
         cli.clock = "wall" if torch.cuda.is_available() else "cpu"
@@ -800,8 +881,8 @@ def build_cases(cli) -> list[Result]:
     references = cli.references.split(",")
     results = []
     for mode in cli.modes.split(","):
-        if mode not in ("lora", "full"):
-            raise SystemExit(f"--modes: unknown mode {mode!r}; use lora, full or lora,full")
+        if mode not in MODES:
+            raise SystemExit(f"--modes: unknown mode {mode!r}; use one or more of {', '.join(MODES)}")
         for method in methods:
             if mode == "full" and method.split("@")[0] not in full_methods and method not in full_methods:
                 continue
@@ -843,6 +924,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
             else f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
         )
     )
+    if "s2ft" in cli.modes.split(","):
+        description += f"; s2ft mode: structural_priority_args {json.dumps(cli.s2ft_args or {})}, TRL with LoRA r 16"
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
     started = time.perf_counter()
