@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_overhead.py"
@@ -115,3 +116,68 @@ def test_profile_reports_the_regions_the_trainer_marks(tmp_path):
     # its values), so the pass contains it
     rho1 = profile_rows(script, tmp_path / "two", "--gradient-accumulation-steps", "2")["rho1 (lora, online ref)"]
     assert float(rho1["step_selection"]) >= float(rho1["reference"]) > 0
+
+
+def test_s2ft_mode_counts_trainable_parameters_against_lora(tmp_path):
+    """`--modes s2ft`: the method trains with S2FT, TRL with the lora mode's LoRA; the trainable-parameter columns
+    equal a direct count of each, and survive `--replot`."""
+    from peft import get_peft_model
+
+    from trl_priority.structural import S2FTArgs, apply_s2ft
+
+    script = load_script()
+    argv = [
+        "--methods", "sft,dft", "--modes", "s2ft", "--references", "online", "--repeats", "1", "--warmup", "0",
+        "--steps", "2", "--vocab", "64", "--hidden", "32", "--layers", "1", "--seq-len", "16", "--batch-size", "2",
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    results = script.main(argv)
+    assert [(r.case.mode, r.case.method, r.case.reference) for r in results] == [
+        ("s2ft", "sft", "-"),
+        ("s2ft", "dft", "-"),
+    ]
+
+    # Direct counts on the same model: S2FT's budget (its ratios fix the count; which slices is the strategy's
+    # choice), and LoRA as the lora mode configures it
+    shape = script.parse_args(argv).shape
+    s2ft_model = script.make_model(shape, torch.float32)
+    apply_s2ft(s2ft_model, None, S2FTArgs(strategy="random"))
+    s2ft = sum(p.numel() for p in s2ft_model.parameters() if p.requires_grad)
+    lora_model = get_peft_model(script.make_model(shape, torch.float32), script.lora_config())
+    lora = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
+    assert 0 < s2ft < lora  # on this toy model too
+
+    with open(tmp_path / "overhead.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for row in rows:
+        assert int(row["trainable_parameters"]) == s2ft, row
+        assert int(row["trl_trainable_parameters"]) == lora, row
+        assert row["time_target"] == "" and row["memory_target"] == ""  # no overhead target for S2FT vs LoRA
+        for key in ("time_ratio", "memory_ratio"):
+            assert math.isfinite(float(row[key])), (row["method"], key)
+    table = (tmp_path / "overhead.md").read_text()
+    assert "trainable parameters | TRL's trainable parameters |" in table
+    assert "| s2ft | `dft` | - |" in table and f"| {s2ft:,} | {lora:,} |" in table
+
+    replotted = script.main(["--replot", "--output-dir", str(tmp_path)])
+    assert (tmp_path / "overhead.md").read_text() == table
+    assert [(r.trainable, r.base_trainable) for r in replotted] == [([s2ft], [lora])] * 2
+
+
+def test_replot_reads_a_csv_without_trainable_parameters(tmp_path):
+    """A CSV written before the trainable-parameter columns existed still reads, and its table has no such column."""
+    script = load_script()
+    result = script.Result(script.Case("lora", "sft", "-"), "policy-only", 1.05, 1.05)
+    result.times, result.base_times, result.wall_times = [1.0], [1.0], [1.0]
+    result.memories, result.base_memories = [2.0**20], [2.0**20]
+    result.trainable, result.base_trainable = [5], [5]
+    script.write_csv([result], tmp_path / "overhead.csv")
+    with open(tmp_path / "overhead.csv", newline="") as handle:
+        rows = [row[:-2] for row in csv.reader(handle)]  # the two count columns are the last
+    assert rows[0][-1] == "note"
+    with open(tmp_path / "overhead.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    (read,) = script.read_csv(tmp_path / "overhead.csv")
+    assert read.trainable == [] and read.time_ratios == [1.0]
+    assert "trainable" not in script.markdown_table([read])
