@@ -568,7 +568,8 @@ def profile_cases(results: list[Result], base, dataset, tokenizer, cli, output_d
 def row_label(result: Result) -> str:
     case = result.case
     reference = "" if case.reference == "-" else f", {case.reference} ref"
-    return f"{case.method} ({case.mode}{reference})"
+    mode = "s2ft vs TRL LoRA" if case.mode == "s2ft" else case.mode
+    return f"{case.method} ({mode}{reference})"
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -697,7 +698,8 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
 
     colors = {"policy-only": "tab:blue", "online reference": "tab:orange", "cached reference": "tab:green"}
     rows = results[::-1]  # first row at the top
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.3 * len(rows) + 2.4), sharey=True)
+    # At least 4 inches, so that a table of a few rows leaves room for the axis labels above the footer
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4.0, 0.3 * len(rows) + 2.4)), sharey=True)
     y = list(range(len(rows)))
     for ax, key, label in (
         (axes[0], "time_ratios", "time per optimizer step / TRL SFTTrainer"),
@@ -731,7 +733,9 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
     )  # fmt: skip
     fig.suptitle(title, fontsize=10)
     fig.text(0.01, 0.005, footer, fontsize=7, family="monospace", wrap=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.9 / fig.get_figheight()))
+    # Room at the bottom for the footer's lines (about 0.15 inch each, wrapped lines included)
+    lines = sum(1 + len(line) // 180 for line in footer.splitlines())
+    fig.tight_layout(rect=(0, (0.15 * lines + 0.1) / fig.get_figheight(), 1, 1 - 0.9 / fig.get_figheight()))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
