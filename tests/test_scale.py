@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+from transformers import TrainerCallback
 
 from trl_priority.schedules import pool_over_groups, unit_groups
 
@@ -239,3 +241,54 @@ def test_step_selection_when_no_process_has_a_supervised_token():
     masks[0][0, :2] = True
     selected = select_over_step(scores, masks, 0.5, _TwoRanks())
     assert int(selected[0].sum()) == 1
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_step_without_supervised_tokens_trains_through_the_step_wide_selection(
+    accumulation, make_model, tokenizer, datasets_, make_args
+):
+    """The trainer's own paths for a step whose every label is -100: one micro-batch (selected in the training forward,
+    `_priority_of(whole_step=True)`) and two (scored ahead, `_select_over_step`). The step keeps nothing, logs a loss of
+    0 and leaves the weights as they were; the next step trains. A regression test, not one that failed before: no
+    raise was found on any path (1 process here; 2 gloo processes with the step empty on both ranks or on one, with
+    and without the guard above, by hand), since preparation drops fully masked examples and every helper on the way
+    (`top_fraction` with k = 0, a sort or gather of an empty tensor, `num_kept(f, 0)`) handles 0 tokens."""
+    from trl_priority import PrioritySFTTrainer
+
+    args = make_args(
+        priority="rho1",
+        priority_args={"ratio": 0.3, "scope": "step"},
+        max_steps=2,
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
+    trainer = PrioritySFTTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=datasets_.prompt_completion(8),
+        processing_class=tokenizer,
+        ref_model=make_model(seed=1),
+    )
+    collate, batches = trainer.data_collator, []
+
+    def first_step_unsupervised(examples):  # preparation drops such examples: the batch is crafted
+        batch = collate(examples)
+        if len(batches) < accumulation:
+            batch["labels"][:] = -100
+        batches.append(batch)
+        return batch
+
+    trainer.data_collator = first_step_unsupervised
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    weights = []
+
+    class AfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            weights.append({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(AfterStep())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[0] == 0.0 and losses[1] > 0
+    assert all(torch.equal(weights[0][name], start[name]) for name in start)
+    assert any(not torch.equal(weights[1][name], start[name]) for name in start)
