@@ -66,6 +66,30 @@ def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
     assert module_fingerprint(again) == module_fingerprint(first)
 
 
+def test_fingerprint_of_fsdp2_sharded_weights_hashes_each_rank_shard_and_agrees_across_ranks(tmp_path):
+    """FSDP2 (`fully_shard`, 2 gloo processes): each weight is a `DTensor` and each rank holds half its rows. Each rank
+    hashes its local shard and the digests are combined in rank order, so both ranks get one key, another for other
+    weights, the same for the same weights. Without the DTensor branch the fingerprint raised on the DTensor
+    (".numpy() is not supported for tensor subclasses"); without combining, each rank would get its own key."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "fingerprint_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for record in ranks:
+        assert record["world_size"] == 2 and record["all_dtensor"]
+        assert record["held_share"] < 0.75  # a shard, not a replica (about half of every weight)
+        assert record["seed0"] != record["seed1"]  # other weights, another key (names and shapes are the same)
+        assert record["seed0"] == record["seed0_again"]
+    assert ranks[0]["seed0"] == ranks[1]["seed0"] and ranks[0]["seed1"] == ranks[1]["seed1"]
+
+
 def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(tokenizer, model_dir):
     """A reference loaded from a path copies the policy's dtype and attention implementation unless its kwargs set
     them: float32 and bfloat16 runs computed other values but shared one key."""
