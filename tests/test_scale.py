@@ -316,3 +316,37 @@ def test_a_step_without_supervised_tokens_trains_through_the_step_wide_selection
     assert losses[0] == 0.0 and losses[1] > 0
     assert all(torch.equal(weights[0][name], start[name]) for name in start)
     assert any(not torch.equal(weights[1][name], start[name]) for name in start)
+
+
+def test_entry_writer_streams_pieces_in_any_order_into_the_entry_write_entry_writes(tmp_path):
+    """Pieces out of order, a row repeated (processes get as many rows each): the entry equals the one `write_entry`
+    writes at once, byte for byte in Arrow terms, and holds nothing else. A missing row is an error that leaves no
+    entry and no temporary folder."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from trl_priority.ref_cache import EntryWriter, write_entry
+
+    rng = np.random.default_rng(0)
+    lengths = [3, 1, 5, 2]
+    columns = {
+        "ref_logps": [rng.random(n).astype(np.float32) for n in lengths],
+        "ref_topk_ids": [rng.integers(0, 100, (n, 4)).astype(np.int32) for n in lengths],
+        "ref_topk_logps": [rng.random((n, 4)).astype(np.float32) for n in lengths],
+    }
+    key = "k" * 32
+    whole = write_entry(str(tmp_path / "whole"), key, columns, {"format": 1, "key": key})
+    writer = EntryWriter(str(tmp_path / "pieces"), key, list(columns), len(lengths))
+    for rows in ([2, 3], [0], [3, 1]):
+        writer.add({i: {column: values[i] for column, values in columns.items()} for i in rows})
+    pieces = writer.finish({"format": 1, "key": key})
+    assert load_from_disk(os.path.join(pieces, "data")).data.table.equals(
+        load_from_disk(os.path.join(whole, "data")).data.table
+    )
+    assert sorted(os.listdir(pieces)) == ["data", "meta.json"]
+
+    incomplete = EntryWriter(str(tmp_path / "missing"), key, list(columns), len(lengths))
+    incomplete.add({0: {column: values[0] for column, values in columns.items()}})
+    with pytest.raises(RuntimeError, match="received 1 of its 4 rows"):
+        incomplete.finish({"format": 1, "key": key})
+    assert os.listdir(tmp_path / "missing") == []
