@@ -4,8 +4,8 @@
         --output_dir /tmp/pre
 
 Fills `ref_cache_dir` over 7 rows on 2 processes (gathered in pieces of 2 rows) and writes `<output_dir>/rank-<r>.json`:
-how many rows of values `compute_reference_columns` handed this process (the writer needs all 7; the other, none),
-the entry's key and the cached `ref_logps` every process reads back.
+the rows of values handed to the entry's writing code on this process, per call (the writer: every row, a piece of
+at most 2 at a time; the other: none), the entry's key and the cached `ref_logps` every process reads back.
 """
 
 from __future__ import annotations
@@ -37,15 +37,23 @@ def main(argv=None) -> None:
     from trl_priority import PrioritySFTTrainer, ref_cache
 
     state = PartialState(cpu=True)
-    received = []
-    compute = ref_cache.compute_reference_columns
+    # Rows of values handed to the entry's writing code, per call: all at once (`write_entry`), or piece by piece
+    handed = []
+    write_entry = ref_cache.write_entry
 
-    def recorded(*args, **kwargs):
-        values = compute(*args, **kwargs)
-        received.append(0 if values is None else len(next(iter(values.values()))))
-        return values
+    def whole(root, key, columns, meta):
+        handed.append(len(next(iter(columns.values()), [])))
+        return write_entry(root, key, columns, meta)
 
-    ref_cache.compute_reference_columns = recorded
+    ref_cache.write_entry = whole
+    if hasattr(ref_cache, "EntryWriter"):
+        add = ref_cache.EntryWriter.add
+
+        def piece(self, rows):
+            handed.append(len(rows))
+            return add(self, rows)
+
+        ref_cache.EntryWriter.add = piece
     ref_cache.GATHER_PIECE_ROWS = 2
     tokenizer = build_tokenizer()
     with state.main_process_first():
@@ -58,7 +66,7 @@ def main(argv=None) -> None:
         model=build_model(tokenizer), args=args, train_dataset=prompt_completion_dataset(7), processing_class=tokenizer
     )
     record = {
-        "received": received,
+        "handed": handed,
         "key": trainer.ref_cache_entries[0].key,
         "ref_logps": [list(row) for row in trainer.train_dataset["ref_logps"]],
     }

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+from transformers import TrainerCallback
 
 from trl_priority.schedules import pool_over_groups, unit_groups
 
@@ -62,6 +64,30 @@ def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
     assert module_fingerprint(_as_zero3(first)) != module_fingerprint(_as_zero3(second))
     again = _as_zero3(build_model(tokenizer, seed=0))
     assert module_fingerprint(again) == module_fingerprint(first)
+
+
+def test_fingerprint_of_fsdp2_sharded_weights_hashes_each_rank_shard_and_agrees_across_ranks(tmp_path):
+    """FSDP2 (`fully_shard`, 2 gloo processes): each weight is a `DTensor` and each rank holds half its rows. Each rank
+    hashes its local shard and the digests are combined in rank order, so both ranks get one key, another for other
+    weights, the same for the same weights. Without the DTensor branch the fingerprint raised on the DTensor
+    (".numpy() is not supported for tensor subclasses"); without combining, each rank would get its own key."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "fingerprint_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for record in ranks:
+        assert record["world_size"] == 2 and record["all_dtensor"]
+        assert record["held_share"] < 0.75  # a shard, not a replica (about half of every weight)
+        assert record["seed0"] != record["seed1"]  # other weights, another key (names and shapes are the same)
+        assert record["seed0"] == record["seed0_again"]
+    assert ranks[0]["seed0"] == ranks[1]["seed0"] and ranks[0]["seed1"] == ranks[1]["seed1"]
 
 
 def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(tokenizer, model_dir):
@@ -239,3 +265,88 @@ def test_step_selection_when_no_process_has_a_supervised_token():
     masks[0][0, :2] = True
     selected = select_over_step(scores, masks, 0.5, _TwoRanks())
     assert int(selected[0].sum()) == 1
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_step_without_supervised_tokens_trains_through_the_step_wide_selection(
+    accumulation, make_model, tokenizer, datasets_, make_args
+):
+    """The trainer's own paths for a step whose every label is -100: one micro-batch (selected in the training forward,
+    `_priority_of(whole_step=True)`) and two (scored ahead, `_select_over_step`). The step keeps nothing, logs a loss of
+    0 and leaves the weights as they were; the next step trains. A regression test, not one that failed before: no
+    raise was found on any path (1 process here; 2 gloo processes with the step empty on both ranks or on one, with
+    and without the guard above, by hand), since preparation drops fully masked examples and every helper on the way
+    (`top_fraction` with k = 0, a sort or gather of an empty tensor, `num_kept(f, 0)`) handles 0 tokens."""
+    from trl_priority import PrioritySFTTrainer
+
+    args = make_args(
+        priority="rho1",
+        priority_args={"ratio": 0.3, "scope": "step"},
+        max_steps=2,
+        per_device_train_batch_size=4 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
+    trainer = PrioritySFTTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=datasets_.prompt_completion(8),
+        processing_class=tokenizer,
+        ref_model=make_model(seed=1),
+    )
+    collate, batches = trainer.data_collator, []
+
+    def first_step_unsupervised(examples):  # preparation drops such examples: the batch is crafted
+        batch = collate(examples)
+        if len(batches) < accumulation:
+            batch["labels"][:] = -100
+        batches.append(batch)
+        return batch
+
+    trainer.data_collator = first_step_unsupervised
+    start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    weights = []
+
+    class AfterStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            weights.append({name: p.detach().clone() for name, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(AfterStep())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[0] == 0.0 and losses[1] > 0
+    assert all(torch.equal(weights[0][name], start[name]) for name in start)
+    assert any(not torch.equal(weights[1][name], start[name]) for name in start)
+
+
+def test_entry_writer_streams_pieces_in_any_order_into_the_entry_write_entry_writes(tmp_path):
+    """Pieces out of order, a row repeated (processes get as many rows each): the entry equals the one `write_entry`
+    writes at once, byte for byte in Arrow terms, and holds nothing else. A missing row is an error that leaves no
+    entry and no temporary folder."""
+    import numpy as np
+    from datasets import load_from_disk
+
+    from trl_priority.ref_cache import EntryWriter, write_entry
+
+    rng = np.random.default_rng(0)
+    lengths = [3, 1, 5, 2]
+    columns = {
+        "ref_logps": [rng.random(n).astype(np.float32) for n in lengths],
+        "ref_topk_ids": [rng.integers(0, 100, (n, 4)).astype(np.int32) for n in lengths],
+        "ref_topk_logps": [rng.random((n, 4)).astype(np.float32) for n in lengths],
+    }
+    key = "k" * 32
+    whole = write_entry(str(tmp_path / "whole"), key, columns, {"format": 1, "key": key})
+    writer = EntryWriter(str(tmp_path / "pieces"), key, list(columns), len(lengths))
+    for rows in ([2, 3], [0], [3, 1]):
+        writer.add({i: {column: values[i] for column, values in columns.items()} for i in rows})
+    pieces = writer.finish({"format": 1, "key": key})
+    assert load_from_disk(os.path.join(pieces, "data")).data.table.equals(
+        load_from_disk(os.path.join(whole, "data")).data.table
+    )
+    assert sorted(os.listdir(pieces)) == ["data", "meta.json"]
+
+    incomplete = EntryWriter(str(tmp_path / "missing"), key, list(columns), len(lengths))
+    incomplete.add({0: {column: values[0] for column, values in columns.items()}})
+    with pytest.raises(RuntimeError, match="received 1 of its 4 rows"):
+        incomplete.finish({"format": 1, "key": key})
+    assert os.listdir(tmp_path / "missing") == []

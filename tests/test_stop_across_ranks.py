@@ -89,7 +89,9 @@ def test_the_command_exit_code_says_stop_or_failure():
 
 def test_precompute_on_two_processes_gathers_to_the_writer_only(tmp_path, make_model, tokenizer, datasets_, make_args):
     """`precompute-ref` gathered every process's values on every process (`gather_object`: ~52 GB per GPU for 100M
-    tokens with top-k). Only the writer receives them now, in pieces; the entry equals the one-process entry."""
+    tokens with top-k). Only the writer receives them now, in pieces, and writes each piece as it arrives: it never
+    holds the dataset's values (before, it merged all 7 rows and handed them to `write_entry` at once: `handed` was
+    [7]). The entry equals the one-process entry."""
     import torch
 
     from trl_priority import PrioritySFTTrainer
@@ -100,7 +102,9 @@ def test_precompute_on_two_processes_gathers_to_the_writer_only(tmp_path, make_m
     done = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
-    assert [record["received"] for record in ranks] == [[7], [0]]  # the writer all 7 rows, the other none
+    writer, other = (record["handed"] for record in ranks)
+    assert other == [] and max(writer) <= 2  # the writer: a piece of at most 2 rows at a time; the other: nothing
+    assert sum(writer) == 7  # 4 rows per process: the other's last piece repeats its last row, sent once
     assert ranks[0]["key"] == ranks[1]["key"] and ranks[0]["ref_logps"] == ranks[1]["ref_logps"]
 
     (reference,) = (tmp_path / "models").iterdir()

@@ -511,51 +511,129 @@ def remove_stale_temporaries(root: str, max_age: float = STALE_TEMPORARY_SECONDS
     return removed
 
 
+def _rows_table(columns: Mapping[str, Sequence[np.ndarray]]) -> pa.Table:
+    """One list column per statistic, one row per array: offsets and values, no Python numbers."""
+    arrays = {}
+    for column, rows in columns.items():
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(row) for row in rows], out=offsets[1:])
+        # float32 values, or int32 token ids; a row of shape (L, k) is L fixed-size lists of k
+        dtype = np.int32 if len(rows) and rows[0].dtype.kind in "iu" else np.float32
+        width = rows[0].shape[1] if len(rows) and rows[0].ndim == 2 else None
+        values = np.concatenate(rows).astype(dtype).reshape(-1) if len(rows) else np.zeros(0, dtype)
+        values, item = pa.array(values), pa.from_numpy_dtype(dtype)
+        if width is not None:
+            values, item = pa.FixedSizeListArray.from_arrays(values, width), pa.list_(item, width)
+        arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
+    return pa.table(arrays)
+
+
+class EntryWriter:
+    """Writes one entry as its rows arrive, in any order and in pieces, holding no more than the piece at hand.
+
+    Each piece (`add({row: {column: array}})`) is appended at once to an Arrow stream file in the entry's temporary
+    folder, in arrival order; `finish` writes the entry's `data/` in row order from that file, memory-mapped, a
+    batch at a time (`Dataset.select(...).save_to_disk`), removes it, writes `meta.json` last and moves the folder
+    into place (`write_entry`'s protocol). `abort` (or an exception in `finish`) removes the temporary folder.
+    """
+
+    def __init__(self, root: str, key: str, columns: Sequence[str], num_rows: int):
+        self.root, self.key, self.columns, self.num_rows = root, key, list(columns), num_rows
+        os.makedirs(root, exist_ok=True)
+        remove_stale_temporaries(root)
+        self.temporary = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
+        self._arrival_path = os.path.join(self.temporary, "arrival.arrow")
+        self._file, self._stream = None, None  # opened with the first piece, whose schema every piece shares
+        self._position = np.full(num_rows, -1, dtype=np.int64)  # entry row i: its place in the arrival file
+        self._lengths = np.zeros(num_rows, dtype=np.int64)
+        self._arrived = 0
+
+    def add(self, piece: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        # Processes get as many rows each (the last one repeated): a row already written is skipped
+        rows = [index for index in piece if self._position[index] < 0]
+        if not rows:
+            return
+        table = _rows_table({column: [piece[index][column] for index in rows] for column in self.columns})
+        if self._stream is None:
+            self._file = pa.OSFile(self._arrival_path, "wb")
+            self._stream = pa.ipc.new_stream(self._file, table.schema)
+        self._stream.write_table(table)
+        self._position[rows] = np.arange(self._arrived, self._arrived + len(rows))
+        self._lengths[rows] = [len(piece[index][self.columns[0]]) for index in rows]
+        self._arrived += len(rows)
+
+    def _close_arrival(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._file.close()
+            self._stream = self._file = None
+
+    def abort(self) -> None:
+        self._close_arrival()
+        shutil.rmtree(self.temporary, ignore_errors=True)
+
+    def finish(self, meta: Mapping[str, Any]) -> str:
+        """Write the entry in row order and move it into place; returns its path."""
+        try:
+            self._close_arrival()
+            missing = np.flatnonzero(self._position < 0)
+            if len(missing):
+                raise RuntimeError(
+                    f"The reference cache entry {self.key} received {self.num_rows - len(missing)} of its "
+                    f"{self.num_rows} rows (the first missing: {missing[:5].tolist()}); it is not written."
+                )
+            data = os.path.join(self.temporary, DATA_DIR)
+            if self._arrived == 0:  # an empty dataset
+                Dataset(InMemoryTable(_rows_table({column: [] for column in self.columns}))).save_to_disk(data)
+            else:
+                arrived = Dataset.from_file(self._arrival_path)  # memory-mapped, not read into memory
+                # Indices kept in memory (8 bytes a row), not as a cache file inside the entry
+                arrived.select(self._position, keep_in_memory=True).save_to_disk(data)
+                del arrived
+                os.remove(self._arrival_path)
+            _write_meta(self.temporary, meta)  # last: a folder without it is not an entry
+            return _publish(self.root, self.key, self.temporary, self.columns, self._lengths)
+        except BaseException:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            raise
+
+
 def write_entry(root: str, key: str, columns: Mapping[str, list[np.ndarray]], meta: Mapping[str, Any]) -> str:
     """Write an entry atomically: into a hidden temporary sibling, `meta.json` last, then `os.replace` into place.
 
     An exception or a kill before the replace leaves only the temporary folder (never read as an entry, removed on
     an exception, or by a later write once its writer is dead: `remove_stale_temporaries`); a reader sees either no
     entry or a complete one. A complete entry with the same key is never deleted (another job may be reading it,
-    memory-mapped): this write's copy is dropped instead. Only a folder found incomplete is replaced.
+    memory-mapped): this write's copy is dropped instead. Only a folder found incomplete is replaced. The rows are
+    given at once here; `EntryWriter` takes them in pieces, as `precompute_reference_statistics` does.
     """
-    final = os.path.join(root, key)
-    os.makedirs(root, exist_ok=True)
-    remove_stale_temporaries(root)
-    temporary = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
+    num_rows = len(next(iter(columns.values()), []))
+    writer = EntryWriter(root, key, list(columns), num_rows)
     try:
-        arrays = {}
-        for column, rows in columns.items():  # one list column: offsets and values, no Python numbers
-            offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-            np.cumsum([len(row) for row in rows], out=offsets[1:])
-            # float32 values, or int32 token ids; a row of shape (L, k) is L fixed-size lists of k
-            dtype = np.int32 if rows and rows[0].dtype.kind in "iu" else np.float32
-            width = rows[0].shape[1] if rows and rows[0].ndim == 2 else None
-            values = np.concatenate(rows).astype(dtype).reshape(-1) if rows else np.zeros(0, dtype)
-            values, item = pa.array(values), pa.from_numpy_dtype(dtype)
-            if width is not None:
-                values, item = pa.FixedSizeListArray.from_arrays(values, width), pa.list_(item, width)
-            arrays[column] = pa.LargeListArray.from_arrays(pa.array(offsets), values).cast(pa.list_(item))
-        Dataset(InMemoryTable(pa.table(arrays))).save_to_disk(os.path.join(temporary, DATA_DIR))
-        _write_meta(temporary, meta)  # last: a folder without it is not an entry
-        lengths = np.array([len(row) for row in next(iter(columns.values()), [])], dtype=np.int64)
-        if (_read_meta(final) or {}).get("key") == key and read_entry(final, key, list(columns), lengths) is not None:
-            shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile, complete: keep theirs
-            return final
-        if os.path.isdir(final):
-            # Found incomplete or corrupt before this write: moved aside first (atomic), so `final` is never half gone
-            aside = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
-            os.replace(final, os.path.join(aside, "old"))
-            shutil.rmtree(aside, ignore_errors=True)
-        try:
-            os.replace(temporary, final)
-        except OSError:
-            if (_read_meta(final) or {}).get("key") != key:
-                raise
-            shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same entry meanwhile
+        writer.add({i: {column: rows[i] for column, rows in columns.items()} for i in range(num_rows)})
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        writer.abort()
         raise
+    return writer.finish(meta)
+
+
+def _publish(root: str, key: str, temporary: str, columns: Sequence[str], lengths: np.ndarray) -> str:
+    """Move the complete temporary folder into place as `root/key`, unless a complete entry is there already."""
+    final = os.path.join(root, key)
+    if (_read_meta(final) or {}).get("key") == key and read_entry(final, key, list(columns), lengths) is not None:
+        shutil.rmtree(temporary, ignore_errors=True)  # another job wrote it meanwhile, complete: keep theirs
+        return final
+    if os.path.isdir(final):
+        # Found incomplete or corrupt before this write: moved aside first (atomic), so `final` is never half gone
+        aside = tempfile.mkdtemp(prefix=_temporary_prefix(key), dir=root)
+        os.replace(final, os.path.join(aside, "old"))
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(temporary, final)
+    except OSError:
+        if (_read_meta(final) or {}).get("key") != key:
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)  # another process wrote the same entry meanwhile
     return final
 
 
@@ -652,12 +730,12 @@ def compute_reference_columns(
     collator,
     description: str,
     topk: int | None = None,
-    writer: bool = True,
-) -> dict[str, list[np.ndarray]] | None:
+    sink: EntryWriter | None = None,
+) -> None:
     """`{"ref_<name>": one float32 array per row}` over every row of `dataset`, computed data-parallel: each process
     scores a shard (longest rows first, so batches pad little), and the shards are gathered, in pieces, on the
-    processes that write the entry (`writer`); the others get None. With `topk`, also `ref_topk_ids` /
-    `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
+    processes that write the entry, each piece added to their `sink` as it arrives (the others pass None). With
+    `topk`, also `ref_topk_ids` / `ref_topk_logps`, one `(length, k)` array per row (`reference_topk`)."""
     args, accelerator = trainer.args, trainer.accelerator
     batch_size = args.ref_cache_batch_size or args.per_device_eval_batch_size
     trainer._set_signature_columns_if_needed()
@@ -709,43 +787,49 @@ def compute_reference_columns(
                 values[index] = {key: split[key][j] for key in split}
             bar.update(len(chunk))
     bar.close()
-    merged = gather_to_writers(values, mine, writer, accelerator.num_processes)
-    if merged is None:
-        return None
-    keys = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
-    return {key: [merged[i][key] for i in range(len(dataset))] for key in keys}
+    gather_to_writers(values, mine, None if sink is None else sink.add, accelerator.num_processes)
 
 
 GATHER_PIECE_ROWS = 256  # rows of values sent in one message when the shards are gathered to the writers
 
 
 def gather_to_writers(
-    values: dict[int, Any], mine: Sequence[int], writer: bool, num_processes: int, piece_rows: int = GATHER_PIECE_ROWS
-) -> dict[int, Any] | None:
-    """Every process's `{row: values}` on the processes that write the entry (`writer`), None on the others.
+    values: dict[int, Any],
+    mine: Sequence[int],
+    receive: Callable[[dict[int, Any]], None] | None,
+    num_processes: int,
+    piece_rows: int | None = None,
+) -> None:
+    """Hand every process's `{row: values}` to `receive` on the processes that write the entry (those that pass one),
+    a piece at a time.
 
-    Each writer receives the shards one piece of `piece_rows` rows at a time (`torch.distributed.gather_object` to
-    that writer), so no process other than a writer ever holds another's values, and no message holds more than a
-    piece. `mine` (this process's rows, as many on every process) gives the pieces' order.
+    Each writer receives the shards one piece of `piece_rows` rows per process at a time
+    (`torch.distributed.gather_object` to that writer) and hands each process's part to `receive` as it arrives, so
+    no process other than a writer ever holds another's values, no message holds more than a piece, and a writer
+    that writes each part at once (`EntryWriter.add`) never holds more than one gathered piece of the others'
+    values. `mine` (this process's rows, as many on every process) gives the pieces' order.
     """
+    piece_rows = piece_rows or GATHER_PIECE_ROWS
     if num_processes == 1:
-        return values
+        if receive is not None:
+            for start in range(0, len(mine), piece_rows):
+                receive({index: values[index] for index in mine[start : start + piece_rows]})
+        return
     import torch.distributed as dist
 
     rank = dist.get_rank()
     flags = [None] * num_processes
-    dist.all_gather_object(flags, writer)  # who writes: the main process, or each node's (`save_on_each_node`)
+    dist.all_gather_object(flags, receive is not None)  # who writes: the main process, or each node's
     writers = [r for r, is_writer in enumerate(flags) if is_writer]
-    merged: dict[int, Any] | None = {} if writer else None
-    for destination in writers:
-        for start in range(0, len(mine), piece_rows):
-            piece = {index: values[index] for index in mine[start : start + piece_rows]}
+    for start in range(0, len(mine), piece_rows):
+        piece = {index: values[index] for index in mine[start : start + piece_rows]}
+        for destination in writers:
             received = [None] * num_processes if rank == destination else None
             dist.gather_object(piece, received, dst=destination)
             if rank == destination:
                 for part in received:
-                    merged.update(part)
-    return merged
+                    receive(part)
+                del received
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -906,10 +990,14 @@ def precompute_reference_statistics(
                 trainer.args.save_on_each_node and accelerator.is_local_main_process
             )
             description = f"Reference statistics of the {name} dataset"
-            values = compute_reference_columns(
-                trainer, reference, dataset, names, base_collator, description, topk, writer=writer
-            )
-            if writer:
+            sink = EntryWriter(root, key, columns, len(dataset)) if writer else None
+            try:
+                compute_reference_columns(trainer, reference, dataset, names, base_collator, description, topk, sink)
+            except BaseException:
+                if sink is not None:
+                    sink.abort()
+                raise
+            if sink is not None:
                 meta = {
                     "format": FORMAT_VERSION,
                     "key": key,
@@ -919,7 +1007,7 @@ def precompute_reference_statistics(
                     "num_tokens": int(lengths.sum()),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
-                write_entry(root, key, values, meta)
+                sink.finish(meta)
             accelerator.wait_for_everyone()
             entry.seconds = time.perf_counter() - start
         cached = read_entry(path, key, columns, lengths)
@@ -984,6 +1072,7 @@ def _log_entry(trainer, entry: CacheEntry, names: Sequence[str]) -> None:
 __all__ = [
     "CacheEntry",
     "cache_key",
+    "EntryWriter",
     "default_cache_dir",
     "precompute_reference_statistics",
     "read_entry",
