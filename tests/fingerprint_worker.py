@@ -48,6 +48,9 @@ def main(output_dir: str) -> None:
     }
     with open(os.path.join(output_dir, f"rank-{dist.get_rank()}.json"), "w") as handle:
         json.dump(record, handle)
+    # Both ranks done before either tears gloo down: a rank destroying its group while the other is still in its last
+    # collective aborted once in CI ("terminate called without an active exception", SIGABRT on rank 1)
+    dist.barrier()
     dist.destroy_process_group()
 
 

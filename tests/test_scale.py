@@ -79,7 +79,14 @@ def test_fingerprint_of_fsdp2_sharded_weights_hashes_each_rank_shard_and_agrees_
     worker = Path(__file__).resolve().parent / "fingerprint_worker.py"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    for _attempt in range(2):
+        done = subprocess.run(
+            [*command, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+        )
+        # One launch in a full CI run lost a rank to gloo's C++ teardown ("terminate called without an active
+        # exception", SIGABRT) under load, and 6 of 6 launches alone passed: that abort, and only it, is retried once
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     for record in ranks:
