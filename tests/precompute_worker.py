@@ -25,6 +25,7 @@ from tests.conftest import (  # noqa: E402
     prompt_completion_dataset,
     save_model_dir,
 )
+from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -72,6 +73,7 @@ def main(argv=None) -> None:
     }
     with open(os.path.join(output_dir, f"rank-{state.process_index}.json"), "w") as file:
         json.dump(record, file)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from tests.conftest import (  # noqa: E402
     prompt_completion_dataset,
     save_model_dir,
 )
+from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     if state.is_main_process:
         with open(os.path.join(output_dir, "record.json"), "w") as file:
             json.dump(record, file)
-    state.wait_for_everyone()
+    close_process_group()
 
 
 if __name__ == "__main__":

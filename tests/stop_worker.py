@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from transformers import TrainerCallback  # noqa: E402
 
 from tests.conftest import build_args, build_model, build_tokenizer, prompt_completion_dataset  # noqa: E402
+from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
 class SignalRankOne(TrainerCallback):
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
     record = {"step": trainer.state.global_step, "signal": stop.signum}
     with open(os.path.join(output_dir, f"rank-{state.process_index}.json"), "w") as file:
         json.dump(record, file)
+    close_process_group()  # the stop is agreed, so every process gets here
     if stop.signum is not None:
         raise SystemExit(128 + stop.signum)
 

@@ -101,6 +101,18 @@ def agreed_signal(signum: int | None) -> int | None:
     return int(flag.item()) or None
 
 
+def close_process_group() -> None:
+    """Every process done, then the process group torn down. A process that exits with its group alive can abort in
+    the C++ teardown ("terminate called without an active exception", SIGABRT: seen with DeepSpeed installed, which
+    accelerate then imports), and its exit code then says failure after a run that succeeded or stopped cleanly.
+    Called only where every process gets to it (a successful run, or a stop agreed across processes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resume_target(value: str | bool | None) -> str | bool | None:
     """`--resume_from_checkpoint` as `Trainer.train` takes it. The parser gives a string: "true" (the spelling the
     docs recommend) means the last complete checkpoint of `output_dir` (True), "false" or "" no resume (None), and
@@ -175,6 +187,7 @@ def main(script_args, training_args, model_args, dataset_args):
             f"Stopped by {name} after step {trainer.state.global_step}; the final model was not saved. Resume from "
             f"the last checkpoint in {training_args.output_dir} with `--resume_from_checkpoint true`."
         )
+        close_process_group()
         raise SystemExit(128 + stop.signum)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
@@ -192,3 +205,4 @@ if __name__ == "__main__":
     parser = make_parser()
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args, dataset_args)
+    close_process_group()
