@@ -117,6 +117,15 @@ def prompt_completion_dataset(n: int = 8) -> Dataset:
     return Dataset.from_dict({"prompt": [q + " " for q, _ in rows], "completion": [a for _, a in rows]})
 
 
+def worker_output_dir(argv=None) -> str:
+    """The `--output_dir` a multi-process test worker (`tests/*_worker.py`) writes its records to."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    return parser.parse_args(argv).output_dir
+
+
 def build_args(output_dir: str, **overrides) -> PrioritySFTConfig:
     """A `PrioritySFTConfig` for fast, deterministic CPU runs of a few steps."""
     defaults = dict(

@@ -10,7 +10,6 @@ at most 2 at a time; the other: none), the entry's key and the cached `ref_logps
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,14 +23,13 @@ from tests.conftest import (  # noqa: E402
     build_tokenizer,
     prompt_completion_dataset,
     save_model_dir,
+    worker_output_dir,
 )
 from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir", required=True)
-    output_dir = parser.parse_args(argv).output_dir
+    output_dir = worker_output_dir(argv)
 
     from accelerate import PartialState
 

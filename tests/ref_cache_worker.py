@@ -14,7 +14,6 @@ every row, and the number of reference forwards each process ran through the epo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,14 +27,13 @@ from tests.conftest import (  # noqa: E402
     build_tokenizer,
     prompt_completion_dataset,
     save_model_dir,
+    worker_output_dir,
 )
 from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir", required=True)
-    output_dir = parser.parse_args(argv).output_dir
+    output_dir = worker_output_dir(argv)
 
     from accelerate import PartialState
     from accelerate.utils import gather_object

@@ -10,7 +10,6 @@ exits as `trl-priority sft`'s script does: 128 + the signal.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from transformers import TrainerCallback  # noqa: E402
 
-from tests.conftest import build_args, build_model, build_tokenizer, prompt_completion_dataset  # noqa: E402
+from tests.conftest import build_args, build_model, build_tokenizer, prompt_completion_dataset, worker_output_dir  # noqa: E402
 from trl_priority.scripts.sft import close_process_group  # noqa: E402
 
 
@@ -37,9 +36,7 @@ class SignalRankOne(TrainerCallback):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir", required=True)
-    output_dir = parser.parse_args(argv).output_dir
+    output_dir = worker_output_dir(argv)
 
     from accelerate import PartialState
 
