@@ -7,9 +7,11 @@ reports, per method, the ratio of its time per optimizer step and of its peak me
     python scripts/benchmark_overhead.py --repeats 3                      # the default run (see docs)
     python scripts/benchmark_overhead.py --methods sft,dft,eaft --modes lora --references online --repeats 3
     python scripts/benchmark_overhead.py --methods sft,dft --modes s2ft --references online --repeats 3   # S2FT vs LoRA
+    python scripts/benchmark_overhead.py --measure deterministic --methods sft,eaft,asft   # FLOPs and peak bytes only
 
 Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhead.png` (the chart) to `--output-dir`
-(default `docs/benchmarks/`). `docs/benchmarks_overhead.md` describes the method in full; in short:
+(default `docs/benchmarks/`; the stem is `--output-name`, `overhead_deterministic` with `--measure deterministic`).
+`--methods` filters the methods. `docs/benchmarks_overhead.md` describes the method in full; in short:
 
 - Time: from one optimizer step's end to the next, so it counts what runs before a step begins (fetching the
   micro-batches, a step-wide selection's scoring pass): wall time on a GPU (CUDA synchronised); on the CPU the
@@ -20,6 +22,28 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
   allocator peak on a GPU; on the CPU, the resident-set peak sampled every 2 ms (coarse).
 - Pairing: TRL runs bracket every `--baseline-every` methods, in an order shuffled per repeat, and each method is
   divided by the mean of the TRL runs just before and after it, so that a shared machine's drift cancels.
+- Deterministic measures (`--measure both`, the default, or `--measure deterministic` alone: no timing, one run per
+  case, a few seconds each): on a shared CPU the time cannot resolve a 5% target, so every case (and TRL once per
+  mode) also gets one counted run, `CountStep` over its second optimizer step: from the first step's end (after
+  `optimizer.step()` and `zero_grad`) to just before the second `optimizer.step()`, i.e. fetching the micro-batches,
+  a step-wide selection's scoring pass, every forward (policy, reference, LM head, distribution pass) and backward
+  (with gradient checkpointing's recomputation) and gradient clipping; not the optimizer update. Two numbers, as
+  ratios to TRL in the same mode:
+  - FLOPs: `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add of a matrix product: mm, addmm,
+    bmm, baddbmm, SDPA, convolution), plus `extra_flop_formulas()`: the in-place `addmm_` with which TRL's fused LM
+    head accumulates its backward GEMMs, and SDPA's CPU kernel, which torch's registry leaves out. Element-wise work
+    (softmax, log-softmax, entropy, norms) counts zero. A matrix-product-looking op with no formula is reported
+    (`uncounted_products` in the CSV; none on the models here).
+  - Peak bytes: `PeakTensorBytes`, a `TorchDispatchMode` that adds each new tensor storage's `nbytes()` when an op
+    returns it and subtracts it from a `weakref.finalize` when the storage is freed; the peak of the live total from
+    0 at the window's start. It counts tensor storages allocated during the step (activations, saved tensors, LM-head
+    tiles, gradients and `.grad`, a reference forward's outputs, the collated batch), not the Python heap nor a
+    kernel's internal scratch buffers, and excludes everything present before the step: the model's parameters, a
+    frozen reference copy's weights, the optimizer state (so, unlike the resident-set memory ratio, it does not
+    charge an explicit reference's copy). Exact and the same on every run and machine for the same code.
+  Targets: the project issue's for the methods it names, `asft` and `target_sft` ≤ 1.2x, `eaft` and `prift_mass`
+  ≤ 1.05x (FLOPs and peak bytes, LoRA and full, any reference: `ISSUE_TARGETS`); any other method its time target
+  (FLOPs) and memory target (peak bytes).
 - Reference axis (`--references online,cached`): "online" runs the method's reference forward each step; "cached"
   sets `ref_cache_dir` (`trl_priority.ref_cache`): the reference statistics are computed once, before timing, into a
   fresh cache, and every timed run reads them back as columns with no reference forward. Methods that read the
@@ -56,6 +80,7 @@ import argparse
 import copy
 import csv
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -68,6 +93,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +103,9 @@ import transformers
 from datasets import Dataset
 from peft import LoraConfig
 from tokenizers import Tokenizer, models
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -98,6 +127,10 @@ CACHED_REFERENCE = 1.05  # time and memory with the reference's statistics read 
 ONLINE_REFERENCE = 1.4  # time with a reference forward every step
 FULL_DISTRIBUTION_MEMORY = 1.2  # memory of a method that computes a whole next-token distribution
 TARGET_LINES = (POLICY_ONLY, FULL_DISTRIBUTION_MEMORY, ONLINE_REFERENCE)
+# The project issue's targets for the deterministic measures (FLOPs and peak tensor bytes of a step, against TRL in the
+# same mode), whatever the reference: the whole-distribution methods ≤ 1.2x, EAFT and PriFT-mass ≤ 1.05x. Any other
+# method is held to its time target (FLOPs) and memory target (peak bytes).
+ISSUE_TARGETS = {"asft": 1.2, "target_sft": 1.2, "eaft": 1.05, "prift_mass": 1.05}
 
 # Shapes by device, overridable from the command line
 PRESETS = {
@@ -271,6 +304,212 @@ class PeakMemory:
             self.value = self.peak - self.base
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Deterministic measures: FLOPs and peak tensor bytes of one optimizer step
+# ------------------------------------------------------------------------------------------------------------------
+def _mm_flops(a_shape, b_shape) -> int:
+    """2 m k n: the multiply-adds of an [m, k] @ [k, n] product (torch's own convention)."""
+    m, k = a_shape[-2:]
+    n = b_shape[-1]
+    return 2 * m * k * n
+
+
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return _mm_flops(a_shape, b_shape)
+
+
+def _baddbmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return a_shape[0] * _mm_flops(a_shape, b_shape)
+
+
+def _mv_flops(a_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _addmv_flops(self_shape, a_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _dot_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def extra_flop_formulas() -> dict:
+    """Matrix products torch's `FlopCounterMode` registry leaves out, which a CPU training step runs:
+
+    - `addmm_` (in place): TRL's fused LM head (`trl.kernels.chunked_logprob`) accumulates the head's backward GEMMs
+      with `acc.addmm_(a, b)` in float32 on the CPU; without this entry the head's backward would count zero FLOPs.
+      Likewise `baddbmm_`, and `mv`/`addmv`/`dot`.
+    - `_scaled_dot_product_flash_attention_for_cpu` (and its backward): SDPA's CPU kernel; torch registers the CUDA
+      kernels (flash, efficient, cuDNN) only. Counted with torch's own SDPA formulas (dense, as for CUDA).
+    """
+    aten = torch.ops.aten
+    formulas = {
+        aten.addmm_: _addmm_inplace_flops,
+        aten.baddbmm_: _baddbmm_inplace_flops,
+        aten.mv: _mv_flops,
+        aten.addmv: _addmv_flops,
+        aten.dot: _dot_flops,
+        aten.vdot: _dot_flops,
+    }
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flops),
+    ):
+        if hasattr(aten, name):
+            formulas[getattr(aten, name)] = formula
+    return formulas
+
+
+# Op names that look like a matrix product or attention; one of them outside the registry is reported as uncounted
+_PRODUCT_HINTS = ("mm", "matmul", "dot", "attention", "conv", "linear", "einsum", "mv")
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode with `extra_flop_formulas()`: FLOPs of matrix products only (2 per multiply-add:
+    mm, addmm, bmm, baddbmm, SDPA, convolution and the in-place/CPU variants above); element-wise work (softmax,
+    log-softmax, entropy, norms, the optimizer) counts zero."""
+    return FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+
+
+class UncountedProducts(TorchDispatchMode):
+    """The ops run while active whose names look like a matrix product but that `counter` has no formula for."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.registry = counter.flop_registry
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func._overloadpacket
+        if packet not in self.registry and any(hint in packet.__name__ for hint in _PRODUCT_HINTS):
+            self.names.add(str(packet))
+        return func(*args, **(kwargs or {}))
+
+
+class PeakTensorBytes(TorchDispatchMode):
+    """Exact peak of the tensor-storage bytes allocated while the mode is active, deterministic on any device.
+
+    Every ATen op (forward, autograd backward, checkpoint recomputation, factory functions) passes through
+    `__torch_dispatch__`. An output tensor whose storage is none of the op's inputs' storages and not already tracked
+    is a new allocation: its `untyped_storage().nbytes()` is added to the live total, and a `weakref.finalize` on the
+    storage (torch keeps one Python object per storage, so it fires when the storage itself is freed, after its last
+    view) subtracts it. A tracked storage that an op resizes (`out=`, `resize_`) is re-counted at its new size.
+    `peak` is the largest live total, from 0 when the mode is entered.
+
+    Counted: storages allocated while active, by ops seen by the dispatcher (activations, saved tensors, logits and
+    LM-head tiles, gradients and `.grad`, a reference forward's outputs, the batch's tensors when made inside).
+    Not counted: every tensor that exists when the mode is entered (the model's parameters, a reference copy's weights,
+    the optimizer state, buffers; their in-place updates allocate nothing), the Python heap, and a kernel's internal
+    scratch memory that no op returns (e.g. a GEMM's packing buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}  # storage key -> counted bytes
+        self.current = 0
+        self.peak = 0
+        self.allocated = 0  # every counted allocation, freed or not
+
+    @staticmethod
+    def _storage(tensor):
+        try:
+            if tensor.layout != torch.strided or tensor.device.type == "meta":
+                return None
+            return tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (e.g. a wrapper subclass)
+            return None
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def track(self, tensor, input_keys=frozenset()) -> None:
+        """Count `tensor`'s storage if it is new (public so that a test can drive it without ops)."""
+        storage = self._storage(tensor)
+        if storage is None:
+            return
+        key = storage._cdata
+        nbytes = storage.nbytes()
+        if key in self.live:
+            grown = nbytes - self.live[key]
+            if grown:  # resized in place
+                self.live[key] = nbytes
+                self.current += grown
+                self.allocated += max(grown, 0)
+        elif key in input_keys or nbytes == 0:
+            return  # a view or an in-place result of an input, or nothing allocated
+        else:
+            self.live[key] = nbytes
+            self.current += nbytes
+            self.allocated += nbytes
+            weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        input_keys = set()
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and (storage := self._storage(leaf)) is not None:
+                input_keys.add(storage._cdata)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.track(leaf, input_keys)
+        return out
+
+
+@dataclass
+class StepCount:
+    flops: int
+    peak_bytes: int
+    allocated_bytes: int
+    uncounted: tuple[str, ...]
+
+
+class CountStep(TrainerCallback):
+    """FLOPs and peak tensor bytes of the second optimizer step (the first that the timer times): from the first
+    step's end (after `optimizer.step()` and `zero_grad`) to just before the second `optimizer.step()`. The window
+    holds everything the step runs before its optimizer: fetching and collating the micro-batches, a step-wide
+    selection's scoring pass, every micro-batch's forward (policy, reference, LM head, distribution pass) and
+    backward (with gradient checkpointing's recomputation), and gradient clipping; not the optimizer update."""
+
+    def __init__(self):
+        self.modes: list | None = None
+        self.result: StepCount | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1 and self.result is None and self.modes is None:
+            counter = flop_counter()
+            self.modes = [counter, UncountedProducts(counter), PeakTensorBytes()]
+            for mode in self.modes:
+                mode.__enter__()
+
+    def close(self):
+        if self.modes is None:
+            return
+        for mode in reversed(self.modes):
+            mode.__exit__(None, None, None)
+        counter, uncounted, peak = self.modes
+        self.modes = None
+        self.result = StepCount(counter.get_total_flops(), peak.peak, peak.allocated, tuple(sorted(uncounted.names)))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.modes is not None:
+            self.close()
+            control.should_training_stop = True  # nothing later is counted
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+
 @dataclass(frozen=True)
 class Case:
     """One row of the table: a method (None: TRL's SFTTrainer) in a mode, with its reference online or cached."""
@@ -302,6 +541,14 @@ class Result:
     base_memories: list[float] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)  # the method's trainable parameters, per repeat
     base_trainable: list[int] = field(default_factory=list)  # TRL's (the run before its block)
+    # Deterministic measures of one optimizer step (`CountStep`), one value each: they do not vary between runs
+    flop_target: float | None = None
+    peak_target: float | None = None
+    flops: int | None = None
+    base_flops: int | None = None  # TRL's, same mode
+    peak_bytes: int | None = None
+    base_peak_bytes: int | None = None
+    uncounted: str = ""  # matrix-product ops FlopCounterMode had no formula for, ";"-separated (none expected)
 
     @property
     def time_ratios(self) -> list[float]:
@@ -310,6 +557,28 @@ class Result:
     @property
     def memory_ratios(self) -> list[float]:
         return [m / b if b > 0 else math.nan for m, b in zip(self.memories, self.base_memories)]
+
+    @property
+    def flop_ratios(self) -> list[float]:
+        """The FLOP ratio to TRL, as a list of one (none when not counted), like the timed ratios."""
+        if self.flops is None or self.base_flops is None:
+            return []
+        return [self.flops / self.base_flops if self.base_flops > 0 else math.nan]
+
+    @property
+    def peak_ratios(self) -> list[float]:
+        if self.peak_bytes is None or self.base_peak_bytes is None:
+            return []
+        return [self.peak_bytes / self.base_peak_bytes if self.base_peak_bytes > 0 else math.nan]
+
+
+def deterministic_targets(case: Case, time_target: float | None, memory_target: float | None):
+    """`(FLOP target, peak-bytes target)`: the issue's target for the methods it names, else the time and memory ones."""
+    if case.mode == "s2ft":
+        return None, None
+    if case.name in ISSUE_TARGETS:
+        return ISSUE_TARGETS[case.name], ISSUE_TARGETS[case.name]
+    return time_target, memory_target
 
 
 def classify(case: Case) -> tuple[str, float | None, float | None, str]:
@@ -443,6 +712,51 @@ def run_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[flo
     # Every step does the same work, and interference only ever adds time: the fastest step is the run's cost
     wall = min(timer.wall)
     return (wall if cli.clock == "wall" else min(timer.cpu)), wall, memory.value, trainable
+
+
+def count_once(case: Case, base, dataset, tokenizer, cli, output_dir) -> tuple[StepCount, int]:
+    """Train from a copy of `base` until the second optimizer step's `optimizer.step()`, counting that step's FLOPs
+    and peak tensor bytes (`CountStep`); return the count and the trainable parameters."""
+    cached_reference = copy.deepcopy(base) if needs_explicit_reference(case) and case.reference == "cached" else None
+    model = copy.deepcopy(base)
+    ref_model = cached_reference
+    if needs_explicit_reference(case) and case.reference != "cached":
+        ref_model = copy.deepcopy(base)
+    counter = CountStep()
+    trainer = make_trainer(case, model, dataset, tokenizer, cli, output_dir, [counter], ref_model)
+    ref_model = cached_reference = None
+    trainable = trainable_parameters(trainer.model)
+    trainer.train()
+    del trainer, model
+    release_memory()
+    if counter.result is None:
+        raise RuntimeError(f"{case}: the second optimizer step was never reached")
+    return counter.result, trainable
+
+
+def measure_deterministic(results: list[Result], mode: str, base, dataset, tokenizer, cli, output_dir) -> None:
+    """Fill in the deterministic measures of `results` (all of one mode): one counted run of TRL, one of each case."""
+    baseline, base_trainable = count_once(Case(mode, None), base, dataset, tokenizer, cli, output_dir)
+    print(
+        f"  {baseline_label(mode)}: {baseline.flops / 1e9:.3f} GFLOP, peak {baseline.peak_bytes / 2**20:.2f} MiB"
+        + (f"; uncounted products: {', '.join(baseline.uncounted)}" if baseline.uncounted else ""),
+        flush=True,
+    )
+    for result in results:
+        if result.note:
+            continue
+        count, trainable = count_once(result.case, base, dataset, tokenizer, cli, output_dir)
+        result.flops, result.base_flops = count.flops, baseline.flops
+        result.peak_bytes, result.base_peak_bytes = count.peak_bytes, baseline.peak_bytes
+        result.uncounted = ";".join(sorted(set(count.uncounted) | set(baseline.uncounted)))
+        if not result.trainable:  # the timed runs count them too
+            result.trainable, result.base_trainable = [trainable], [base_trainable]
+        print(
+            f"  {row_label(result)}: flops x{result.flop_ratios[0]:.3f} ({count.flops / 1e9:.3f} GFLOP), peak bytes "
+            f"x{result.peak_ratios[0]:.3f} ({count.peak_bytes / 2**20:.2f} MiB)"
+            + (f"; uncounted products: {result.uncounted}" if result.uncounted else ""),
+            flush=True,
+        )
 
 
 def measure(results: list[Result], mode: str, base, dataset, tokenizer, cli, output_dir) -> None:
@@ -608,69 +922,103 @@ def fmt_row(result: Result) -> str:
     return f"time x{fmt_ratio(result.time_ratios)}, memory x{fmt_ratio(result.memory_ratios)}{counts}"
 
 
+def fmt_exact(values: list[float]) -> str:
+    """A deterministic ratio (one value), to 3 decimals: an exact 1.000 is TRL's own work."""
+    return f"{values[0]:.3f}" if values and math.isfinite(values[0]) else "-"
+
+
 def markdown_table(results: list[Result]) -> str:
-    # The trainable-parameter columns when the results have them (a CSV written before they existed has none)
-    counted = any(r.trainable for r in results)
-    lines = [
-        "| mode | method | reference | time ratio, median (min-max) | time target | "
-        "memory ratio, median (min-max) | memory target |"
-        + (" trainable parameters | TRL's trainable parameters |" if counted else ""),
-        "|---|---|---|---|---|---|---|" + ("---|---|" if counted else ""),
-    ]
+    """The time and memory columns when the results were timed, the FLOP and peak-bytes columns when they were
+    counted, the trainable-parameter columns when the results have them (a CSV written before any of these existed
+    has none)."""
+    timed = any(r.times for r in results) or not any(r.flops is not None for r in results)
+    counted = any(r.flops is not None for r in results)
+    trainable = any(r.trainable for r in results)
+    header = ["mode", "method", "reference"]
+    if timed:
+        header += ["time ratio, median (min-max)", "time target", "memory ratio, median (min-max)", "memory target"]
+    if counted:
+        header += [
+            "flop ratio",
+            "flop target",
+            "peak bytes ratio",
+            "peak bytes target",
+            "GFLOP (TRL)",
+            "peak MiB (TRL)",
+        ]
+    if trainable:
+        header += ["trainable parameters", "TRL's trainable parameters"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         case = r.case
+        cells = [case.mode, f"`{case.method}`", case.reference]
         if r.note:
-            lines.append(
-                f"| {case.mode} | `{case.method}` | {case.reference} | {r.note} | | | |" + (" | |" if counted else "")
-            )
+            lines.append("| " + " | ".join(cells + [r.note] + [""] * (len(header) - 4)) + " |")
             continue
-        lines.append(
-            f"| {case.mode} | `{case.method}` | {case.reference} | {fmt_ratio(r.time_ratios)} | "
-            f"{verdict(r.time_ratios, r.time_target)} | {fmt_ratio(r.memory_ratios)} | "
-            f"{verdict(r.memory_ratios, r.memory_target)} |"
-            + (f" {fmt_count(r.trainable)} | {fmt_count(r.base_trainable)} |" if counted else "")
-        )
+        if timed:
+            cells += [
+                fmt_ratio(r.time_ratios),
+                verdict(r.time_ratios, r.time_target),
+                fmt_ratio(r.memory_ratios),
+                verdict(r.memory_ratios, r.memory_target),
+            ]
+        if counted:
+            absolute = "-"
+            if r.flops is not None:
+                absolute = (
+                    f"{r.flops / 1e9:.4g} ({r.base_flops / 1e9:.4g})",
+                    f"{r.peak_bytes / 2**20:.4g} ({r.base_peak_bytes / 2**20:.4g})",
+                )
+            cells += [
+                fmt_exact(r.flop_ratios),
+                verdict(r.flop_ratios, r.flop_target),
+                fmt_exact(r.peak_ratios),
+                verdict(r.peak_ratios, r.peak_target),
+                *(absolute if r.flops is not None else ("-", "-")),
+            ]
+        if trainable:
+            cells += [fmt_count(r.trainable), fmt_count(r.base_trainable)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+CSV_COLUMNS = [
+    "mode", "method", "reference", "category", "repeat", "time_ratio", "memory_ratio", "step_time_s", "trl_step_time_s",
+    "wall_step_time_s", "peak_memory_mib", "trl_peak_memory_mib", "time_target", "memory_target",
+    # the deterministic measures, the same on every repeat's row (one row with empty timings when not timed)
+    "flop_ratio", "peak_bytes_ratio", "flops", "trl_flops", "peak_bytes", "trl_peak_bytes", "flop_target",
+    "peak_bytes_target", "uncounted_products",
+    "note", "trainable_parameters", "trl_trainable_parameters",
+]  # fmt: skip
+
+
 def write_csv(results: list[Result], path: Path) -> None:
+    blank = lambda value: "" if value is None else value  # noqa: E731
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(
-            [
-                "mode",
-                "method",
-                "reference",
-                "category",
-                "repeat",
-                "time_ratio",
-                "memory_ratio",
-                "step_time_s",
-                "trl_step_time_s",
-                "wall_step_time_s",
-                "peak_memory_mib",
-                "trl_peak_memory_mib",
-                "time_target",
-                "memory_target",
-                "note",
-                "trainable_parameters",
-                "trl_trainable_parameters",
-            ]
-        )
+        writer.writerow(CSV_COLUMNS)
         for r in results:
             case = r.case
             head = [case.mode, case.method, case.reference, r.category]
-            targets = [
-                "" if r.time_target is None else r.time_target,
-                "" if r.memory_target is None else r.memory_target,
-            ]
+            targets = [blank(r.time_target), blank(r.memory_target)]
             if r.note:
-                writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, r.note, "", ""])
-            rows = zip(
+                writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, *[""] * 6,
+                                 blank(r.flop_target), blank(r.peak_target), "", r.note, "", ""])  # fmt: skip
+                continue
+            counted = [
+                f"{r.flop_ratios[0]:.6f}" if r.flop_ratios else "",
+                f"{r.peak_ratios[0]:.6f}" if r.peak_ratios else "",
+                blank(r.flops), blank(r.base_flops), blank(r.peak_bytes), blank(r.base_peak_bytes),
+                blank(r.flop_target), blank(r.peak_target), r.uncounted,
+            ]  # fmt: skip
+            rows = list(zip(
                 r.time_ratios, r.memory_ratios, r.times, r.base_times, r.wall_times, r.memories, r.base_memories,
-                r.trainable, r.base_trainable, strict=True,
-            )  # fmt: skip
-            for repeat, (tr, mr, t, bt, wt, m, bm, n, bn) in enumerate(rows):
+                strict=True,
+            ))  # fmt: skip
+            counts = list(zip(r.trainable, r.base_trainable, strict=True))
+            if not rows:  # counted only
+                writer.writerow([*head, "", *[""] * 7, *targets, *counted, "", *(counts[0] if counts else ("", ""))])
+            for repeat, (tr, mr, t, bt, wt, m, bm) in enumerate(rows):
                 writer.writerow(
                     [
                         *head,
@@ -683,9 +1031,9 @@ def write_csv(results: list[Result], path: Path) -> None:
                         f"{m / 2**20:.4f}",
                         f"{bm / 2**20:.4f}",
                         *targets,
+                        *counted,
                         "",
-                        n,
-                        bn,
+                        *(counts[repeat] if counts else ("", "")),
                     ]
                 )
 
@@ -699,12 +1047,24 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
     colors = {"policy-only": "tab:blue", "online reference": "tab:orange", "cached reference": "tab:green"}
     rows = results[::-1]  # first row at the top
     # At least 4 inches, so that a table of a few rows leaves room for the axis labels above the footer
-    fig, axes = plt.subplots(1, 2, figsize=(13, max(4.0, 0.3 * len(rows) + 2.4)), sharey=True)
+    # One panel per measure the results have: time and memory when timed, FLOPs and peak bytes when counted
+    panels = []
+    if any(r.times for r in results) or not any(r.flops is not None for r in results):
+        panels += [
+            ("time_ratios", "time_target", "time per optimizer step / TRL SFTTrainer"),
+            ("memory_ratios", "memory_target", "peak memory / TRL SFTTrainer"),
+        ]
+    if any(r.flops is not None for r in results):
+        panels += [
+            ("flop_ratios", "flop_target", "FLOPs of a step / TRL SFTTrainer"),
+            ("peak_ratios", "peak_target", "peak tensor bytes of a step / TRL SFTTrainer"),
+        ]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6.5 * len(panels), max(4.0, 0.3 * len(rows) + 2.4)), sharey=True, squeeze=False
+    )
+    axes = axes[0]
     y = list(range(len(rows)))
-    for ax, key, label in (
-        (axes[0], "time_ratios", "time per optimizer step / TRL SFTTrainer"),
-        (axes[1], "memory_ratios", "peak memory / TRL SFTTrainer"),
-    ):
+    for ax, (key, target_key, label) in zip(axes, panels):
         medians, lows, highs = zip(*(spread(getattr(r, key)) if not r.note else (math.nan,) * 3 for r in rows))
         finite = [v for v in highs if math.isfinite(v)]
         xmax = max([ONLINE_REFERENCE * 1.1, *(v * 1.05 for v in finite)])
@@ -712,7 +1072,9 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
             if r.note:
                 ax.text(0.02, i, "n/a", va="center", fontsize=8, color="gray")
                 continue
-            target = r.time_target if key == "time_ratios" else r.memory_target
+            if not math.isfinite(median):
+                continue
+            target = getattr(r, target_key)
             missed = target is not None and median > target
             ax.barh(i, median, color=colors[r.category], edgecolor="red" if missed else "none", linewidth=1.5)
             ax.errorbar(median, i, xerr=[[median - low], [high - median]], fmt="none", ecolor="black", capsize=2)
@@ -743,12 +1105,26 @@ def draw_chart(results: list[Result], path: Path, title: str, footer: str) -> No
 CHART_TITLE = "trl-priority overhead against TRL's SFTTrainer, {}"  # the machine
 
 
-def write_table(results: list[Result], output: Path, machine_name: str, model: str, command: str) -> None:
-    """`overhead.md`: the machine, the model and the command (with its duration) on top, then the table."""
-    (output / "overhead.md").write_text(
-        f"# Overhead against TRL's SFTTrainer\n\n- machine: {machine_name}\n- model: {model}\n"
-        f"- command: {command}\n\n{markdown_table(results)}\n"
-    )
+DETERMINISTIC_NOTE = (
+    "FLOPs and peak tensor bytes of the second optimizer step, from the first step's end to just before "
+    "`optimizer.step()` (micro-batch fetch, any scoring pass, every forward and backward with checkpointing's "
+    "recomputation, the LM head and any reference forward): FLOPs of matrix products (torch's FlopCounterMode, 2 per "
+    "multiply-add, with the CPU SDPA kernel and the in-place `addmm_` of TRL's fused head added); peak bytes the exact "
+    "peak of the tensor storages allocated during the step and alive together (parameters, a reference copy's weights "
+    "and optimizer state that exist before the step are excluded; `PeakTensorBytes`)"
+)
+
+
+def write_table(results: list[Result], output: Path, header: dict[str, str], name: str = "overhead") -> None:
+    """`{name}.md`: the header's lines (machine, model, command with its duration, git commit, ...) on top, then the
+    table."""
+    lines = "".join(f"- {key}: {value}\n" for key, value in header.items())
+    (output / f"{name}.md").write_text(f"# Overhead against TRL's SFTTrainer\n\n{lines}\n{markdown_table(results)}\n")
+
+
+def csv_number(row: dict, key: str, kind=float):
+    """`row[key]` as a number, None when empty or absent (a CSV written before the column existed)."""
+    return None if row.get(key, "") in ("", None) else kind(row[key])
 
 
 def read_csv(path: Path) -> list[Result]:
@@ -757,12 +1133,26 @@ def read_csv(path: Path) -> list[Result]:
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             case = Case(row["mode"], row["method"], row["reference"])
+            number = functools.partial(csv_number, row)
             if case not in results:
-                targets = [None if row[k] == "" else float(row[k]) for k in ("time_target", "memory_target")]
+                targets = [number(k) for k in ("time_target", "memory_target")]
                 results[case] = Result(case, row["category"], *targets, note=row["note"])
+                results[case].flop_target, results[case].peak_target = (
+                    number("flop_target"),
+                    number("peak_bytes_target"),
+                )
             if row["note"]:
                 continue
             result = results[case]
+            if number("flops") is not None:  # absent from a CSV written before the deterministic measures existed
+                result.flops, result.base_flops = number("flops", int), number("trl_flops", int)
+                result.peak_bytes, result.base_peak_bytes = number("peak_bytes", int), number("trl_peak_bytes", int)
+                result.uncounted = row.get("uncounted_products", "")
+            if row["step_time_s"] == "":  # counted, not timed
+                if row.get("trainable_parameters"):
+                    result.trainable.append(int(row["trainable_parameters"]))
+                    result.base_trainable.append(int(row["trl_trainable_parameters"]))
+                continue
             result.times.append(float(row["step_time_s"]))
             result.base_times.append(float(row["trl_step_time_s"]))
             result.wall_times.append(float(row["wall_step_time_s"]))
@@ -774,17 +1164,31 @@ def read_csv(path: Path) -> list[Result]:
     return list(results.values())
 
 
-def replot(output: Path) -> None:
-    """Redraw `overhead.md`'s table and `overhead.png` from `overhead.csv` and the header of `overhead.md`."""
-    results = read_csv(output / "overhead.csv")
+def replot(output: Path, name: str = "overhead") -> None:
+    """Redraw `{name}.md`'s table and `{name}.png` from `{name}.csv` and the header of `{name}.md`."""
+    results = read_csv(output / f"{name}.csv")
     header = dict(
-        line[2:].split(": ", 1) for line in (output / "overhead.md").read_text().splitlines() if line.startswith("- ")
+        line[2:].split(": ", 1) for line in (output / f"{name}.md").read_text().splitlines() if line.startswith("- ")
     )
     command, minutes = header["command"].rsplit(" (", 1)
     footer = f"{command.strip('`')}\n{header['model']}; {minutes.rstrip(')')}"
-    write_table(results, output, header["machine"], header["model"], header["command"])
-    draw_chart(results, output / "overhead.png", CHART_TITLE.format(header["machine"]), footer)
-    print(f"redrew {output / 'overhead.md'} and {output / 'overhead.png'} from {output / 'overhead.csv'}")
+    write_table(results, output, header, name)
+    draw_chart(results, output / f"{name}.png", CHART_TITLE.format(header["machine"]), footer)
+    print(f"redrew {output / f'{name}.md'} and {output / f'{name}.png'} from {output / f'{name}.csv'}")
+
+
+def git_commit() -> str:
+    """The commit the measured code is at, and whether the work tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, check=True).stdout  # noqa: E731
+        commit = run("rev-parse", "HEAD").strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" (with uncommitted changes)" if dirty else "")
 
 
 def machine() -> str:
@@ -853,7 +1257,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="measure nothing: redraw the table and the chart in --output-dir from the overhead.csv a run wrote there",
     )
+    parser.add_argument(
+        "--measure",
+        choices=("both", "time", "deterministic"),
+        default="both",
+        help="both (default): the timed repeats and one counted run per case; time: the timed repeats only; "
+        "deterministic: only the FLOPs and peak tensor bytes of one step per case, no timing (fast, exact; writes "
+        "overhead_deterministic.* unless --output-name)",
+    )
     parser.add_argument("--output-dir", default="docs/benchmarks")
+    parser.add_argument(
+        "--output-name",
+        help="file name stem of the table, CSV and chart (default overhead, or overhead_deterministic with "
+        "--measure deterministic)",
+    )
     cli = parser.parse_args(argv)
     cli.preset = cli.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     shape = dict(PRESETS[cli.preset])
@@ -870,6 +1287,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if cli.steps < 2:
         parser.error("--steps must be at least 2: the first step is not timed")
     cli.s2ft_args = json.loads(cli.s2ft_args) if cli.s2ft_args else None
+    if cli.output_name is None:
+        cli.output_name = "overhead_deterministic" if cli.measure == "deterministic" and not cli.replot else "overhead"
     cli.bf16 = torch.cuda.is_available()
     if cli.clock == "auto":
         cli.clock = "wall" if torch.cuda.is_available() else "cpu"
@@ -897,15 +1316,17 @@ def build_cases(cli) -> list[Result]:
                     if reference != references[0]:
                         continue  # a method without a reference has one row
                     case = Case(mode, method, "-")
-                results.append(Result(case, category, time_target, memory_target, note))
+                result = Result(case, category, time_target, memory_target, note)
+                result.flop_target, result.peak_target = deterministic_targets(case, time_target, memory_target)
+                results.append(result)
     return results
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
     cli = parse_args(argv)
     if cli.replot:
-        replot(Path(cli.output_dir))
-        return read_csv(Path(cli.output_dir) / "overhead.csv")
+        replot(Path(cli.output_dir), cli.output_name)
+        return read_csv(Path(cli.output_dir) / f"{cli.output_name}.csv")
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     shape = cli.shape
@@ -925,7 +1346,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
         + (
             "not profiled), one profiled run per case, wall clock"
             if cli.profile
+            else "counted; training stops after it), one counted run per case"
+            if cli.measure == "deterministic"
             else f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
+            + ("; one counted run per case" if cli.measure == "both" else "")
         )
     )
     if "s2ft" in cli.modes.split(","):
@@ -941,7 +1365,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 fill_cache(result.case, base, dataset, tokenizer, cli, output_dir)
         if cli.profile:
             report = profile_cases(results, base, dataset, tokenizer, cli, output_dir)
-        else:
+        if not cli.profile and cli.measure != "time":
+            for mode in dict.fromkeys(r.case.mode for r in results):
+                rows = [r for r in results if r.case.mode == mode]
+                measure_deterministic(rows, mode, base, dataset, tokenizer, cli, output_dir)
+        if not cli.profile and cli.measure != "deterministic":
             # Untimed runs first: allocator, thread pools and caches warm up before anything is compared
             for _ in range(cli.warmup):
                 run_once(
@@ -967,10 +1395,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     footer = f"{command}\n{description}; {minutes:.0f} min"
     print(f"\n{markdown_table(results)}\n\n{footer}")
-    write_table(results, output, machine(), description, f"`{command}` ({minutes:.0f} min)")
-    write_csv(results, output / "overhead.csv")
-    draw_chart(results, output / "overhead.png", CHART_TITLE.format(machine()), footer)
-    print(f"wrote {output / 'overhead.md'}, {output / 'overhead.csv'}, {output / 'overhead.png'}")
+    header = {"machine": machine(), "model": description, "command": f"`{command}` ({minutes:.0f} min)"}
+    header["git commit"] = git_commit()
+    if cli.measure != "time":
+        header["deterministic measures"] = DETERMINISTIC_NOTE
+    name = cli.output_name
+    write_table(results, output, header, name)
+    write_csv(results, output / f"{name}.csv")
+    draw_chart(results, output / f"{name}.png", CHART_TITLE.format(machine()), footer)
+    print(f"wrote {output / f'{name}.md'}, {output / f'{name}.csv'}, {output / f'{name}.png'}")
     return results
 
 
