@@ -41,6 +41,8 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
     kernel's internal scratch buffers, and excludes everything present before the step: the model's parameters, a
     frozen reference copy's weights, the optimizer state (so, unlike the resident-set memory ratio, it does not
     charge an explicit reference's copy). Exact and the same on every run and machine for the same code.
+  The table also gives the absolute GFLOP, the part of them in products with a vocabulary-sized operand ("LM-head
+  GFLOP": products that read an LM head's weight or write its gradient, the policy's and any reference's) and the peak MiB, TRL's in brackets.
   Targets: the project issue's for the methods it names, `asft` and `target_sft` ≤ 1.2x, `eaft` and `prift_mass`
   ≤ 1.05x (FLOPs and peak bytes, LoRA and full, any reference: `ISSUE_TARGETS`); any other method its time target
   (FLOPs) and memory target (peak bytes).
@@ -381,18 +383,37 @@ def flop_counter() -> FlopCounterMode:
 
 
 class UncountedProducts(TorchDispatchMode):
-    """The ops run while active whose names look like a matrix product but that `counter` has no formula for."""
+    """The ops run while active whose names look like a matrix product but that `counter` has no formula for
+    (`names`), and, given the LM head's weight size (`vocab * hidden` elements), the FLOPs of the counted products
+    with an operand stored in a tensor of that size (`vocab_flops`): the products that read an LM head's weight, or
+    a slice of it (TRL's fused head projects it in vocabulary chunks), or write its gradient; the policy's and any
+    reference's. (A weight cast to another dtype first, under autocast, is a new tensor and escapes this.)"""
 
-    def __init__(self, counter):
+    def __init__(self, counter, head_numel: int | None = None):
         super().__init__()
         self.registry = counter.flop_registry
+        self.head_numel = head_numel
         self.names: set[str] = set()
+        self.vocab_flops = 0
+
+    def _reads_head(self, leaf) -> bool:
+        if not isinstance(leaf, torch.Tensor) or leaf.layout != torch.strided:
+            return False
+        try:
+            return leaf.untyped_storage().nbytes() == self.head_numel * leaf.element_size()
+        except (RuntimeError, NotImplementedError):
+            return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet not in self.registry and any(hint in packet.__name__ for hint in _PRODUCT_HINTS):
-            self.names.add(str(packet))
-        return func(*args, **(kwargs or {}))
+        if packet not in self.registry:
+            if any(hint in packet.__name__ for hint in _PRODUCT_HINTS):
+                self.names.add(str(packet))
+        elif self.head_numel is not None and any(self._reads_head(leaf) for leaf in tree_leaves((args, kwargs))):
+            self.vocab_flops += self.registry[packet](*args, **kwargs, out_val=out)
+        return out
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -443,9 +464,9 @@ class PeakTensorBytes(TorchDispatchMode):
                 self.live[key] = nbytes
                 self.current += grown
                 self.allocated += max(grown, 0)
-        elif key in input_keys or nbytes == 0:
-            return  # a view or an in-place result of an input, or nothing allocated
-        else:
+        elif key in input_keys:
+            return  # a view or an in-place result of an input
+        else:  # new, even if empty: a later `out=` or `resize_` may grow it
             self.live[key] = nbytes
             self.current += nbytes
             self.allocated += nbytes
@@ -471,6 +492,7 @@ class StepCount:
     peak_bytes: int
     allocated_bytes: int
     uncounted: tuple[str, ...]
+    lm_head_flops: int | None = None  # the products on an LM head's weight (`UncountedProducts`)
 
 
 class CountStep(TrainerCallback):
@@ -486,8 +508,13 @@ class CountStep(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1 and self.result is None and self.modes is None:
+            config = getattr(kwargs.get("model"), "config", None)
+            head = None
+            if config is not None:
+                text = config.get_text_config()
+                head = text.vocab_size * text.hidden_size
             counter = flop_counter()
-            self.modes = [counter, UncountedProducts(counter), PeakTensorBytes()]
+            self.modes = [counter, UncountedProducts(counter, head), PeakTensorBytes()]
             for mode in self.modes:
                 mode.__enter__()
 
@@ -498,7 +525,13 @@ class CountStep(TrainerCallback):
             mode.__exit__(None, None, None)
         counter, uncounted, peak = self.modes
         self.modes = None
-        self.result = StepCount(counter.get_total_flops(), peak.peak, peak.allocated, tuple(sorted(uncounted.names)))
+        self.result = StepCount(
+            counter.get_total_flops(),
+            peak.peak,
+            peak.allocated,
+            tuple(sorted(uncounted.names)),
+            uncounted.vocab_flops if uncounted.head_numel is not None else None,
+        )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.modes is not None:
@@ -549,6 +582,8 @@ class Result:
     peak_bytes: int | None = None
     base_peak_bytes: int | None = None
     uncounted: str = ""  # matrix-product ops FlopCounterMode had no formula for, ";"-separated (none expected)
+    lm_head_flops: int | None = None  # of `flops`, the products on an LM head's weight (policy's, reference's)
+    base_lm_head_flops: int | None = None
 
     @property
     def time_ratios(self) -> list[float]:
@@ -738,7 +773,8 @@ def measure_deterministic(results: list[Result], mode: str, base, dataset, token
     """Fill in the deterministic measures of `results` (all of one mode): one counted run of TRL, one of each case."""
     baseline, base_trainable = count_once(Case(mode, None), base, dataset, tokenizer, cli, output_dir)
     print(
-        f"  {baseline_label(mode)}: {baseline.flops / 1e9:.3f} GFLOP, peak {baseline.peak_bytes / 2**20:.2f} MiB"
+        f"  {baseline_label(mode)}: {baseline.flops / 1e9:.3f} GFLOP ({(baseline.lm_head_flops or 0) / 1e9:.3f} in LM "
+        f"heads), peak {baseline.peak_bytes / 2**20:.2f} MiB"
         + (f"; uncounted products: {', '.join(baseline.uncounted)}" if baseline.uncounted else ""),
         flush=True,
     )
@@ -748,11 +784,13 @@ def measure_deterministic(results: list[Result], mode: str, base, dataset, token
         count, trainable = count_once(result.case, base, dataset, tokenizer, cli, output_dir)
         result.flops, result.base_flops = count.flops, baseline.flops
         result.peak_bytes, result.base_peak_bytes = count.peak_bytes, baseline.peak_bytes
+        result.lm_head_flops, result.base_lm_head_flops = count.lm_head_flops, baseline.lm_head_flops
         result.uncounted = ";".join(sorted(set(count.uncounted) | set(baseline.uncounted)))
         if not result.trainable:  # the timed runs count them too
             result.trainable, result.base_trainable = [trainable], [base_trainable]
         print(
-            f"  {row_label(result)}: flops x{result.flop_ratios[0]:.3f} ({count.flops / 1e9:.3f} GFLOP), peak bytes "
+            f"  {row_label(result)}: flops x{result.flop_ratios[0]:.3f} ({count.flops / 1e9:.3f} GFLOP, "
+            f"{(count.lm_head_flops or 0) / 1e9:.3f} in LM heads), peak bytes "
             f"x{result.peak_ratios[0]:.3f} ({count.peak_bytes / 2**20:.2f} MiB)"
             + (f"; uncounted products: {result.uncounted}" if result.uncounted else ""),
             flush=True,
@@ -944,6 +982,7 @@ def markdown_table(results: list[Result]) -> str:
             "peak bytes ratio",
             "peak bytes target",
             "GFLOP (TRL)",
+            "LM-head GFLOP (TRL)",
             "peak MiB (TRL)",
         ]
     if trainable:
@@ -965,8 +1004,12 @@ def markdown_table(results: list[Result]) -> str:
         if counted:
             absolute = "-"
             if r.flops is not None:
+                head = "-"
+                if r.lm_head_flops is not None and r.base_lm_head_flops is not None:
+                    head = f"{r.lm_head_flops / 1e9:.4g} ({r.base_lm_head_flops / 1e9:.4g})"
                 absolute = (
                     f"{r.flops / 1e9:.4g} ({r.base_flops / 1e9:.4g})",
+                    head,
                     f"{r.peak_bytes / 2**20:.4g} ({r.base_peak_bytes / 2**20:.4g})",
                 )
             cells += [
@@ -974,7 +1017,7 @@ def markdown_table(results: list[Result]) -> str:
                 verdict(r.flop_ratios, r.flop_target),
                 fmt_exact(r.peak_ratios),
                 verdict(r.peak_ratios, r.peak_target),
-                *(absolute if r.flops is not None else ("-", "-")),
+                *(absolute if r.flops is not None else ("-", "-", "-")),
             ]
         if trainable:
             cells += [fmt_count(r.trainable), fmt_count(r.base_trainable)]
@@ -987,7 +1030,7 @@ CSV_COLUMNS = [
     "wall_step_time_s", "peak_memory_mib", "trl_peak_memory_mib", "time_target", "memory_target",
     # the deterministic measures, the same on every repeat's row (one row with empty timings when not timed)
     "flop_ratio", "peak_bytes_ratio", "flops", "trl_flops", "peak_bytes", "trl_peak_bytes", "flop_target",
-    "peak_bytes_target", "uncounted_products",
+    "peak_bytes_target", "uncounted_products", "lm_head_flops", "trl_lm_head_flops",
     "note", "trainable_parameters", "trl_trainable_parameters",
 ]  # fmt: skip
 
@@ -1003,13 +1046,14 @@ def write_csv(results: list[Result], path: Path) -> None:
             targets = [blank(r.time_target), blank(r.memory_target)]
             if r.note:
                 writer.writerow([*head, "", "", "", "", "", "", "", "", *targets, *[""] * 6,
-                                 blank(r.flop_target), blank(r.peak_target), "", r.note, "", ""])  # fmt: skip
+                                 blank(r.flop_target), blank(r.peak_target), "", "", "", r.note, "", ""])  # fmt: skip
                 continue
             counted = [
                 f"{r.flop_ratios[0]:.6f}" if r.flop_ratios else "",
                 f"{r.peak_ratios[0]:.6f}" if r.peak_ratios else "",
                 blank(r.flops), blank(r.base_flops), blank(r.peak_bytes), blank(r.base_peak_bytes),
-                blank(r.flop_target), blank(r.peak_target), r.uncounted,
+                blank(r.flop_target), blank(r.peak_target), r.uncounted, blank(r.lm_head_flops),
+                blank(r.base_lm_head_flops),
             ]  # fmt: skip
             rows = list(zip(
                 r.time_ratios, r.memory_ratios, r.times, r.base_times, r.wall_times, r.memories, r.base_memories,
@@ -1111,7 +1155,8 @@ DETERMINISTIC_NOTE = (
     "recomputation, the LM head and any reference forward): FLOPs of matrix products (torch's FlopCounterMode, 2 per "
     "multiply-add, with the CPU SDPA kernel and the in-place `addmm_` of TRL's fused head added); peak bytes the exact "
     "peak of the tensor storages allocated during the step and alive together (parameters, a reference copy's weights "
-    "and optimizer state that exist before the step are excluded; `PeakTensorBytes`)"
+    "and optimizer state that exist before the step are excluded; `PeakTensorBytes`); LM-head GFLOP: the products that read an LM "
+    "head's weight (or a vocabulary chunk of it) or write its gradient; TRL's value in brackets"
 )
 
 
@@ -1148,6 +1193,8 @@ def read_csv(path: Path) -> list[Result]:
                 result.flops, result.base_flops = number("flops", int), number("trl_flops", int)
                 result.peak_bytes, result.base_peak_bytes = number("peak_bytes", int), number("trl_peak_bytes", int)
                 result.uncounted = row.get("uncounted_products", "")
+                result.lm_head_flops = number("lm_head_flops", int)
+                result.base_lm_head_flops = number("trl_lm_head_flops", int)
             if row["step_time_s"] == "":  # counted, not timed
                 if row.get("trainable_parameters"):
                     result.trainable.append(int(row["trainable_parameters"]))
@@ -1346,7 +1393,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         + (
             "not profiled), one profiled run per case, wall clock"
             if cli.profile
-            else "counted; training stops after it), one counted run per case"
+            else "not counted; the second is, and training stops there), one counted run per case"
             if cli.measure == "deterministic"
             else f"untimed), {cli.repeats} repeats, step time on the {cli.clock} clock"
             + ("; one counted run per case" if cli.measure == "both" else "")
