@@ -1403,6 +1403,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         description += f"; s2ft mode: structural_priority_args {json.dumps(cli.s2ft_args or {})}, TRL with LoRA r 16"
     print(f"machine: {machine()}\nmodel: {description}\ncases: {sum(not r.note for r in results)}", flush=True)
 
+    commit = git_commit()  # the code measured: read before the run, which may last while the tree changes
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir, tempfile.TemporaryDirectory() as cache_dir:
         # The cached cases' reference statistics, computed once before anything is timed (a fresh cache per run)
@@ -1443,7 +1444,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     footer = f"{command}\n{description}; {minutes:.0f} min"
     print(f"\n{markdown_table(results)}\n\n{footer}")
     header = {"machine": machine(), "model": description, "command": f"`{command}` ({minutes:.0f} min)"}
-    header["git commit"] = git_commit()
+    header["git commit"] = commit
     if cli.measure != "time":
         header["deterministic measures"] = DETERMINISTIC_NOTE
     name = cli.output_name
