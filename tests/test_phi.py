@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import naive_top_fraction
-from trl_priority import PrioritySFTTrainer, get_priority
+from trl_priority import get_priority
 from trl_priority.phi import PhiSettings, compute_phi, step_hyperparameters
 from trl_priority.schedules import parse_schedule
 
@@ -155,19 +155,13 @@ def test_the_schedule_feeds_the_selection():
 # The trainer
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture
-def rho1_trainer(make_model, tokenizer, datasets_, make_args):
-    args = make_args(
-        priority="rho1",
-        priority_args={"ratio": 0.5, "scope": "micro_batch"},
+def rho1_trainer(make_model, priority_trainer):
+    return priority_trainer(
+        "rho1",
+        {"ratio": 0.5, "scope": "micro_batch"},
+        ref_model=make_model(seed=1),
         priority_schedule={"ratio": {"start": 1.0, "end": 0.4}},
         priority_warmup_ratio=0.5,
-    )
-    return PrioritySFTTrainer(
-        model=make_model(),
-        args=args,
-        train_dataset=datasets_.prompt_completion(4),
-        processing_class=tokenizer,
-        ref_model=make_model(seed=1),
     )
 
 
