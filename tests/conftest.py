@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -17,7 +18,9 @@ from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 
-from trl_priority import PrioritySFTConfig  # noqa: E402
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer  # noqa: E402
+from trl_priority.phi import PhiSettings, compute_phi  # noqa: E402
+from trl_priority.priorities import get_priority  # noqa: E402
 
 
 QUESTIONS = [
@@ -237,6 +240,25 @@ def make_args(tmp_path):
 
 
 @pytest.fixture
+def priority_trainer(make_model, tokenizer, datasets_, make_args):
+    """`priority_trainer(method, priority_args=None, n=4, dataset=None, model=None, ref_model=None, **settings)`: a
+    `PrioritySFTTrainer` of `method` on `n` prompt-completion rows (or `dataset`), the tiny model (or `model`), the
+    `make_args` config with `settings`; `ref_model` when given (e.g. `make_model(seed=1)`, a reference that differs
+    from the policy)."""
+
+    def make(method, priority_args=None, *, n=4, dataset=None, model=None, ref_model=None, **settings):
+        return PrioritySFTTrainer(
+            model=make_model() if model is None else model,
+            args=make_args(priority=method, priority_args=priority_args, **settings),
+            train_dataset=datasets_.prompt_completion(n) if dataset is None else dataset,
+            processing_class=tokenizer,
+            **({} if ref_model is None else {"ref_model": ref_model}),
+        )
+
+    return make
+
+
+@pytest.fixture
 def gsm8k_dir(tmp_path):
     """A folder laid out like /work/shared/data/gsm8k, built from `QUESTIONS`: `train.jsonl` (16 rows, `question` and
     `answer` ending `#### N`) and `example_model_solutions.jsonl` (8 rows, `ground_truth` ending `A: N` and four model
@@ -260,3 +282,61 @@ def gsm8k_dir(tmp_path):
                 solutions[name] = {"solution": truth, "is_correct": True}
             handle.write(json.dumps({"question": question, "ground_truth": truth, **solutions}) + "\n")
     return str(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Φ on hand-made statistics, and the naive oracles it is checked against
+# ----------------------------------------------------------------------------------------------------------------
+def phi_of(method, statistics: dict, progress: float = 0.0, **priority_args) -> torch.Tensor:
+    """Φ of `method` (a name or a `Priority`) on hand-made `(B, T-1)` statistics, as the trainer forms it for one
+    batch: `trl_priority.phi.compute_phi` (the method's selection over this batch, or within each row for
+    `scope="example"`, then Φ; no schedule, pooling or warm-up). `progress` is the training progress the selection's
+    kept fraction reads; the priority itself reads `statistics["progress"]` when it needs it. `statistics` is not
+    changed."""
+    priority = get_priority(method)
+    settings = PhiSettings(priority, priority.resolve_args(priority_args))
+    return compute_phi(settings, dict(statistics), progress)
+
+
+def full_logits_stats(model, batch):
+    """`(logps, entropy, mask)`: log p(label) and the entropy of the next-token distribution, from the model's full
+    `(B, T, V)` logits (an oracle independent of the fused head), and the supervised mask; each `(B, T-1)`."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logprobs = logits.float().log_softmax(-1)  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logps = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logps, entropy, mask
+
+
+def naive_kept_count(fraction: float, n: int) -> int:
+    """k = round(fraction · n) half up, at least 1 when there is a token (the papers' "top fraction")."""
+    return 0 if n == 0 else max(1, math.floor(fraction * n + 0.5))
+
+
+def naive_top(scores, tokens, fraction) -> set:
+    """The tokens (index tuples) of `tokens` that fewer than k others beat: a higher score, or the same score earlier
+    in the list. A loop over pairs, independent of `trl_priority.selection`."""
+    k = naive_kept_count(fraction, len(tokens))
+    kept = set()
+    for i, token in enumerate(tokens):
+        beaten_by = sum(
+            1
+            for j, other in enumerate(tokens)
+            if scores[other] > scores[token] or (scores[other] == scores[token] and j < i)
+        )
+        if beaten_by < k:
+            kept.add(token)
+    return kept
+
+
+def naive_top_fraction(scores, mask, fraction) -> torch.Tensor:
+    """`(B, T-1)` float 0/1: the top `fraction` of all supervised tokens of the batch, row-major order breaking ties
+    (the paper's top ratio of the batch), from `naive_top`."""
+    tokens = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    expected = torch.zeros(mask.shape)
+    for token in naive_top(scores, tokens, fraction):
+        expected[token] = 1.0
+    return expected

@@ -264,15 +264,16 @@ def _notes(trainer, num_rows: int, progress: float) -> list[str]:
     priority = trainer.priority
     if priority is None:
         return notes
+    settings = trainer._phi_settings  # what `phi.compute_phi` shapes Φ with, as in training
     if priority.selection is not None:
-        scope = priority.selection.scope_of(trainer.priority_args)
+        scope = priority.selection.scope_of(settings.step_args(trainer.progress))
         notes.append(
             f"The top-fraction selection is made over these {num_rows} rows as one batch (like `token_priorities`); "
             f"in training it is made over its scope, '{scope}'."
         )
-    if trainer.args.priority_warmup_ratio > trainer.progress:
+    if settings.warmup_ratio > trainer.progress:
         notes.append(
-            f"`priority_warmup_ratio={trainer.args.priority_warmup_ratio}`: Φ is still blended with uniform "
+            f"`priority_warmup_ratio={settings.warmup_ratio}`: Φ is still blended with uniform "
             "weights (fully at progress 0, where every supervised token shows Φ = 1)."
         )
     if trainer.priority_state is not None:

@@ -50,13 +50,14 @@ Two kinds of extra terms, added by the trainer without knowing the method:
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from .signatures import hyperparameter_names, statistic_parameters
 
 
 NegativeLoss = Literal["unlikelihood", "ascent"]
@@ -140,16 +141,6 @@ def weighted_nll(logps: torch.Tensor, priority: torch.Tensor, num_items: torch.T
     return priority_loss(logps, priority, num_items)
 
 
-def _positional(fn: Callable) -> tuple[str, ...]:
-    params = inspect.signature(fn).parameters.values()
-    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-def _keyword_only(fn: Callable) -> tuple[str, ...]:
-    params = inspect.signature(fn).parameters.values()
-    return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
-
-
 @dataclass(frozen=True)
 class LossTerm:
     """An extra per-token term of a method's objective, added to the Φ-weighted loss by the trainer.
@@ -176,11 +167,11 @@ class LossTerm:
 
     @functools.cached_property
     def statistics(self) -> tuple[str, ...]:
-        return _positional(self.fn)
+        return statistic_parameters(self.fn)
 
     @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
-        return _keyword_only(self.fn)
+        return hyperparameter_names(self.fn)
 
 
 @dataclass(frozen=True)
@@ -216,7 +207,7 @@ class DistributionTerm:
     @functools.cached_property
     def inputs(self) -> tuple[str, ...]:
         """Positional parameters after `logprobs` and `labels`."""
-        return _positional(self.fn)[2:]
+        return statistic_parameters(self.fn)[2:]
 
     @functools.cached_property
     def statistics(self) -> tuple[str, ...]:
@@ -229,7 +220,7 @@ class DistributionTerm:
 
     @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
-        return _keyword_only(self.fn)
+        return hyperparameter_names(self.fn)
 
     def __call__(
         self,

@@ -25,12 +25,13 @@ hold several examples, are split correctly.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .signatures import hyperparameter_names, statistic_parameters
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,11 @@ class TopFraction:
 
     @functools.cached_property
     def statistics(self) -> tuple[str, ...]:
-        params = inspect.signature(self.score).parameters.values()
-        return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        return statistic_parameters(self.score)
 
     @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
-        params = inspect.signature(self.score).parameters.values()
-        return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
+        return hyperparameter_names(self.score)
 
     def kept_fraction(self, args: Mapping[str, Any], progress: float) -> float:
         value = args[self.fraction] if isinstance(self.fraction, str) else self.fraction(args, progress)

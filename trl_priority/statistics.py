@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager, nullcontext
@@ -45,6 +44,8 @@ import torch
 import trl.kernels.chunked_logprob as _trl_kernel
 import trl.trainer.utils as _trl_utils
 from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .signatures import hyperparameter_names
 
 
 try:  # TRL's own fp32-accumulating projection helpers (trl>=1.16; the pin in pyproject keeps them)
@@ -94,8 +95,7 @@ class DistributionStatistic:
 
     @functools.cached_property
     def hyperparameters(self) -> tuple[str, ...]:
-        params = inspect.signature(self.fn).parameters.values()
-        return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY)
+        return hyperparameter_names(self.fn)
 
 
 DISTRIBUTION_STATISTICS: dict[str, DistributionStatistic] = {

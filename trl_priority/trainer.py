@@ -47,6 +47,7 @@ from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
 from .objectives import UNLIKELIHOOD_TERM, priority_loss
+from .phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
 from .priorities import get_priority
 from .reference import (
     AdapterReference,
@@ -60,8 +61,8 @@ from .reference import (
     freeze_and_place,
     is_callback_reference,
 )
-from .schedules import blend_with_uniform, pool_over_groups, schedule_value, unit_groups, warmup_weight
-from .selection import select_in_batch, select_in_examples, select_over_step
+from .schedules import warmup_weight
+from .selection import select_over_step
 from .state import TokenState
 from .statistics import (
     DataStatistic,
@@ -606,18 +607,23 @@ class PrioritySFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Φ
     # ------------------------------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _phi_settings(self) -> PhiSettings:
+        """The method's Φ settings (priority, resolved hyperparameters, schedule, granularity, pooling, warm-up), read
+        once from the config."""
+        return PhiSettings.from_config(self.args, self.priority, self.priority_args)
+
     @property
     def _step_args(self) -> dict[str, Any]:
-        """The method's hyperparameters now: the configured ones, with the scheduled ones at the current progress."""
-        schedule = self.args.priority_schedule
-        if not schedule:
+        """The method's hyperparameters now (`phi.step_hyperparameters`): the configured ones, with the scheduled ones
+        at the current progress. Computed once per step (keyed by the progress), however often it is read."""
+        if not self.args.priority_schedule:
             return self.priority_args
-        args = dict(self.priority_args)
-        for name, entry in schedule.items():
-            start = entry.get("start", self.priority_args[name])
-            value = schedule_value(start, entry["end"], entry["kind"], self.progress, entry["at"])
-            args[name] = round(value) if self.priority.hyperparameters[name].kind is int else value
-        return args
+        progress = self.progress
+        cached = getattr(self, "_step_args_cache", None)
+        if cached is None or cached[0] != progress:
+            cached = self._step_args_cache = (progress, self._phi_settings.step_args(progress))
+        return cached[1]
 
     @property
     def progress(self) -> float:
@@ -731,30 +737,18 @@ class PrioritySFTTrainer(SFTTrainer):
     def _priority_of(
         self, statistics: dict[str, Any], selected: torch.Tensor | None = None, whole_step: bool = False
     ) -> torch.Tensor:
-        """Φ from the gathered statistics: the method's selection first (over this micro-batch unless given; with
-        `whole_step`, this micro-batch is the whole optimizer step and the selection spans every process)."""
-        selection = self.priority.selection
-        if selection is not None:
-            if selected is None:
-                scores = self.priority.selection_scores(statistics, self._step_args)
-                fraction = selection.kept_fraction(self._step_args, self.progress)
-                scope = selection.scope_of(self._step_args)
-                if scope == "example":
-                    selected = select_in_examples(scores, statistics["mask"], fraction, statistics.get("_example"))
-                elif scope == "step" and whole_step:
-                    selected = select_over_step([scores], [statistics["mask"]], fraction, self.accelerator)[0]
-                else:
-                    selected = select_in_batch(scores, statistics["mask"], fraction)
-            statistics["selected"] = selected
-        phi = self.priority(statistics, self._step_args)
-        mask = statistics["mask"]
-        granularity = self.args.priority_granularity
-        if granularity != "token":
-            # Whole words or spans: one Φ per (example, unit), pooled over its supervised tokens
-            unit = statistics["_unit"]  # (B, T-1)
-            example = statistics["_example"]
-            phi = pool_over_groups(phi, unit_groups(example, unit, granularity), mask, self.args.priority_pooling)
-        return blend_with_uniform(phi, mask, warmup_weight(self.progress, self.args.priority_warmup_ratio))
+        """Φ from the gathered statistics (`phi.compute_phi`): the method's selection first (over this micro-batch
+        unless given; with `whole_step`, this micro-batch is the whole optimizer step and the selection spans every
+        process), then Φ, pooling and warm-up."""
+        over_processes = functools.partial(select_over_step, accelerator=self.accelerator) if whole_step else None
+        return compute_phi(
+            self._phi_settings,
+            statistics,
+            self.progress,
+            step_args=self._step_args,
+            selected=selected,
+            over_processes=over_processes,
+        )
 
     def _forward_with_priority(self, model, inputs: dict[str, Any], training: bool = False, ahead=None):
         """Run the policy, gather every statistic the method reads, and compute Φ.
@@ -796,7 +790,6 @@ class PrioritySFTTrainer(SFTTrainer):
 
     @torch.no_grad()
     def _select_over_step(self, batch_samples) -> list[dict[str, Any]]:
-        selection = self.priority.selection
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         scores, masks, references = [], [], []
         with eval_mode(model):
@@ -804,11 +797,13 @@ class PrioritySFTTrainer(SFTTrainer):
                 inputs = self._prepare_inputs(dict(batch))
                 inputs["use_cache"] = False
                 _, statistics, _ = self._gather_statistics(model, inputs, training=False, train_batch=True)
-                scores.append(self.priority.selection_scores(statistics, self._step_args))
+                scores.append(selection_scores(self.priority, statistics, self._step_args))
                 masks.append(statistics["mask"])
                 references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
-        fraction = selection.kept_fraction(self._step_args, self.progress)
-        selected = select_over_step(scores, masks, fraction, self.accelerator)
+        over_processes = functools.partial(select_over_step, accelerator=self.accelerator)
+        selected = select_over_step_batches(
+            self.priority, scores, masks, self._step_args, self.progress, over_processes
+        )
         return [{"selected": s, "reference": r} for s, r in zip(selected, references)]
 
     @torch.no_grad()

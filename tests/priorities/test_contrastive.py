@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset, load_dataset
 
+from tests.conftest import phi_of
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.objectives import priority_loss
 from trl_priority.priorities.contrastive import critical, critical_counterfactual
-from trl_priority.selection import select_in_batch
 from trl_priority.token_scores import contrastive_token_scores, counterfactual_impact, information_gain, main
 
 
@@ -29,16 +29,6 @@ def chat_ids(tokenizer, example) -> tuple[list[int], int]:
 
 def with_unlearn(dataset: Dataset) -> Dataset:
     return dataset.add_column("unlearn", [float(i % 2) for i in range(len(dataset))])
-
-
-def phi_of(name, statistics, args=None):
-    """Φ as the trainer computes it: the method's selection over this batch first."""
-    priority = get_priority(name)
-    args = priority.resolve_args(args or {})
-    if priority.selection is not None:
-        scores = priority.selection.scores(statistics, args)
-        statistics["selected"] = select_in_batch(scores, statistics["mask"], priority.selection.kept_fraction(args, 0))
-    return priority(statistics, args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,15 +248,15 @@ def test_critical_counterfactual_top_mode_by_hand():
     impact = torch.tensor([[0.3, -0.2, 0.0, 1.5], [-0.9, 0.05, 2.0, 0.7]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
     # 7 supervised impacts 0.3 −0.2 0.0 1.5 −0.9 0.05 2.0; ratio 0.5 keeps round(3.5) = 4: 2.0 1.5 0.3 0.05
-    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, {"mode": "top"})
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, mode="top")
     assert phi.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]]
     # by |impact|, ratio 2/7 keeps round(2) = 2: 2.0 1.5
     args = {"mode": "top", "direction": "either", "ratio": 2 / 7}
-    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, args)
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, **args)
     assert phi.tolist() == [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
     # by −impact ("hurts"), ratio 2/7: −0.9, −0.2
     args = {"mode": "top", "direction": "hurts", "ratio": 2 / 7}
-    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, args)
+    phi = phi_of("critical_counterfactual", {"counterfactual_impact": impact, "mask": mask}, **args)
     assert phi.tolist() == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
 
 
@@ -370,7 +360,7 @@ def test_tshirt_keeps_what_the_official_percentile_keeps(ratio, sign):
     gain = torch.randn(3, 8, generator=generator)  # distinct values
     mask = torch.zeros(3, 8, dtype=torch.bool)
     mask[0, :6], mask[1, 2:], mask[2, :4] = True, True, True  # 16 supervised tokens: ratio · 16 is whole
-    phi = phi_of("tshirt", {"information_gain": sign * gain * mask, "mask": mask}, {"ratio": ratio})
+    phi = phi_of("tshirt", {"information_gain": sign * gain * mask, "mask": mask}, ratio=ratio)
     # the official code's pmi is −Δ; its mask is sign-free
     keep = official_token_mask(-gain[mask].numpy(), ratio)
     expected = torch.zeros(3, 8)

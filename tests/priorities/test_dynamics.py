@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
+from tests.conftest import phi_of
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.priorities.dynamics import entrodrop_drop_rate
-from trl_priority.selection import select_in_batch
 from trl_priority.state import STATE_FILE, TokenState
 
 
@@ -83,9 +83,7 @@ def naive_entrodrop(entropy: torch.Tensor, mask: torch.Tensor, progress: float, 
 
 
 def entrodrop_phi(entropy, mask, progress, **priority_args):
-    """Φ as the trainer forms it for a micro-batch: the selection, then the priority."""
-    priority = get_priority("entrodrop")
-    args = priority.resolve_args(priority_args)
+    """Φ as the trainer forms it for a micro-batch (`tests.conftest.phi_of`): the selection, then the priority."""
     identity = torch.arange(entropy.numel()).view(entropy.shape).float()
     statistics = {
         "entropy": entropy,
@@ -94,9 +92,7 @@ def entrodrop_phi(entropy, mask, progress, **priority_args):
         "token_position": identity % entropy.shape[1],
         "progress": torch.tensor(progress),
     }
-    fraction = priority.selection.kept_fraction(args, progress)
-    statistics["selected"] = select_in_batch(priority.selection.scores(statistics, args), mask, fraction)
-    return priority(statistics, args)
+    return phi_of("entrodrop", statistics, progress, **priority_args)
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.3, 0.5, 0.8, 0.99])
@@ -131,19 +127,18 @@ def test_entrodrop_hand_case_ties_and_all_masked_rows():
 # EntroDrop, the position paper's Table 1 form: Φ ~ Bernoulli(1 − e^{−λH}), drawn from the token and the step
 # ------------------------------------------------------------------------------------------------------------------
 def bernoulli_phi(entropy, example, position, progress, **priority_args):
+    """Φ as the trainer forms it (`tests.conftest.phi_of`): the variant's selection keeps a fraction of 1, every token."""
     priority = get_priority("entrodrop")
     args = priority.resolve_args({"variant": "bernoulli", **priority_args})
-    mask = torch.ones_like(entropy, dtype=torch.bool)
+    assert priority.selection.kept_fraction(args, progress) == 1.0
     statistics = {
         "entropy": entropy,
-        "mask": mask,
+        "mask": torch.ones_like(entropy, dtype=torch.bool),
         "example_index": example.float(),
         "token_position": position.float(),
         "progress": torch.tensor(progress),
-        "selected": mask,  # the variant keeps a fraction of 1: the trainer's selection keeps everything
     }
-    assert priority.selection.kept_fraction(args, progress) == 1.0
-    return priority(statistics, args)
+    return phi_of("entrodrop", statistics, progress, variant="bernoulli", **priority_args)
 
 
 @pytest.mark.parametrize("entropy_scale", [1.0, 2.5])

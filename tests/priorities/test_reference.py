@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from trl_priority.priorities.reference import excess_loss, prift_mass, prift_prob, rho1
+from tests.conftest import naive_top_fraction, phi_of
+from trl_priority.priorities.reference import prift_mass, prift_prob
 from trl_priority.selection import select_in_batch, select_over_step
 from trl_priority.statistics import mass
 
@@ -17,25 +18,8 @@ MASK = torch.tensor([[True, True, True, False], [False, True, True, True]])
 
 
 def rho1_phi(logps, ref_logps, mask, ratio):
-    """Φ of rho1 for one batch, as the trainer computes it with `scope="micro_batch"`."""
-    selected = select_in_batch(excess_loss(logps, ref_logps, mask), mask, ratio)
-    return rho1(selected, mask, ratio=ratio)
-
-
-def naive_top_fraction(scores, mask, ratio):
-    """Keep token i when fewer than k supervised tokens beat it: a higher score, or the same score earlier in
-    row-major order. k = round(ratio · n) half up, at least 1 (the paper's top ratio of the batch)."""
-    supervised = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
-    k = 0 if not supervised else max(1, math.floor(ratio * len(supervised) + 0.5))
-    expected = torch.zeros(mask.shape)
-    for i, token in enumerate(supervised):
-        beaten_by = sum(
-            1
-            for j, other in enumerate(supervised)
-            if scores[other] > scores[token] or (scores[other] == scores[token] and j < i)
-        )
-        expected[token] = float(beaten_by < k)
-    return expected
+    """Φ of rho1 for one batch, as the trainer computes it with `scope="micro_batch"` (`tests.conftest.phi_of`)."""
+    return phi_of("rho1", {"logps": logps, "ref_logps": ref_logps, "mask": mask}, ratio=ratio, scope="micro_batch")
 
 
 def test_rho1_keeps_the_highest_excess_loss():

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from tests.conftest import phi_of
 from trl_priority import PriorityError, available_priorities, get_priority, register_priority
 from trl_priority import statistics as stats_vocab
 from trl_priority.priorities import registry
-from trl_priority.selection import select_in_batch
 from trl_priority.state import TokenState
 
 
@@ -49,14 +49,6 @@ def random_statistics(names, seed: int = 0) -> dict[str, torch.Tensor]:
     return stats
 
 
-def phi_of(priority, stats, args):
-    """Φ as the trainer computes it: the method's selection (over this batch) first."""
-    if priority.selection is not None:
-        scores = priority.selection.scores(stats, args)
-        stats["selected"] = select_in_batch(scores, stats["mask"], priority.selection.kept_fraction(args, 0.5))
-    return priority(stats, args)
-
-
 @pytest.fixture
 def scratch_registry():
     """Lets a test register priorities without leaving them behind."""
@@ -71,7 +63,7 @@ def test_every_method_honours_the_contract(name):
     priority = get_priority(name)
     stats = random_statistics(priority.all_statistics)
     stats["logps"] = stats.get("logps", torch.zeros(B, T)).requires_grad_()
-    phi = phi_of(priority, stats, priority.resolve_args({}))
+    phi = phi_of(priority, stats, 0.5)
 
     mask = stats["mask"]
     assert phi.shape == mask.shape and phi.dtype == torch.float32
@@ -87,7 +79,7 @@ def test_every_method_honours_the_contract(name):
         k: (torch.zeros_like(v, dtype=torch.bool) if k == "mask" else v.detach() if torch.is_tensor(v) else v)
         for k, v in stats.items()
     }
-    assert torch.all(phi_of(priority, empty, priority.resolve_args({})) == 0)
+    assert torch.all(phi_of(priority, empty, 0.5) == 0)
 
 
 @pytest.mark.parametrize("name", available_priorities())

@@ -3,42 +3,20 @@ per-example selection against a loop over examples, and both methods through `Pr
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from peft import LoraConfig
 
+from tests.conftest import naive_kept_count, naive_top, naive_top_fraction, phi_of
 from trl_priority import PrioritySFTTrainer, get_priority
 from trl_priority.priorities.reference import cleaning_influence, retrospective_excess_loss
-from trl_priority.selection import select_in_batch, select_in_examples
+from trl_priority.selection import select_in_examples
 
 
 # Two rows (one example each) × four positions; positions (0, 3) and (1, 0) are ignored
 MASK = torch.tensor([[True, True, True, False], [False, True, True, True]])
 LOGPS = torch.tensor([[-1.0, -2.0, -0.5, -9.0], [-0.1, -3.0, -1.0, -2.0]])
 REF_LOGPS = torch.tensor([[-1.5, -1.0, -1.0, 0.0], [-5.0, -1.0, -2.0, -2.5]])
-
-
-def kept_count(fraction: float, n: int) -> int:
-    """k = round(fraction · n) half up, at least 1 when there is a token."""
-    return 0 if n == 0 else max(1, math.floor(fraction * n + 0.5))
-
-
-def naive_top(scores, tokens, fraction) -> set:
-    """The tokens (index tuples) of `tokens` that fewer than k others beat: a higher score, or the same score earlier
-    in the list."""
-    k = kept_count(fraction, len(tokens))
-    kept = set()
-    for i, token in enumerate(tokens):
-        beaten_by = sum(
-            1
-            for j, other in enumerate(tokens)
-            if scores[other] > scores[token] or (scores[other] == scores[token] and j < i)
-        )
-        if beaten_by < k:
-            kept.add(token)
-    return kept
 
 
 def naive_per_row(scores, mask, fraction) -> torch.Tensor:
@@ -51,26 +29,10 @@ def naive_per_row(scores, mask, fraction) -> torch.Tensor:
     return expected
 
 
-def naive_global(scores, mask, fraction) -> torch.Tensor:
-    """The top fraction of all supervised tokens of the batch, row-major order breaking ties."""
-    tokens = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
-    expected = torch.zeros(mask.shape)
-    for token in naive_top(scores, tokens, fraction):
-        expected[token] = 1.0
-    return expected
-
-
-def phi_of(method, logps, ref_logps, mask, **args):
-    """Φ as the trainer forms it for one batch: the method's selection (per example or over the batch), then Φ."""
-    priority = get_priority(method)
-    args = priority.resolve_args(args)
-    scores = priority.selection_scores({"logps": logps, "ref_logps": ref_logps, "mask": mask}, args)
-    fraction = priority.selection.kept_fraction(args, 0.0)
-    if args["scope"] == "example":
-        selected = select_in_examples(scores, mask, fraction)
-    else:
-        selected = select_in_batch(scores, mask, fraction)
-    return priority({"selected": selected, "mask": mask}, args)
+def selection_phi(method, logps, ref_logps, mask, **args):
+    """Φ as the trainer forms it for one batch (`tests.conftest.phi_of`): the method's selection (per example or over
+    the batch), then Φ."""
+    return phi_of(method, {"logps": logps, "ref_logps": ref_logps, "mask": mask}, **args)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -81,14 +43,14 @@ def test_sstoken_keeps_each_examples_highest_retrospective_excess_loss():
     #   row 0: (0,0) = 0.5, (0,1) = −1.0, (0,2) = 0.5 | ignored (0,3) = −9.0
     #   row 1: ignored (1,0) = 4.9 | (1,1) = −2.0, (1,2) = 1.0, (1,3) = 0.5
     # data_prop 0.5 of 3 tokens per example → k = round(1.5) = 2 in each row
-    phi = phi_of("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.5)
+    phi = selection_phi("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.5)
     assert phi.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
     # at least one per example; the tie 0.5 / 0.5 of row 0 goes to the earlier position
-    assert phi_of("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.01).tolist() == [[1, 0, 0, 0], [0, 0, 1, 0]]
+    assert selection_phi("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.01).tolist() == [[1, 0, 0, 0], [0, 0, 1, 0]]
     # Over the whole batch instead: k = round(0.5 · 6) = 3, 1.0 then the two earliest 0.5
-    step = phi_of("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.5, scope="step")
+    step = selection_phi("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=0.5, scope="step")
     assert step.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
-    assert phi_of("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=1.0).tolist() == MASK.float().tolist()
+    assert selection_phi("sstoken", LOGPS, REF_LOGPS, MASK, data_prop=1.0).tolist() == MASK.float().tolist()
     torch.testing.assert_close(
         retrospective_excess_loss(LOGPS, REF_LOGPS, MASK),
         torch.tensor([[0.5, -1.0, 0.5, 0.0], [0.0, -2.0, 1.0, 0.5]]),
@@ -104,7 +66,7 @@ def test_sstoken_on_the_history_model_itself_keeps_each_examples_first_tokens():
     # At step 0 the policy is the history model: every REL is 0, and ties go to the earlier position
     mask = torch.tensor([[True, True, True, True, True, False], [False, False, True, True, True, True]])
     logps = -torch.rand(2, 6)
-    phi = phi_of("sstoken", logps, logps.clone(), mask, data_prop=0.6)
+    phi = selection_phi("sstoken", logps, logps.clone(), mask, data_prop=0.6)
     # k = round(0.6 · 5) = 3 in row 0, round(0.6 · 4) = round(2.4) = 2 in row 1
     assert phi.tolist() == [[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 0]]
 
@@ -119,10 +81,10 @@ def test_sstoken_oracle_loop(data_prop):
     mask[3] = False  # an example without a supervised token keeps nothing
     rel = {(b, t): logps[b, t].item() - ref_logps[b, t].item() for b in range(4) for t in range(9)}
     assert torch.equal(
-        phi_of("sstoken", logps, ref_logps, mask, data_prop=data_prop), naive_per_row(rel, mask, data_prop)
+        selection_phi("sstoken", logps, ref_logps, mask, data_prop=data_prop), naive_per_row(rel, mask, data_prop)
     )
-    step = phi_of("sstoken", logps, ref_logps, mask, data_prop=data_prop, scope="step")
-    assert torch.equal(step, naive_global(rel, mask, data_prop))
+    step = selection_phi("sstoken", logps, ref_logps, mask, data_prop=data_prop, scope="step")
+    assert torch.equal(step, naive_top_fraction(rel, mask, data_prop))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -136,10 +98,10 @@ def test_token_cleaning_by_hand_global_and_per_sample():
         torch.tensor([[-0.5, 1.0, -0.5, 0.0], [0.0, 2.0, -1.0, -0.5]]),
     )
     # global (the step): k = round(0.5 · 6) = 3: 2.0, 1.0, then the earliest of the three −0.5, (0,0)
-    phi = phi_of("token_cleaning", LOGPS, REF_LOGPS, MASK, data_prop=0.5)
+    phi = selection_phi("token_cleaning", LOGPS, REF_LOGPS, MASK, data_prop=0.5)
     assert phi.tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
     # sample: k = 2 in each row: row 0 keeps 1.0 and the earlier −0.5; row 1 keeps 2.0 and −0.5
-    sample = phi_of("token_cleaning", LOGPS, REF_LOGPS, MASK, data_prop=0.5, scope="example")
+    sample = selection_phi("token_cleaning", LOGPS, REF_LOGPS, MASK, data_prop=0.5, scope="example")
     assert sample.tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]
 
 
@@ -147,11 +109,11 @@ def test_token_cleaning_self_evolving_swaps_the_roles():
     # Self-evolving round: the policy is the last round's model, the reference the original base, so
     # Infl = L_ref − L_θ = logps − ref_logps: fixed-model cleaning with the two models' places exchanged
     for scope in ("step", "example"):
-        evolving = phi_of("token_cleaning", LOGPS, REF_LOGPS, MASK, scope=scope, pipeline="self_evolving")
-        swapped = phi_of("token_cleaning", REF_LOGPS, LOGPS, MASK, scope=scope, pipeline="fixed_model")
+        evolving = selection_phi("token_cleaning", LOGPS, REF_LOGPS, MASK, scope=scope, pipeline="self_evolving")
+        swapped = selection_phi("token_cleaning", REF_LOGPS, LOGPS, MASK, scope=scope, pipeline="fixed_model")
         assert torch.equal(evolving, swapped)
     # ... which is ssToken's REL against the original base, per example
-    evolving = phi_of(
+    evolving = selection_phi(
         "token_cleaning", LOGPS, REF_LOGPS, MASK, data_prop=0.5, scope="example", pipeline="self_evolving"
     )
     assert evolving.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
@@ -176,9 +138,9 @@ def test_token_cleaning_oracle_loops(data_prop, pipeline):
     influence = {(b, t): -base[b, t].item() + tuned[b, t].item() for b in range(3) for t in range(10)}
     args = {"data_prop": data_prop, "pipeline": pipeline}
     assert torch.equal(
-        phi_of("token_cleaning", logps, ref_logps, mask, **args), naive_global(influence, mask, data_prop)
+        selection_phi("token_cleaning", logps, ref_logps, mask, **args), naive_top_fraction(influence, mask, data_prop)
     )
-    per_sample = phi_of("token_cleaning", logps, ref_logps, mask, scope="example", **args)
+    per_sample = selection_phi("token_cleaning", logps, ref_logps, mask, scope="example", **args)
     assert torch.equal(per_sample, naive_per_row(influence, mask, data_prop))
 
 
@@ -305,7 +267,7 @@ def test_per_example_selection_in_the_trainer_follows_each_examples_scores(
             for t in range(mask.shape[1])
         }
         assert torch.equal(record["phi"], naive_per_row(influence, mask, 0.6))
-        assert record["phi"].sum(1).tolist() == [kept_count(0.6, int(n)) for n in mask.sum(1)]
+        assert record["phi"].sum(1).tolist() == [naive_kept_count(0.6, int(n)) for n in mask.sum(1)]
     one_batch, _ = run(
         make_model,
         tokenizer,
@@ -349,8 +311,8 @@ def test_per_example_selection_splits_padding_free_rows_by_example(make_model, t
     for i, n in enumerate(lengths):
         segment = slice(start, start + n - 1)  # the example's targets; the next position is the boundary
         supervised = int(mask_free[segment].sum())
-        assert int(phi_free[0, segment].sum()) == kept_count(0.6, supervised)
-        assert int(phi_padded[i].sum()) == kept_count(0.6, supervised)
+        assert int(phi_free[0, segment].sum()) == naive_kept_count(0.6, supervised)
+        assert int(phi_padded[i].sum()) == naive_kept_count(0.6, supervised)
         start += n
     free.train()
 
@@ -372,7 +334,7 @@ def test_sstoken_history_is_the_starting_model(lora, make_model, tokenizer, data
     # REL = 0 everywhere: the first round(0.6 · n) supervised tokens of each example
     first = torch.zeros(mask.shape)
     for b in range(mask.shape[0]):
-        positions = mask[b].nonzero().flatten()[: kept_count(0.6, int(mask[b].sum()))]
+        positions = mask[b].nonzero().flatten()[: naive_kept_count(0.6, int(mask[b].sum()))]
         first[b, positions] = 1.0
     assert torch.equal(phi, first)
     # The history model's log-probabilities are the starting model's, from its full logits

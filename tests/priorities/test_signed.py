@@ -85,24 +85,13 @@ def test_forgetting_declares_a_trained_reference_and_a_step_selection():
         method.resolve_args({"t_min": 0.5, "t_max": 0.1})
 
 
-def forgetting_trainer(make_model, tokenizer, datasets_, make_args, **overrides):
-    args = make_args(priority="forgetting", **{"max_steps": 10, **overrides})
-    return PrioritySFTTrainer(
-        model=make_model(),
-        args=args,
-        train_dataset=datasets_.prompt_completion(4),
-        processing_class=tokenizer,
-        ref_model=make_model(seed=1),
-    )
-
-
 @pytest.mark.parametrize("progress_step", [0, 4, 10])
 def test_forgetting_through_the_trainer_matches_a_full_logits_oracle(
-    progress_step, label_logps, make_model, tokenizer, datasets_, make_args
+    progress_step, label_logps, make_model, priority_trainer
 ):
     """Φ from the trainer against a naive split written from token_partitioning.py: every supervised token of the
     batch ranked by loss_base − loss_ref, the top round(ρ·n) positive, the rest −λ·ρ/(1−ρ)."""
-    trainer = forgetting_trainer(make_model, tokenizer, datasets_, make_args)
+    trainer = priority_trainer("forgetting", ref_model=make_model(seed=1), max_steps=10)
     trainer.state.max_steps, trainer.state.global_step = 10, progress_step  # progress = step / 10
     batch = trainer.data_collator(list(trainer.train_dataset))
     phi = trainer.token_priorities(batch)
@@ -122,12 +111,10 @@ def test_forgetting_through_the_trainer_matches_a_full_logits_oracle(
     assert (phi < 0).any() == (progress_step > 0)
 
 
-def test_forgetting_trains_with_a_step_wide_split_and_a_growing_lambda(make_model, tokenizer, datasets_, make_args):
-    trainer = forgetting_trainer(
-        make_model,
-        tokenizer,
-        datasets_,
-        make_args,
+def test_forgetting_trains_with_a_step_wide_split_and_a_growing_lambda(make_model, priority_trainer):
+    trainer = priority_trainer(
+        "forgetting",
+        ref_model=make_model(seed=1),
         max_steps=3,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
+from tests.conftest import full_logits_stats, phi_of
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
-from trl_priority.selection import select_in_batch
 
 
 MASK = torch.tensor([[True, True, True, False]])
@@ -17,17 +17,6 @@ MASK = torch.tensor([[True, True, True, False]])
 
 def log(*probs):
     return torch.tensor([probs]).log()
-
-
-def phi_of(name: str, stats: dict, **priority_args) -> torch.Tensor:
-    """Φ as the trainer computes it for one micro-batch: the method's selection over the batch first, then Φ."""
-    priority = get_priority(name)
-    args = priority.resolve_args(priority_args)
-    stats = dict(stats)
-    if priority.selection is not None:
-        scores = priority.selection_scores(stats, args)
-        stats["selected"] = select_in_batch(scores, stats["mask"], priority.selection.kept_fraction(args, 0.0))
-    return priority(stats, args)
 
 
 def random_batch(seed: int, rows: int = 4, cols: int = 9):
@@ -244,18 +233,6 @@ def test_srft_all_masked_batch():
 # ------------------------------------------------------------------------------------------------------------------
 # On a tiny model: Φ from the trainer against the model's own full logits
 # ------------------------------------------------------------------------------------------------------------------
-def full_logits_stats(model, batch):
-    """log p(label) and the entropy of the next-token distribution, from the full logits; the supervised mask."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    logprobs = logits.float().log_softmax(-1)  # (B, T-1, V)
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    logps = logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logps, entropy, mask
-
-
 def test_entropy_and_swift_on_a_tiny_model_match_the_full_logits(make_model, tokenizer, datasets_, make_args):
     dataset = datasets_.prompt_completion(4)
     trainer = PrioritySFTTrainer(

@@ -31,6 +31,7 @@ import torch
 
 from .. import statistics as stats_vocab
 from ..checks import non_finite_message
+from ..signatures import hyperparameter_names, statistic_parameters
 
 
 Regime = Literal["hard", "soft", "signed"]
@@ -269,8 +270,7 @@ class Priority:
     @functools.cached_property
     def own_hyperparameters(self) -> frozenset[str]:
         """The keyword-only parameters of the function itself (not `signal`, which the registry adds)."""
-        params = inspect.signature(self.fn).parameters.values()
-        return frozenset(p.name for p in params if p.kind == p.KEYWORD_ONLY)
+        return frozenset(hyperparameter_names(self.fn))
 
     @property
     def summary(self) -> str:
@@ -343,11 +343,9 @@ _REGISTRY: dict[str, Priority] = {}
 def _make_priority(fn: Callable, name: str, regime: Regime, paper: str, **options: Any) -> Priority:
     if regime not in REGIMES:
         raise PriorityError(f"Priority '{name}': regime {regime!r} is not one of {list(REGIMES)}.")
-    signature = inspect.signature(fn)
+    signature = inspect.signature(fn)  # the parameters themselves: their defaults and annotations
     hints = typing.get_type_hints(fn, include_extras=True)
-    positional = [
-        p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = list(statistic_parameters(fn))
     unknown = [stat for stat in positional if stats_vocab.source_of(stat) is None]
     if unknown:
         raise PriorityError(
@@ -357,9 +355,7 @@ def _make_priority(fn: Callable, name: str, regime: Regime, paper: str, **option
     if "mask" not in positional:
         raise PriorityError(f"Priority '{name}' must take the `mask` statistic, so that ignored tokens get Φ = 0.")
     hyperparameters = {
-        p.name: Hyperparameter.from_parameter(p, hints, name)
-        for p in signature.parameters.values()
-        if p.kind == p.KEYWORD_ONLY
+        hp: Hyperparameter.from_parameter(signature.parameters[hp], hints, name) for hp in hyperparameter_names(fn)
     }
     if options.get("signal_switch"):
         if "signal" in hyperparameters:
