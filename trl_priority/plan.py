@@ -20,6 +20,7 @@ viewer (`trl_priority.inspect`) read it from `trainer.plan`. Nothing here loads 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -307,6 +308,59 @@ def reference_kind(args, uses_reference: bool, model: Any, ref_model: Any, peft_
     return "starting_model", path
 
 
+def check_compatible(
+    plan: RunPlan, priority, priority_args: Mapping[str, Any], args, compute_loss_func, ref_model, model
+) -> None:
+    """Refuse, before anything is loaded, a configuration the method cannot train with (its loss replaced, a reference
+    that would train, a reference the method cannot use or lacks); warn when a given reference is not read."""
+    from .loading import _same_path, check_model_path
+
+    name = priority.name
+    if compute_loss_func is not None:
+        raise ValueError(
+            f"`compute_loss_func` replaces the loss that priority '{name}' weights. Pass one of them; to add a "
+            "term to the loss, declare it as a `LossTerm` of a registered priority."
+        )
+    if isinstance(ref_model, torch.nn.Module) and ref_model is model:
+        raise ValueError(
+            "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
+            "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
+        )
+    ref_path = ref_model if isinstance(ref_model, str) else args.ref_model_name_or_path
+    if ref_path is not None and plan.uses_reference and not args.precomputed_ref_columns:
+        check_model_path(ref_path, "reference model")
+        if isinstance(model, str) and _same_path(model, ref_path) and priority.reference == "explicit":
+            raise ValueError(
+                f"The reference model '{ref_path}' is the policy's own starting model, so the excess loss of "
+                f"'{name}' is 0 for every token at step 0 and carries no signal. Give a reference trained for the "
+                f"purpose (recipes/{name}.yaml says how)."
+            )
+    if priority.trains_prompt(priority_args) and (args.completion_only_loss or args.assistant_only_loss):
+        raise ValueError(
+            f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
+            "`assistant_only_loss=True`. Leave both unset."
+        )
+    has_reference = ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
+    if plan.uses_reference and priority.needs_reference_distribution:
+        if args.precomputed_ref_columns or is_callback_reference(ref_model):
+            raise ValueError(
+                f"Priority '{name}' reads the reference's whole next-token distribution (a loss term over the "
+                "vocabulary), which neither precomputed columns nor a callback can provide. Use a reference model "
+                "(`ref_model=`, `ref_model_name_or_path`, or none for the starting model)."
+            )
+    if plan.uses_reference and priority.reference == "explicit" and not has_reference:
+        raise ValueError(
+            f"Priority '{name}' compares the policy with a reference trained for the purpose (see its docstring); "
+            "against the starting model its scores carry no signal at step 0. Pass `ref_model=` (a model, a path "
+            f"or a callback) or set `ref_model_name_or_path`. recipes/{name}.yaml shows how to train one first."
+        )
+    if not plan.uses_reference and has_reference:
+        warnings.warn(
+            f"Priority '{name}' with {priority_args} reads no reference statistics; the reference is ignored.",
+            stacklevel=3,
+        )
+
+
 def _cache_columns(names: tuple[str, ...], topk: int | None) -> dict[str, DataStatistic]:
     from .ref_cache import TOPK_COLUMNS
 
@@ -325,4 +379,4 @@ def _is_vision(dataset: Any) -> bool:
     return isinstance(sample, Mapping) and ("image" in sample or "images" in sample)
 
 
-__all__ = ["CACHE_MODES", "REFERENCE_KINDS", "RunPlan", "reference_kind"]
+__all__ = ["CACHE_MODES", "REFERENCE_KINDS", "RunPlan", "check_compatible", "reference_kind"]

@@ -278,7 +278,7 @@ def _jsonable(value: Any) -> Any:
 
 def reference_loading(model: torch.nn.Module, init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The dtype and attention implementation a reference runs with: those of its loading kwargs, else the ones it
-    copies from `model` (`PrioritySFTTrainer._load_like_policy`: a reference loaded from a path takes the policy's;
+    copies from `model` (`loading.load_like_policy`: a reference loaded from a path takes the policy's;
     the adapter-off base and the starting model are the policy's). float32 and bfloat16 runs get other values."""
     init_kwargs = init_kwargs or {}
     causal_lm = stats_vocab.causal_lm_of(model)

@@ -21,14 +21,27 @@ wrap a source and keep its identity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
+from trl.trainer.utils import add_fused_lm_head, get_config_model_id
 
-from .reference import AdapterReference, CallbackReference, ColumnReference, ModelReference, Reference
+from .loading import dequantize_head, load_like_policy
+from .reference import (
+    AdapterReference,
+    CallbackReference,
+    ColumnReference,
+    ModelReference,
+    Reference,
+    check_same_vocabulary,
+    freeze_and_place,
+)
+from .statistics import add_distribution_head, causal_lm_of
 
 
 @dataclasses.dataclass
@@ -100,6 +113,31 @@ def reference_for(
     return ModelReference(None, description, load=lambda: load(given), identify=identify, kind=kind)
 
 
+def load_reference_model(
+    plan, given: Given, policy: torch.nn.Module, args, tokenizer, accelerator, is_deepspeed: bool, is_fsdp: bool
+) -> torch.nn.Module:
+    """A model source's model (`plan.reference_kind` "model_path", "model" or "starting_model"), loaded from a path
+    like the policy (`loading.load_like_policy`), checked to score the policy's vocabulary, given the fused heads, and
+    placed frozen next to the policy (`reference.freeze_and_place`)."""
+    ref_model, ref_tokenizer = given.ref_model, None
+    if plan.reference_kind == "model_path":
+        ref_model = plan.reference_path
+        with contextlib.suppress(OSError, ValueError):  # a model folder without tokenizer files: size check only
+            ref_tokenizer = AutoTokenizer.from_pretrained(ref_model, trust_remote_code=args.trust_remote_code)
+        init_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs
+        ref_model = load_like_policy(ref_model, init_kwargs, given.quantization_config, policy, args)
+    elif plan.reference_kind == "starting_model":
+        ref_model = given.starting_model
+        if ref_model is None:  # the policy was loaded from a path: load it again
+            path = get_config_model_id(policy.config)
+            ref_model = load_like_policy(path, args.model_init_kwargs, given.quantization_config, policy, args)
+    dequantize_head(ref_model, "reference model")
+    check_same_vocabulary(ref_model, causal_lm_of(policy), tokenizer, ref_tokenizer)
+    add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
+    add_distribution_head(ref_model)
+    return freeze_and_place(ref_model, accelerator, is_deepspeed, is_fsdp)
+
+
 def release_reference(reference: Reference | None, accelerator=None, policy=None) -> None:
     """Free a source's memory once its values are cached: its model, or the frozen copy of the starting adapter."""
     if reference is not None:
@@ -109,4 +147,4 @@ def release_reference(reference: Reference | None, accelerator=None, policy=None
         torch.cuda.empty_cache()
 
 
-__all__ = ["Given", "reference_for", "release_reference"]
+__all__ = ["Given", "load_reference_model", "reference_for", "release_reference"]

@@ -29,12 +29,11 @@ import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
 from torch.profiler import record_function
-from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import (
-    add_fused_lm_head,
     get_config_model_id,
     global_then_local_main_first,
 )
@@ -44,25 +43,20 @@ from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
 from .loading import (
-    _same_path,
     check_model_path,
     check_quantized_has_adapter,
     dequantize_head,
     last_complete_checkpoint,
-    load_like_policy,
 )
 from .objectives import UNLIKELIHOOD_TERM, priority_loss
-from .plan import RunPlan
+from .plan import RunPlan, check_compatible
 from .priorities import get_priority
 from .reference import (
     AdapterReference,
     ModelReference,
     Reference,
     add_frozen_adapter_copy,
-    check_same_vocabulary,
     eval_mode,
-    freeze_and_place,
-    is_callback_reference,
 )
 from .schedules import blend_with_uniform, pool_over_groups, schedule_value, unit_groups, warmup_weight
 from .selection import select_in_batch, select_in_examples, select_over_step
@@ -166,7 +160,7 @@ class PrioritySFTTrainer(SFTTrainer):
             train_dataset=train_dataset,
         )  # fmt: skip
         if self.priority is not None:
-            self._check_compatible(args, compute_loss_func, ref_model, model)
+            check_compatible(self.plan, self.priority, self.priority_args, args, compute_loss_func, ref_model, model)
             args.completion_only_loss = self.plan.completion_only_loss
             if self.plan.stateful:
                 self.priority_state = TokenState()
@@ -273,54 +267,6 @@ class PrioritySFTTrainer(SFTTrainer):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
 
-    def _check_compatible(self, args, compute_loss_func, ref_model, model) -> None:
-        name = self.priority.name
-        if compute_loss_func is not None:
-            raise ValueError(
-                f"`compute_loss_func` replaces the loss that priority '{name}' weights. Pass one of them; to add a "
-                "term to the loss, declare it as a `LossTerm` of a registered priority."
-            )
-        if isinstance(ref_model, torch.nn.Module) and ref_model is model:
-            raise ValueError(
-                "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
-                "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
-            )
-        ref_path = ref_model if isinstance(ref_model, str) else args.ref_model_name_or_path
-        if ref_path is not None and self.plan.uses_reference and not args.precomputed_ref_columns:
-            check_model_path(ref_path, "reference model")
-            if isinstance(model, str) and _same_path(model, ref_path) and self.priority.reference == "explicit":
-                raise ValueError(
-                    f"The reference model '{ref_path}' is the policy's own starting model, so the excess loss of "
-                    f"'{name}' is 0 for every token at step 0 and carries no signal. Give a reference trained for the "
-                    f"purpose (recipes/{name}.yaml says how)."
-                )
-        if self.priority.trains_prompt(self.priority_args) and (args.completion_only_loss or args.assistant_only_loss):
-            raise ValueError(
-                f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
-                "`assistant_only_loss=True`. Leave both unset."
-            )
-        has_reference = (
-            ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
-        )
-        if self.plan.uses_reference and self.priority.needs_reference_distribution:
-            if args.precomputed_ref_columns or is_callback_reference(ref_model):
-                raise ValueError(
-                    f"Priority '{name}' reads the reference's whole next-token distribution (a loss term over the "
-                    "vocabulary), which neither precomputed columns nor a callback can provide. Use a reference model "
-                    "(`ref_model=`, `ref_model_name_or_path`, or none for the starting model)."
-                )
-        if self.plan.uses_reference and self.priority.reference == "explicit" and not has_reference:
-            raise ValueError(
-                f"Priority '{name}' compares the policy with a reference trained for the purpose (see its docstring); "
-                "against the starting model its scores carry no signal at step 0. Pass `ref_model=` (a model, a path "
-                f"or a callback) or set `ref_model_name_or_path`. recipes/{name}.yaml shows how to train one first."
-            )
-        if not self.plan.uses_reference and has_reference:
-            warnings.warn(
-                f"Priority '{name}' with {self.priority_args} reads no reference statistics; the reference is ignored.",
-                stacklevel=3,
-            )
-
     def _check_parallelism(self) -> None:
         # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
         # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
@@ -333,28 +279,11 @@ class PrioritySFTTrainer(SFTTrainer):
             )
 
     def _build_reference(self, given: sources.Given) -> torch.nn.Module:
-        """A model source's model (`plan.reference_kind` "model_path", "model" or "starting_model"), loaded (from a
-        path like the policy) and placed frozen next to the policy: `load` of `sources.reference_for`."""
-        ref_model, ref_tokenizer = given.ref_model, None
-        if self.plan.reference_kind == "model_path":
-            ref_model = self.plan.reference_path
-            with contextlib.suppress(OSError, ValueError):  # a model folder without tokenizer files: size check only
-                ref_tokenizer = AutoTokenizer.from_pretrained(ref_model, trust_remote_code=self.args.trust_remote_code)
-            init_kwargs = self.args.ref_model_init_kwargs or self.args.model_init_kwargs
-            ref_model = self._load_like_policy(ref_model, init_kwargs, given.quantization_config)
-        elif self.plan.reference_kind == "starting_model":
-            ref_model = given.starting_model
-            if ref_model is None:  # the policy was loaded from a path: load it again
-                path = get_config_model_id(self.model.config)
-                ref_model = self._load_like_policy(path, self.args.model_init_kwargs, given.quantization_config)
-        dequantize_head(ref_model, "reference model")
-        check_same_vocabulary(ref_model, causal_lm_of(self.model), self._tokenizer, ref_tokenizer)
-        add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
-        add_distribution_head(ref_model)
-        return freeze_and_place(ref_model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
-
-    def _load_like_policy(self, path: str, init_kwargs, quantization_config) -> PreTrainedModel:
-        return load_like_policy(path, init_kwargs, quantization_config, self.model, self.args)
+        """The trainer's loader of a model source (`sources.reference_for`): its model loaded and placed frozen."""
+        return sources.load_reference_model(
+            self.plan, given, self.model, self.args, self._tokenizer, self.accelerator,
+            self.is_deepspeed_enabled, self.is_fsdp_enabled,
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _saveable_args(self):
