@@ -116,8 +116,10 @@ class RunPlan:
 
         cache (`str`):
             How the reference's values are kept: `"none"` (computed in every batch), `"disk"` (`ref_cache_dir`:
-            computed once before training, read as columns), `"epoch"` (`ref_epoch_cache`: kept per token during
-            training, for a frozen reference).
+            computed once before training, read as columns), `"epoch"` (`ref_epoch_cache`: where the tokens carry
+            their identity, the reference is wrapped in an `EpochCache`, which keeps its values per token while the
+            run has more than one epoch; only a reference that stays frozen is wrapped, which the built reference
+            tells: `EpochCache.for_plan`).
         cache_dir (`str` or `None`):
             The disk cache's folder (`"auto"` resolved), with `cache="disk"`.
         epoch_cache (`str`):
@@ -267,7 +269,7 @@ class RunPlan:
             mask_prompt_labels=mask_prompt_labels,
             completion_only_loss=completion_only_loss,
             column_specs=column_specs,
-            identity_columns=identity,
+            identity_columns=tuple(dict.fromkeys(identity)),
             epoch_columns=epoch_columns,
             cache_columns=_cache_columns(cached, topk) if cache == "disk" else {},
             reference_kind=kind,
