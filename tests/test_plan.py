@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from trl_priority import PrioritySFTTrainer, get_priority
@@ -318,3 +319,12 @@ def test_identity_of_precomputed_columns_is_unchanged(make_args):
     plan = plan_of(make_args, "prift_prob", precomputed_ref_columns=True)
     source = reference_for(plan, Given(), torch.nn.Linear(1, 1), make_args(), load=None)
     assert source.identity() == {"kind": "columns"}
+
+
+def test_a_dataset_prepared_after_the_cache_is_installed_names_the_cached_column(
+    make_model, tokenizer, datasets_, make_args, tmp_path
+):
+    trainer = _trainer(make_model, tokenizer, datasets_, make_args, args={"ref_cache_dir": str(tmp_path / "cache")})
+    assert trainer.plan.cache == "disk" and trainer._token_columns == ("ref_logps",)
+    with pytest.raises(ValueError, match="reads the column 'ref_logps'.*the reference cache attached it"):
+        trainer._prepare_dataset(datasets_.prompt_completion(2), tokenizer, trainer.args, False, None, "fresh")

@@ -334,7 +334,10 @@ class PrioritySFTTrainer(SFTTrainer):
         return prepared
 
     def _prepare_dataset_with_columns(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if not self.plan.column_specs:
+        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
+        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
+        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
+        if not specs:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if "example_index" in self.plan.column_specs:
             # The per-token identity of stateful methods: the example's index in the dataset as given
@@ -356,7 +359,7 @@ class PrioritySFTTrainer(SFTTrainer):
                     }
                 )
         columns = get_dataset_column_names(dataset)
-        for column, spec in self.plan.column_specs.items():
+        for column, spec in specs.items():
             if column not in columns and not spec.generated:
                 raise ValueError(
                     f"Priority '{self.priority.name}' reads the column '{column}', which the prepared {dataset_name} "
@@ -365,7 +368,7 @@ class PrioritySFTTrainer(SFTTrainer):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with global_then_local_main_first():
             dataset = prepare_token_columns(
-                dataset, self.plan.column_specs, args, packing, dataset_name, tokenizer, self.priority_args
+                dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args
             )
         if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self.plan.column_specs:
             self._warn_truncated_completions(dataset, dataset_name, args.max_length)
