@@ -87,7 +87,7 @@ def test_cached_statistics_equal_the_online_reference(
         **settings,
     )  # fmt: skip
     assert isinstance(cached.reference, ref_cache.CachedColumns) and isinstance(online.reference, ModelReference)
-    assert cached._reference_statistics == names
+    assert cached.plan.reference_statistics == names
 
     batch = cached.data_collator(list(cached.train_dataset))
     columns = {f"ref_{name}": batch[f"ref_{name}"] for name in names}
@@ -310,7 +310,7 @@ def test_epoch_cache_is_off_for_one_epoch_and_for_a_reference_that_moves(make_mo
 
     one_epoch = dict(max_steps=-1, num_train_epochs=1)
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, make_model(seed=1), **one_epoch)
-    assert trainer._epoch_cache is None and "example_index" not in trainer._column_specs
+    assert trainer._epoch_cache is None and "example_index" not in trainer.plan.column_specs
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainer = PrioritySFTTrainer(
@@ -321,7 +321,10 @@ def test_epoch_cache_is_off_for_one_epoch_and_for_a_reference_that_moves(make_mo
     # A base weight that trains too (outside every adapter): the adapter-off reference moves with it
     next(p for n, p in trainer.model.named_parameters() if "norm" in n).requires_grad_(True)
     assert not epoch_cache.reference_is_frozen(trainer.reference, trainer.model)
-    assert epoch_cache.EpochCache.for_trainer(trainer) is None
+    built = epoch_cache.EpochCache.for_plan(
+        trainer.plan, trainer.reference, trainer.model, trainer.accelerator, trainer.args.output_dir, lambda: True, {}
+    )
+    assert built is None
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -103,16 +103,17 @@ def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(toke
     from types import SimpleNamespace
 
     from tests.conftest import build_model
-    from trl_priority.ref_cache import ReferenceSources, reference_identity
+    from trl_priority.plan import RunPlan
+    from trl_priority.sources import Given, reference_for
 
     path = model_dir()
     args = SimpleNamespace(ref_model_init_kwargs=None, model_init_kwargs={}, ref_model_name_or_path=path)
+    plan = RunPlan(uses_reference=True, reference_kind="model_path", reference_path=path)
 
     def identity(dtype, attention="sdpa"):
         policy = build_model(tokenizer).to(dtype)
         policy.config._attn_implementation = attention
-        trainer = SimpleNamespace(args=args, model=policy)
-        return reference_identity(trainer, ReferenceSources(ref_model=None, model=policy, starting_model=None))
+        return reference_for(plan, Given(model=policy), policy, args, load=None).identity()
 
     assert identity(torch.float32) != identity(torch.bfloat16)
     assert identity(torch.float32, "eager") != identity(torch.float32, "sdpa")
@@ -127,7 +128,8 @@ def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer
     import huggingface_hub.constants
 
     from tests.conftest import build_model
-    from trl_priority.ref_cache import ReferenceSources, reference_identity
+    from trl_priority.plan import RunPlan
+    from trl_priority.sources import Given, reference_for
 
     repo = tmp_path / "models--org--ref"
     (repo / "refs").mkdir(parents=True)
@@ -139,13 +141,13 @@ def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer
         ref_model_init_kwargs={"revision": "v2"}, model_init_kwargs={}, ref_model_name_or_path="org/ref"
     )
     policy = build_model(tokenizer)
-    trainer = SimpleNamespace(args=args, model=policy)
-    sources = ReferenceSources(ref_model=None, model=policy, starting_model=None)
+    plan = RunPlan(uses_reference=True, reference_kind="model_path", reference_path="org/ref")
 
     def identity_at(main: str, v2: str):
         (repo / "refs" / "main").write_text(main)
         (repo / "refs" / "v2").write_text(v2)
-        return reference_identity(trainer, sources)
+        # a new source each time: a source computes its identity once
+        return reference_for(plan, Given(model=policy), policy, args, load=None).identity()
 
     assert identity_at("a" * 40, "b" * 40)["commit"] == "b" * 40
     assert identity_at("a" * 40, "b" * 40) != identity_at("a" * 40, "c" * 40)

@@ -428,7 +428,7 @@ def check_resume(value: Any, output_dir: str) -> None:
     if value is None or value is False or value == "":
         return
     if _wants_last_checkpoint(value):
-        from .trainer import last_complete_checkpoint
+        from .loading import last_complete_checkpoint
 
         if last_complete_checkpoint(output_dir, strict=False) is None:
             raise ValueError(

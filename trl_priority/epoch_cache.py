@@ -55,21 +55,13 @@ def epoch_cache_wanted(args, priority, priority_args: Mapping[str, Any], cache_d
     return wanted
 
 
-def epoch_cache_key(trainer, reference: Mapping[str, Any] | None) -> dict[str, Any]:
+def epoch_cache_key(
+    reference: Mapping[str, Any] | None, statistics: Mapping[str, Any], rows: Mapping[str, Any] | None, mixed_precision
+) -> dict[str, Any]:
     """What the kept values depend on, saved next to them (`ref_epoch_cache.json`) and compared on resume: the
-    reference (`ref_cache.reference_identity`), the statistics with their hyperparameters, the training rows (their
-    content hash, since the values are keyed by example index) and the mixed precision."""
-    if not hasattr(trainer, "_epoch_cache_rows"):
-        rows = trainer.train_dataset
-        trainer._epoch_cache_rows = dataset_digest(rows)[0] if hasattr(rows, "select_columns") else None
-    names = cached_statistics(trainer.priority, trainer.priority_args)
-    statistics = {n: {hp: trainer.priority_args[hp] for hp in stats_vocab.hyperparameters_of(n)} for n in names}
-    key = {
-        "reference": reference,
-        "statistics": statistics,
-        "rows": trainer._epoch_cache_rows,
-        "mixed_precision": str(trainer.accelerator.mixed_precision),
-    }
+    reference (its source's `identity()`), the statistics with their hyperparameters, the training rows (their content
+    hash, since the values are keyed by example index) and the mixed precision."""
+    key = {"reference": reference, "statistics": statistics, "rows": rows, "mixed_precision": str(mixed_precision)}
     return json.loads(json.dumps(key, default=str))
 
 
@@ -186,8 +178,17 @@ class EpochCache(Reference):
     A value read back was computed in another batch: equal to the online value up to float rounding of padding.
     """
 
+    kind = "epoch_cache"
+
     def __init__(
-        self, reference: Reference, state: TokenState, accelerator, should_store: Callable[[], bool], mode: str
+        self,
+        reference: Reference,
+        state: TokenState,
+        accelerator,
+        should_store: Callable[[], bool],
+        mode: str,
+        statistics: Mapping[str, Any] | None = None,
+        rows: Any = None,
     ):
         self.reference = reference
         self.state = state
@@ -196,28 +197,47 @@ class EpochCache(Reference):
         self.mode = mode
         self.description = f"{reference.description}, values kept per token after their first epoch ({mode})"
         self.forwards = 0  # reference forwards run through this cache
+        self._statistics = dict(statistics or {})  # the cached statistics with their hyperparameters (the key's)
+        self._rows = rows  # the training rows the values are keyed by (hashed for the key, once)
+
+    def identity(self) -> dict[str, Any] | None:
+        return self.reference.identity()
+
+    def key(self) -> dict[str, Any]:
+        """`epoch_cache_key` of this cache: its source's identity, its statistics, the training rows' hash."""
+        if "_rows_digest" not in self.__dict__:
+            rows = self._rows
+            self._rows_digest = dataset_digest(rows)[0] if hasattr(rows, "select_columns") else None
+        return epoch_cache_key(self.identity(), self._statistics, self._rows_digest, self.accelerator.mixed_precision)
 
     @classmethod
-    def for_trainer(cls, trainer) -> EpochCache | None:
-        """The trainer's epoch cache, or None: no per-token identity, a column reference, or a reference that moves."""
-        reference = trainer.reference
-        specs = trainer._column_specs
-        if trainer.args.ref_epoch_cache == "none" or reference is None or isinstance(reference, ColumnReference):
+    def for_plan(
+        cls,
+        plan,
+        reference: Reference | None,
+        policy: torch.nn.Module,
+        accelerator,
+        output_dir: str,
+        should_store: Callable[[], bool],
+        priority_args: Mapping[str, Any],
+        rows: Any = None,
+    ) -> EpochCache | None:
+        """The run's epoch cache around `reference` (`plan.cache == "epoch"`), or None: no epoch cache planned, or a
+        reference that moves during training."""
+        if plan.cache != "epoch" or reference is None or isinstance(reference, ColumnReference):
             return None
-        if "example_index" not in specs or "token_position" not in specs:
-            return None
-        if not reference_is_frozen(reference, trainer.model):
+        if not reference_is_frozen(reference, policy):
             logger.info("trl-priority: the reference changes during training; its values are not kept per token.")
             return None
-        mode = trainer.args.ref_epoch_cache
+        mode = plan.epoch_cache
         if mode == "disk":
-            path = os.path.join(
-                trainer.args.output_dir, EPOCH_CACHE_NAME, f"rank-{trainer.accelerator.process_index}.sqlite"
-            )
+            path = os.path.join(output_dir, EPOCH_CACHE_NAME, f"rank-{accelerator.process_index}.sqlite")
             state = DiskTokenState(path)
         else:
             state = TokenState()
-        cache = cls(reference, state, trainer.accelerator, lambda: trainer.state.num_train_epochs > 1, mode)
+        names = plan.cached_statistics
+        statistics = {n: {hp: priority_args[hp] for hp in stats_vocab.hyperparameters_of(n)} for n in names}
+        cache = cls(reference, state, accelerator, should_store, mode, statistics, rows)
         logger.info(
             f"trl-priority: reference values kept per token for later epochs ({mode}).", main_process_only=True
         )
@@ -243,7 +263,8 @@ class EpochCache(Reference):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save(self, directory: str, key: Mapping[str, Any] | None = None) -> None:
-        """The kept values, and `key` (`epoch_cache_key`: what they were computed with) beside them."""
+        """The kept values, and `key` (`epoch_cache_key`: what they were computed with; `self.key()` by the trainer)
+        beside them."""
         if key is not None:
             with open(os.path.join(directory, f"{EPOCH_CACHE_NAME}.json"), "w") as file:
                 json.dump(key, file, indent=2, sort_keys=True)

@@ -236,9 +236,10 @@ def inspect_trainer(
         )
     priority = trainer.priority
     method = "none (SFTTrainer)" if priority is None else priority.name
+    # Where the reference statistics come from, as the run plan decided (`trainer.plan.reference_kind`)
     reference = (
         trainer.reference.description
-        if trainer.reference is not None
+        if trainer.plan.reference_kind != "none" and trainer.reference is not None
         else "none: the method reads no reference statistics"
     )
     return Inspection(
@@ -265,8 +266,8 @@ def _notes(trainer, num_rows: int, progress: float) -> list[str]:
     if priority is None:
         return notes
     settings = trainer._phi_settings  # what `phi.compute_phi` shapes Φ with, as in training
-    if priority.selection is not None:
-        scope = priority.selection.scope_of(settings.step_args(trainer.progress))
+    if trainer.plan.selection_scope is not None:
+        scope = trainer.plan.selection_scope
         notes.append(
             f"The top-fraction selection is made over these {num_rows} rows as one batch (like `token_priorities`); "
             f"in training it is made over its scope, '{scope}'."
@@ -276,7 +277,7 @@ def _notes(trainer, num_rows: int, progress: float) -> list[str]:
             f"`priority_warmup_ratio={settings.warmup_ratio}`: Φ is still blended with uniform "
             "weights (fully at progress 0, where every supervised token shows Φ = 1)."
         )
-    if trainer.priority_state is not None:
+    if trainer.plan.stateful:
         notes.append("A stateful method: its history is empty before training.")
     terms = [term.name for term in (*priority.token_terms, *priority.distribution_terms)]
     if terms:

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import itertools
 import json
@@ -64,19 +63,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, is_peft_model
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
 from . import statistics as stats_vocab
 from .data import TokenColumnCollator
-from .reference import (
-    ColumnReference,
-    ModelReference,
-    Reference,
-    is_callback_reference,
-)
+from .reference import ColumnReference, Reference
 from .topk_reference import TopKReferenceDistribution, topk_of
 
 
@@ -282,19 +276,9 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-@dataclasses.dataclass
-class ReferenceSources:
-    """What the trainer was given to build its reference from (`PrioritySFTTrainer.__init__`'s arguments)."""
-
-    ref_model: Any  # a path, a module, a callable or None
-    model: Any  # the policy as given: a path or a module
-    starting_model: torch.nn.Module | None  # the frozen copy for full fine-tuning from a module
-    quantization_config: Any = None
-
-
 def reference_loading(model: torch.nn.Module, init_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The dtype and attention implementation a reference runs with: those of its loading kwargs, else the ones it
-    copies from `model` (`PrioritySFTTrainer._load_like_policy`: a reference loaded from a path takes the policy's;
+    copies from `model` (`loading.load_like_policy`: a reference loaded from a path takes the policy's;
     the adapter-off base and the starting model are the policy's). float32 and bfloat16 runs get other values."""
     init_kwargs = init_kwargs or {}
     causal_lm = stats_vocab.causal_lm_of(model)
@@ -305,57 +289,38 @@ def reference_loading(model: torch.nn.Module, init_kwargs: Mapping[str, Any] | N
     return {"dtype": str(dtype).removeprefix("torch."), "attn_implementation": attention}
 
 
-def reference_identity(trainer, sources: ReferenceSources) -> dict[str, Any]:
-    """What identifies the reference's values, following `PrioritySFTTrainer._build_reference`'s choice."""
-    args = trainer.args
-    ref_model = sources.ref_model
-    if is_callback_reference(ref_model):
-        name = (
-            f"{getattr(ref_model, '__module__', '?')}.{getattr(ref_model, '__qualname__', type(ref_model).__name__)}"
-        )
-        return {
-            "kind": "callback",
-            "name": name,
-            "cache_identity": _jsonable(getattr(ref_model, "cache_identity", None)),
-        }
-    quantization = _jsonable(sources.quantization_config)
-    if ref_model is None and args.ref_model_name_or_path is not None:
-        ref_model = args.ref_model_name_or_path
-    if isinstance(ref_model, str):
-        init_kwargs = args.ref_model_init_kwargs or args.model_init_kwargs or {}
-        return {
-            "kind": "model",
-            **path_identity(ref_model, init_kwargs.get("revision")),
-            "init_kwargs": _jsonable(init_kwargs),
-            "quantization": quantization,
-            "loaded_as": reference_loading(trainer.model, init_kwargs),
-        }
-    if ref_model is not None:
-        return {
-            "kind": "model",
-            "parameters": module_fingerprint(ref_model),
-            "loaded_as": reference_loading(ref_model),
-        }
-    # The starting model: the LoRA base with the adapter off, a frozen copy of a starting adapter, or a frozen copy
-    if is_peft_model(trainer.model):
-        kind = "starting_adapter" if "ref" in trainer.model.peft_config else "adapter_off"
-    else:
-        kind = "starting_model"
-    if isinstance(sources.model, str) and kind != "starting_adapter":
-        init_kwargs = args.model_init_kwargs or {}
-        return {
-            "kind": kind,
-            **path_identity(sources.model, init_kwargs.get("revision")),
-            "init_kwargs": _jsonable(init_kwargs),
-            "quantization": quantization,
-            "loaded_as": reference_loading(trainer.model),
-        }
-    if kind == "starting_model" and sources.starting_model is not None:
-        starting = sources.starting_model
-        return {"kind": kind, "parameters": module_fingerprint(starting), "loaded_as": reference_loading(starting)}
-    # The policy's own weights before training, less the adapter being trained
-    parameters = module_fingerprint(trainer.model, skip=lambda name: ".default." in name)
-    return {"kind": kind, "parameters": parameters, "loaded_as": reference_loading(trainer.model)}
+def callback_identity(fn: Callable) -> dict[str, Any]:
+    """A callback reference's identity: its qualified name and its `cache_identity` attribute."""
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    return {"kind": "callback", "name": name, "cache_identity": _jsonable(getattr(fn, "cache_identity", None))}
+
+
+def path_reference_identity(
+    kind: str,
+    path: str,
+    init_kwargs: Mapping[str, Any],
+    quantization_config: Any,
+    policy: torch.nn.Module,
+    loading_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A reference loaded from `path` (a separate model, or the starting model under or without an adapter): the
+    path's files or hub commit, how it is loaded, and the dtype and attention it runs with (`reference_loading` of
+    `policy` with `loading_kwargs`)."""
+    return {
+        "kind": kind,
+        **path_identity(path, init_kwargs.get("revision")),
+        "init_kwargs": _jsonable(init_kwargs),
+        "quantization": _jsonable(quantization_config),
+        "loaded_as": reference_loading(policy, loading_kwargs),
+    }
+
+
+def weights_identity(
+    kind: str, module: torch.nn.Module, skip: Callable[[str], bool] = lambda name: False
+) -> dict[str, Any]:
+    """A reference in memory: a fingerprint of its weights (`module_fingerprint`, collective when partitioned) and
+    the dtype and attention it runs with."""
+    return {"kind": kind, "parameters": module_fingerprint(module, skip=skip), "loaded_as": reference_loading(module)}
 
 
 def cache_components(
@@ -843,10 +808,18 @@ class CachedColumns(ColumnReference):
     statistics `names` are read from their exact columns.
     """
 
-    def __init__(self, root: str, topk: int | None = None):
+    kind = "disk_cache"
+
+    def __init__(self, root: str, topk: int | None = None, identity: Mapping[str, Any] | None = None):
         self.topk = topk
+        self._cached_identity = identity
         what = "statistics" if topk is None else f"statistics and top-{topk} distribution"
         self.description = f"{what} cached in {root} (no reference forward)"
+
+    def identity(self) -> dict[str, Any] | None:
+        """The identity of the source whose values are cached (`priority.json` records it: a resume must read the
+        same values)."""
+        return self._cached_identity
 
     def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
         wanted = [f"ref_{name}" for name in names]
@@ -901,59 +874,36 @@ def _entry_exists(*args) -> bool:
     return read_entry(*args) is not None
 
 
-def release_reference(trainer, reference: Reference | None, starting_adapter: bool = False) -> None:
-    """Free a model reference's memory once its values are cached: drop it from the accelerator's prepared models, and
-    (`starting_adapter`) the frozen copy of the starting adapter from the policy."""
-    if isinstance(reference, ModelReference) and reference.model is not None:
-        models = getattr(trainer.accelerator, "_models", None)
-        if models is not None:
-            models[:] = [m for m in models if m is not reference.model]
-        reference.model = None
-    model = trainer.model
-    if starting_adapter and is_peft_model(model) and "ref" in model.peft_config and len(model.peft_config) > 1:
-        model.delete_adapter("ref")  # `add_frozen_adapter_copy`'s copy: the values it gave are cached
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+@dataclasses.dataclass
+class CachedReference:
+    """What `cache_reference_statistics` gives the trainer to install: the source that reads the cached columns, the
+    entries, and the datasets with the columns attached (as the trainer holds them: `eval_dataset` a dataset, a dict
+    of them, or None)."""
+
+    reference: CachedColumns
+    entries: list[CacheEntry]
+    train_dataset: Dataset
+    eval_dataset: Any
+    root: str
 
 
-def precompute_reference_statistics(
-    trainer,
-    cache_dir: str | None = None,
-    *,
-    build_reference: Callable[[], Reference] | None = None,
-) -> list[CacheEntry]:
-    """Compute the reference statistics the trainer's method reads once over its prepared datasets, store them under
-    `cache_dir/<key>/` (or reuse a matching entry), and from then on read them as columns: no reference forward.
-
-    Args:
-        trainer: a `PrioritySFTTrainer` whose method reads reference statistics (not the whole distribution).
-        cache_dir: the cache folder; defaults to `trainer.args.ref_cache_dir`, then `"auto"` (`default_cache_dir()`).
-        build_reference: how to get the reference on a cache miss; defaults to the trainer's reference. The trainer
-            passes its builder, so that a hit never loads the reference model.
-
-    Returns:
-        One `CacheEntry` per dataset (train, then each evaluation dataset), also in `trainer.ref_cache_entries`.
-
-    The training and evaluation rows get the columns `ref_<name>`, the trainer's reference becomes `CachedColumns`
-    (a `ColumnReference`), and the model reference is freed. Every process must call it (each computes a shard of a
-    missing entry; the main process writes it, the others wait).
-    """
-    names = cached_statistics(trainer.priority, trainer.priority_args)
+def cache_reference_statistics(trainer, source: Reference | None, cache_dir: str | None = None) -> CachedReference:
+    """Compute the reference statistics `trainer.plan` caches once over the trainer's prepared datasets with `source`
+    (loaded only on a miss), store them under `cache_dir/<key>/` (or reuse a matching entry), and return the source
+    that reads them as columns, with the datasets that carry them. Assigns nothing on the trainer, which installs the
+    result (`PrioritySFTTrainer.precompute_reference`). Every process must call it (each computes a shard of a
+    missing entry; the main process writes it, the others wait)."""
+    plan = trainer.plan
+    names = plan.cached_statistics
     if not names:
-        raise ValueError(
-            f"Priority '{getattr(trainer.priority, 'name', None)}' reads no reference statistics: there is nothing "
-            "to precompute."
-        )
-    topk = cached_topk(trainer.args, trainer.priority, trainer.priority_args)
-    if isinstance(trainer.reference, ColumnReference):
+        raise ValueError(f"Priority '{plan.priority}' reads no reference statistics: there is nothing to precompute.")
+    topk = plan.cache_topk
+    if isinstance(source, ColumnReference):
         raise ValueError("The trainer already reads its reference statistics from columns: nothing to precompute.")
     if getattr(trainer, "_is_vision_dataset", False):
         raise ValueError("`ref_cache_dir` needs tokenized rows; vision datasets are prepared batch by batch.")
     root = resolve_cache_dir(cache_dir or trainer.args.ref_cache_dir or "auto")
     accelerator = trainer.accelerator
-    sources: ReferenceSources = trainer._reference_sources
-    build_reference = build_reference or (lambda: trainer.reference)
     collator = trainer.data_collator
     base_collator = collator.base if isinstance(collator, TokenColumnCollator) else collator
     columns = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
@@ -971,11 +921,11 @@ def precompute_reference_statistics(
                 "without streaming, or unset `ref_cache_dir`."
             )
 
-    reference, identity, entries, attached = None, None, [], {}
+    identity, entries, attached = None, [], {}
     for name, dataset in datasets.items():
         if identity is None:
             # Every process hashes (partitioned weights are hashed shard by shard, together); the main one's counts
-            identity = _main_value(accelerator, lambda given: given, reference_identity(trainer, sources))
+            identity = _main_value(accelerator, lambda given: given, source.identity())
         components, lengths = cache_components(trainer, dataset, names, identity, eval_dataset=name != "train")
         components = _main_value(accelerator, lambda given: given, components)
         key = cache_key(components)
@@ -985,7 +935,7 @@ def precompute_reference_statistics(
         if not found:
             entry.differences = _main_value(accelerator, _nearest_entry, root, components)
             start = time.perf_counter()
-            reference = reference or build_reference()
+            reference = source.load()
             writer = accelerator.is_main_process or (
                 trainer.args.save_on_each_node and accelerator.is_local_main_process
             )
@@ -1025,24 +975,30 @@ def precompute_reference_statistics(
         entries.append(entry)
         _log_entry(trainer, entry, [column.removeprefix("ref_") for column in columns])
 
-    trainer.train_dataset = attached.pop("train")
+    train_dataset = attached.pop("train")
     if isinstance(evaluation, Mapping):
-        trainer.eval_dataset = attached
+        evaluation = attached
     elif evaluation is not None:
-        trainer.eval_dataset = attached["eval"]
-    hint = "rows of trainer.train_dataset carry it (the reference cache attached it); collate those rows"
-    for column in columns:
-        trainer._column_specs[column] = stats_vocab.DataStatistic(column, "token", 0.0, hint=hint)
-    padding = {column: spec.padding for column, spec in trainer._column_specs.items()}
-    trainer.data_collator = TokenColumnCollator(base_collator, trainer._token_columns, trainer.padding_free, padding)
-    previous = trainer.reference
-    trainer.reference = CachedColumns(root, topk)
-    trainer._epoch_cache = None
-    trainer._reference_sources = None
-    trainer._cached_reference_identity = identity  # `priority.json` records it: a resume must read the same values
-    release_reference(trainer, reference or previous, starting_adapter=identity["kind"] == "starting_adapter")
-    trainer.ref_cache_entries = entries
-    return entries
+        evaluation = attached["eval"]
+    return CachedReference(CachedColumns(root, topk, identity), entries, train_dataset, evaluation, root)
+
+
+def precompute_reference_statistics(trainer, cache_dir: str | None = None) -> list[CacheEntry]:
+    """Compute the reference statistics the trainer's method reads once over its prepared datasets, store them under
+    `cache_dir/<key>/` (or reuse a matching entry), and from then on read them as columns: no reference forward.
+
+    Args:
+        trainer: a `PrioritySFTTrainer` whose method reads reference statistics.
+        cache_dir: the cache folder; defaults to `trainer.args.ref_cache_dir`, then `"auto"` (`default_cache_dir()`).
+
+    Returns:
+        One `CacheEntry` per dataset (train, then each evaluation dataset), also in `trainer.ref_cache_entries`.
+
+    The training and evaluation rows get the columns `ref_<name>`, the trainer's reference becomes `CachedColumns`
+    (a `ColumnReference`), and the model reference is freed: `trainer.precompute_reference(cache_dir)`, which
+    installs what `cache_reference_statistics` returns. Every process must call it.
+    """
+    return trainer.precompute_reference(cache_dir)
 
 
 def _column_kind(column: str, topk: int | None) -> dict[str, Any]:
@@ -1071,6 +1027,9 @@ def _log_entry(trainer, entry: CacheEntry, names: Sequence[str]) -> None:
 
 __all__ = [
     "CacheEntry",
+    "CachedColumns",
+    "CachedReference",
+    "cache_reference_statistics",
     "cache_key",
     "EntryWriter",
     "default_cache_dir",

@@ -42,10 +42,31 @@ _POLICY_ONLY_KEYS = ("output_router_logits",)
 
 
 class Reference:
-    """Base class: `statistics(policy, inputs, names, args, columns, distribution)` returns
-    `({"ref_<name>": (B, T-1) tensor}, ReferenceDistribution | None)`."""
+    """Base class of every source of reference statistics.
+
+    - `statistics(policy, inputs, names, args, columns, distribution)` returns
+      `({"ref_<name>": (B, T-1) tensor}, ReferenceDistribution | None)`;
+    - `identity()` is what identifies its values (the reference cache's key, `priority.json`), computed once, without
+      loading anything (the factory `trl_priority.sources.reference_for` gives each source its `identify`);
+    - `load()` makes it ready to run (a model source loads and places its model then), `release(accelerator, policy)`
+      frees what it holds once its values are cached elsewhere.
+    """
 
     description = "reference"
+    kind = "reference"
+    _identify: Callable[[], dict[str, Any]] | None = None
+
+    def identity(self) -> dict[str, Any] | None:
+        """What identifies this source's values (computed on first use, then kept: hashing weights is collective)."""
+        if "_identity" not in self.__dict__:
+            self._identity = None if self._identify is None else self._identify()
+        return self._identity
+
+    def load(self) -> Reference:
+        return self
+
+    def release(self, accelerator=None, policy=None) -> None:
+        """Free what the source holds (its values are cached elsewhere from now on)."""
 
     def statistics(
         self,
@@ -74,13 +95,43 @@ def _model_statistics(model, head_owner, inputs, names, args, distribution):
 
 
 class ModelReference(Reference):
-    """A separate frozen model, already placed on the device (and sharded, under DeepSpeed ZeRO-3 or FSDP)."""
+    """A separate frozen model, placed on the device (and sharded, under DeepSpeed ZeRO-3 or FSDP).
 
-    def __init__(self, model: torch.nn.Module, description: str = "separate frozen model"):
+    Given as a model, or unloaded with `load=fn` (`fn()` returns the placed model): a source whose values a cache
+    holds is then never loaded; `load()` (or the first `statistics`) loads it.
+    """
+
+    kind = "model"
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        description: str = "separate frozen model",
+        *,
+        load: Callable[[], torch.nn.Module] | None = None,
+        identify: Callable[[], dict[str, Any]] | None = None,
+        kind: str = "model",
+    ):
         self.model = model
         self.description = description
+        self._load = load
+        self._identify = identify
+        self.kind = kind
+
+    def load(self) -> ModelReference:
+        if self.model is None and self._load is not None:
+            self.model = self._load()
+        return self
+
+    def release(self, accelerator=None, policy=None) -> None:
+        """Drop the model from the accelerator's prepared models; it is not loaded again."""
+        models = getattr(accelerator, "_models", None)
+        if models is not None and self.model is not None:
+            models[:] = [m for m in models if m is not self.model]
+        self.model, self._load = None, None
 
     def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
+        self.load()
         return _model_statistics(self.model, self.model, inputs, names, args, distribution)
 
 
@@ -98,13 +149,22 @@ def eval_mode(module: torch.nn.Module):
 class AdapterReference(Reference):
     """The policy itself with its LoRA adapter switched off (`adapter_name=None`) or with a frozen adapter active."""
 
-    def __init__(self, adapter_name: str | None):
+    def __init__(self, adapter_name: str | None, identify: Callable[[], dict[str, Any]] | None = None):
         self.adapter_name = adapter_name
+        self.kind = "adapter_off" if adapter_name is None else "starting_adapter"
+        self._identify = identify
         self.description = (
             "base model with the adapter switched off"
             if adapter_name is None
             else f"frozen copy of the starting adapter (adapter '{adapter_name}')"
         )
+
+    def release(self, accelerator=None, policy=None) -> None:
+        """Delete the frozen copy of the starting adapter from the policy (`add_frozen_adapter_copy`'s)."""
+        name = self.adapter_name
+        if name is not None and policy is not None and name in getattr(policy, "peft_config", {}):
+            if len(policy.peft_config) > 1:
+                policy.delete_adapter(name)
 
     def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
         peft_model = getattr(policy, "module", policy)
@@ -123,8 +183,11 @@ class CallbackReference(Reference):
     device, a scoring server, precomputed values.
     """
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any]):
+    kind = "callback"
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any], identify: Callable[[], dict[str, Any]] | None = None):
         self.fn = fn
+        self._identify = identify
         self.description = f"callback {getattr(fn, '__name__', type(fn).__name__)}"
 
     def statistics(self, policy, inputs, names, args, columns=None, distribution=False):
@@ -180,6 +243,10 @@ class ColumnReference(Reference):
     """
 
     description = "precomputed dataset columns"
+    kind = "columns"
+
+    def identity(self) -> dict[str, Any] | None:
+        return {"kind": "columns"}
 
     @staticmethod
     def hint(name: str) -> str:

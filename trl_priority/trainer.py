@@ -27,49 +27,45 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import is_peft_model
 from datasets import Dataset
 from torch.profiler import record_function
-from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import (
-    add_fused_lm_head,
-    create_model_from_path,
     get_config_model_id,
     global_then_local_main_first,
 )
 
-from . import checks, epoch_cache, privacy, ref_cache, structural
+from . import checks, epoch_cache, privacy, ref_cache, sources, structural
 from . import statistics as stats_vocab
 from .config import PrioritySFTConfig
 from .data import TokenColumnCollator, prepare_token_columns
+from .loading import (
+    check_model_path,
+    check_quantized_has_adapter,
+    dequantize_head,
+    last_complete_checkpoint,
+)
 from .objectives import UNLIKELIHOOD_TERM, priority_loss
 from .phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
+from .plan import RunPlan, check_compatible
 from .priorities import get_priority
 from .reference import (
     AdapterReference,
-    CallbackReference,
-    ColumnReference,
     ModelReference,
     Reference,
     add_frozen_adapter_copy,
-    check_same_vocabulary,
     eval_mode,
-    freeze_and_place,
-    is_callback_reference,
 )
 from .schedules import warmup_weight
 from .selection import select_over_step
 from .state import TokenState
 from .statistics import (
-    DataStatistic,
     DistributionRequest,
     add_distribution_head,
     causal_lm_of,
-    dequantize_lm_head,
     drop_virtual_positions,
     forward_statistics,
     fused_statistics,
@@ -80,86 +76,6 @@ logger = get_logger(__name__)
 
 
 PRIORITY_RECORD = "priority.json"  # in every checkpoint: the method and settings it was trained with
-
-
-def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None:
-    """The newest `checkpoint-N` of `output_dir` that has its `trainer_state.json`; incomplete newer ones are skipped
-    with a warning. With `strict`, no complete checkpoint is an error, as in `Trainer`."""
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            step = name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
-            if step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-                found.append((int(step), os.path.join(output_dir, name)))
-    for _, path in sorted(found, reverse=True):
-        if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
-            return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=3)
-    if strict:
-        raise ValueError(f"No complete checkpoint found in {output_dir} to resume from.")
-    return None
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.path.exists(path)
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # not a valid repo id
-        return False
-
-
-def check_model_path(path: str, which: str) -> None:
-    """Fail before loading anything when a local model folder does not exist or holds no model."""
-    expanded = os.path.expanduser(path)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if _looks_local(path) or offline:
-        if not os.path.exists(expanded) and not (offline and _in_hub_cache(path)):
-            raise ValueError(
-                f"The {which} path '{path}' does not exist"
-                + (" (and the hub is offline, so it is not looked up there)" if offline else "")
-                + ". Check the path, or give a hub id like 'org/name'."
-            )
-        if os.path.isdir(expanded) and not os.path.exists(os.path.join(expanded, "config.json")):
-            raise ValueError(
-                f"The {which} folder '{path}' has no config.json, so it holds no model saved with "
-                "`save_pretrained` (an adapter-only folder needs its base model: load it with PEFT and pass the model)."
-            )
-
-
-def check_quantized_has_adapter(model, quantization_config, model_init_kwargs, peft_config) -> None:
-    """Fail before loading when a bitsandbytes 4-bit or 8-bit model would train without an adapter.
-
-    Quantized weights are frozen integers (4-bit NF4/FP4 codes, or int8) with no gradient: only an adapter on top of
-    them trains (QLoRA, Dettmers et al. 2023, arXiv 2305.14314). transformers also refuses, but only once the model is
-    loaded, and without naming the recipe settings.
-    """
-    if peft_config is not None:
-        return
-    if isinstance(model, str):
-        config = quantization_config or (model_init_kwargs or {}).get("quantization_config")
-        read = config.get if isinstance(config, Mapping) else functools.partial(getattr, config)  # a YAML dict too
-        flags = read("load_in_4bit", False), read("load_in_8bit", False)
-    elif is_peft_model(model):
-        return
-    else:
-        flags = getattr(model, "is_loaded_in_4bit", False), getattr(model, "is_loaded_in_8bit", False)
-    bits = 4 if flags[0] else 8 if flags[1] else None
-    if bits is not None:
-        raise ValueError(
-            f"The model is loaded in {bits}-bit (`load_in_{bits}bit`), and {bits}-bit weights cannot be fully "
-            "fine-tuned: they are frozen quantized codes, and only an adapter on top of them trains (QLoRA). Set "
-            "`use_peft: true` in the recipe (with `lora_r`, `lora_alpha`, `lora_target_modules`) or pass "
-            f"`peft_config=LoraConfig(...)`; or drop `load_in_{bits}bit` to fine-tune every weight."
-        )
 
 
 class _ArgsOverride:
@@ -223,14 +139,11 @@ class PrioritySFTTrainer(SFTTrainer):
         args = self._as_priority_config(args, model)
         self.priority = None if args.priority is None else get_priority(args.priority)
         self.priority_args = {} if self.priority is None else self.priority.resolve_args(args.priority_args)
-        self._column_specs: dict[str, DataStatistic] = {}
         self.reference: Reference | None = None
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
-        self._mask_prompt_labels = False
         self._epoch_cache: epoch_cache.EpochCache | None = None  # the reference's values kept per token across epochs
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
-        epoch_columns: tuple[str, ...] = ()
         starting_model = None
 
         if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
@@ -242,55 +155,21 @@ class PrioritySFTTrainer(SFTTrainer):
         if isinstance(model, str):
             check_model_path(model, "model")
         check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
+        # What the run reads and from where, decided once (`trl_priority.plan`)
+        self.plan = RunPlan.build(
+            args, self.priority, self.priority_args, model=model, ref_model=ref_model, peft_config=peft_config,
+            train_dataset=train_dataset,
+        )  # fmt: skip
         if self.priority is not None:
-            self._uses_reference = self.priority.reference_used(self.priority_args)
-            self._check_compatible(args, compute_loss_func, ref_model, model)
-            if self.priority.trains_prompt(self.priority_args):
-                # The method weights prompt tokens too: they keep their labels, and `completion_mask` tells them apart.
-                args.completion_only_loss = False
-            elif "response_mask" in self.priority.all_statistics and args.completion_only_loss is not False:
-                # TRL drops `completion_mask` once it has masked the prompt's labels, but the method reads it: let TRL
-                # keep it, and mask the prompt's labels here instead (the same labels as completion-only training)
-                self._mask_prompt_labels = True
-                args.completion_only_loss = False
-            # What the method reads, by source: decided once from what it declares
-            self._policy_statistics = self.priority.statistics_from("policy", self.priority_args)
-            self._reference_statistics = self.priority.reference_statistics_for(self.priority_args)
-            self._data_statistics = self.priority.statistics_from("data", self.priority_args)
-            trainer_statistics = self.priority.statistics_from("trainer", self.priority_args)
-            if "state" in trainer_statistics:
+            check_compatible(self.plan, self.priority, self.priority_args, args, compute_loss_func, ref_model, model)
+            args.completion_only_loss = self.plan.completion_only_loss
+            if self.plan.stateful:
                 self.priority_state = TokenState()
-            identity = ("example_index", "token_position") if self.priority_state is not None else ()
-            units = {"word": ("example_index", "word_index"), "span": ("example_index", "span_index")}
-            identity += units.get(args.priority_granularity, ())
-            selection = self.priority.selection
-            if selection is not None and selection.scope_of(self.priority_args) == "example":
-                identity += ("example_index",)  # per-example selection: rows of packed batches hold several examples
-            self._ref_cache_dir = ref_cache.cache_dir_for(args, self.priority, self.priority_args)
-            if epoch_cache.epoch_cache_wanted(args, self.priority, self.priority_args, self._ref_cache_dir):
-                # The lazy epoch cache keys the reference's values by the token they score
-                epoch_columns = tuple(c for c in ("example_index", "token_position") if c not in identity)
-                identity += epoch_columns
-            for name in self._data_statistics + identity:  # not `if self.priority_state`: an empty state is falsy
-                spec = stats_vocab.DATA_STATISTICS[name]
-                self._column_specs[spec.column] = spec
-            if self._uses_reference and args.precomputed_ref_columns:
-                for name in self._reference_statistics:
-                    self._column_specs[f"ref_{name}"] = DataStatistic(
-                        f"ref_{name}", "token", 0.0, hint=ColumnReference.hint(name)
-                    )
-            checks.check_data_columns(self.priority.name, self._column_specs, {"train": train_dataset, **evals})
-            uses_starting_model = (
-                self._uses_reference
-                and not args.precomputed_ref_columns
-                and ref_model is None
-                and args.ref_model_name_or_path is None
-                and peft_config is None
-            )
-            if uses_starting_model and isinstance(model, torch.nn.Module) and is_peft_model(model):
+            checks.check_data_columns(self.priority.name, self.plan.column_specs, {"train": train_dataset, **evals})
+            if self.plan.reference_kind == "starting_adapter":
                 # Training an adapter that was already trained: the reference is where it starts, not the bare base.
                 add_frozen_adapter_copy(model)
-            elif uses_starting_model and isinstance(model, torch.nn.Module):
+            elif self.plan.reference_kind == "starting_model" and isinstance(model, torch.nn.Module):
                 # Full fine-tuning: freeze a copy now, before the fused head is patched in and training starts.
                 starting_model = copy.deepcopy(model)
 
@@ -317,7 +196,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 f"No training example is left after preparation: every one was dropped as fully masked, usually "
                 f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
             )
-        self._dequantize_lm_head(causal_lm_of(self.model), "model")
+        dequantize_head(causal_lm_of(self.model), "model")
         structural.apply_structural_priority(self)  # Φ over parameters (S2FT): which ones train, before the optimizer
         privacy.apply_differential_privacy(self)  # DP-SGD (Opacus) around the optimizer, when configured
         if self.priority is None:
@@ -326,26 +205,25 @@ class PrioritySFTTrainer(SFTTrainer):
         terms = bool(self.priority.token_terms or self.priority.distribution_terms)
         self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         add_distribution_head(causal_lm_of(self.model))
-        if epoch_columns and self._skip_prepare_dataset:  # rows not prepared here carry no per-token identity
-            for column in epoch_columns:
-                self._column_specs.pop(column)
         if self._token_columns:
             if self._is_vision_dataset:
                 raise ValueError(
                     f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not "
                     "support yet."
                 )
-            padding = {column: spec.padding for column, spec in self._column_specs.items()}
             self.data_collator = TokenColumnCollator(
-                self.data_collator, self._token_columns, self.padding_free, padding
+                self.data_collator, self._token_columns, self.padding_free, self.plan.column_padding
             )
-        self._reference_sources = ref_cache.ReferenceSources(ref_model, model, starting_model, quantization_config)
-        build_reference = functools.partial(self._build_reference, ref_model, starting_model, quantization_config)
-        if self._ref_cache_dir is not None:  # computed once or read back: no reference forward during training
-            ref_cache.precompute_reference_statistics(self, self._ref_cache_dir, build_reference=build_reference)
+        given = sources.Given(ref_model, model, starting_model, quantization_config)
+        source = sources.reference_for(self.plan, given, self.model, self.args, load=self._build_reference)
+        if self.plan.cache == "disk":  # computed once or read back: no reference forward during training
+            self.precompute_reference(self.plan.cache_dir, source=source)
         else:
-            self.reference = build_reference()
-            self._epoch_cache = epoch_cache.EpochCache.for_trainer(self)
+            self.reference = None if source is None else source.load()
+            self._epoch_cache = epoch_cache.EpochCache.for_plan(
+                self.plan, self.reference, self.model, self.accelerator, self.args.output_dir,
+                lambda: self.state.num_train_epochs > 1, self.priority_args, rows=self.train_dataset,
+            )  # fmt: skip
         summary = f"trl-priority: priority '{self.priority.name}' with {self.priority_args}"
         if self.reference is not None:
             summary += f", reference: {(self._epoch_cache or self.reference).description}"
@@ -356,12 +234,26 @@ class PrioritySFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------------------------------------------------
     @property
     def _token_columns(self) -> tuple[str, ...]:
-        return tuple(self._column_specs)
+        return self.plan.token_columns
 
-    def precompute_reference(self, cache_dir: str | None = None) -> list[ref_cache.CacheEntry]:
+    def precompute_reference(self, cache_dir: str | None = None, source: Reference | None = None):
         """Compute the reference statistics the method reads once over the prepared datasets (or reuse a matching
-        entry of `cache_dir`), and read them as columns from then on: `trl_priority.ref_cache`."""
-        return ref_cache.precompute_reference_statistics(self, cache_dir)
+        entry of `cache_dir`), and read them as columns from then on: `trl_priority.ref_cache`. `source` is the
+        reference they are computed with (default: the trainer's); it is loaded only on a miss, and freed after.
+
+        Returns one `ref_cache.CacheEntry` per dataset (train, then each evaluation dataset)."""
+        source = self.reference if source is None else source
+        cached = ref_cache.cache_reference_statistics(self, source, cache_dir)
+        base = self.data_collator.base if isinstance(self.data_collator, TokenColumnCollator) else self.data_collator
+        self.plan = self.plan.with_disk_cache(cached.root)
+        self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
+        self.data_collator = TokenColumnCollator(
+            base, self._token_columns, self.padding_free, self.plan.column_padding
+        )
+        self.reference, self._epoch_cache = cached.reference, None
+        self.ref_cache_entries = cached.entries
+        sources.release_reference(source, self.accelerator, self.model)
+        return cached.entries
 
     @staticmethod
     def _as_priority_config(args, model) -> PrioritySFTConfig:
@@ -376,54 +268,6 @@ class PrioritySFTTrainer(SFTTrainer):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
 
-    def _check_compatible(self, args, compute_loss_func, ref_model, model) -> None:
-        name = self.priority.name
-        if compute_loss_func is not None:
-            raise ValueError(
-                f"`compute_loss_func` replaces the loss that priority '{name}' weights. Pass one of them; to add a "
-                "term to the loss, declare it as a `LossTerm` of a registered priority."
-            )
-        if isinstance(ref_model, torch.nn.Module) and ref_model is model:
-            raise ValueError(
-                "`model` and `ref_model` are the same object, so the reference would train with the policy. Omit "
-                "`ref_model` to use a frozen copy of the starting model, or pass a separate model."
-            )
-        ref_path = ref_model if isinstance(ref_model, str) else args.ref_model_name_or_path
-        if ref_path is not None and self._uses_reference and not args.precomputed_ref_columns:
-            check_model_path(ref_path, "reference model")
-            if isinstance(model, str) and _same_path(model, ref_path) and self.priority.reference == "explicit":
-                raise ValueError(
-                    f"The reference model '{ref_path}' is the policy's own starting model, so the excess loss of "
-                    f"'{name}' is 0 for every token at step 0 and carries no signal. Give a reference trained for the "
-                    f"purpose (recipes/{name}.yaml says how)."
-                )
-        if self.priority.trains_prompt(self.priority_args) and (args.completion_only_loss or args.assistant_only_loss):
-            raise ValueError(
-                f"Priority '{name}' weights prompt tokens too, so it cannot train with `completion_only_loss=True` or "
-                "`assistant_only_loss=True`. Leave both unset."
-            )
-        has_reference = (
-            ref_model is not None or args.ref_model_name_or_path is not None or args.precomputed_ref_columns
-        )
-        if self._uses_reference and self.priority.needs_reference_distribution:
-            if args.precomputed_ref_columns or is_callback_reference(ref_model):
-                raise ValueError(
-                    f"Priority '{name}' reads the reference's whole next-token distribution (a loss term over the "
-                    "vocabulary), which neither precomputed columns nor a callback can provide. Use a reference model "
-                    "(`ref_model=`, `ref_model_name_or_path`, or none for the starting model)."
-                )
-        if self._uses_reference and self.priority.reference == "explicit" and not has_reference:
-            raise ValueError(
-                f"Priority '{name}' compares the policy with a reference trained for the purpose (see its docstring); "
-                "against the starting model its scores carry no signal at step 0. Pass `ref_model=` (a model, a path "
-                f"or a callback) or set `ref_model_name_or_path`. recipes/{name}.yaml shows how to train one first."
-            )
-        if not self._uses_reference and has_reference:
-            warnings.warn(
-                f"Priority '{name}' with {self.priority_args} reads no reference statistics; the reference is ignored.",
-                stacklevel=3,
-            )
-
     def _check_parallelism(self) -> None:
         # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
         # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
@@ -435,68 +279,12 @@ class PrioritySFTTrainer(SFTTrainer):
                 "accelerate config, or leave `priority` unset to train as SFTTrainer does."
             )
 
-    def _build_reference(self, ref_model, starting_model, quantization_config) -> Reference | None:
-        if not self._uses_reference:
-            return None
-        if self.args.precomputed_ref_columns:
-            return ColumnReference()
-        if is_callback_reference(ref_model):
-            return CallbackReference(ref_model)
-        if ref_model is None and self.args.ref_model_name_or_path is not None:
-            ref_model = self.args.ref_model_name_or_path
-        ref_tokenizer = None
-        if isinstance(ref_model, str):
-            description = f"separate frozen model {ref_model}"
-            with contextlib.suppress(OSError, ValueError):  # a model folder without tokenizer files: size check only
-                ref_tokenizer = AutoTokenizer.from_pretrained(ref_model, trust_remote_code=self.args.trust_remote_code)
-            init_kwargs = self.args.ref_model_init_kwargs or self.args.model_init_kwargs
-            ref_model = self._load_like_policy(ref_model, init_kwargs, quantization_config)
-        elif ref_model is not None:
-            description = f"separate frozen model ({type(ref_model).__name__})"
-        elif is_peft_model(self.model):
-            return AdapterReference("ref" if "ref" in self.model.peft_config else None)
-        else:
-            description = "frozen copy of the starting model"
-            if starting_model is None:  # the policy was loaded from a path: load it again
-                path = get_config_model_id(self.model.config)
-                starting_model = self._load_like_policy(path, self.args.model_init_kwargs, quantization_config)
-            ref_model = starting_model
-        self._dequantize_lm_head(ref_model, "reference model")
-        check_same_vocabulary(ref_model, causal_lm_of(self.model), self._tokenizer, ref_tokenizer)
-        add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
-        add_distribution_head(ref_model)
-        ref_model = freeze_and_place(ref_model, self.accelerator, self.is_deepspeed_enabled, self.is_fsdp_enabled)
-        return ModelReference(ref_model, description)
-
-    def _load_like_policy(self, path: str, init_kwargs, quantization_config) -> PreTrainedModel:
-        kwargs = dict(init_kwargs or {})
-        if quantization_config is not None:
-            # A QLoRA policy's separate reference is quantized the same way (one 4-bit copy more, not a 16-bit one),
-            # unless `ref_model_init_kwargs` sets its own `quantization_config` (None: unquantized)
-            kwargs.setdefault("quantization_config", quantization_config)
-        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-            kwargs["device_map"] = None  # distributed training requires device_map=None ("auto" fails)
-        policy = causal_lm_of(self.model)
-        kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        kwargs.setdefault("dtype", policy.dtype)
-        # The reference attends as the policy does (sdpa, flash-attention, ...), so both see the same numerics
-        attn_implementation = getattr(policy.config, "_attn_implementation", None)
-        if attn_implementation is not None:
-            kwargs.setdefault("attn_implementation", attn_implementation)
-        return create_model_from_path(path, **kwargs)
-
-    @staticmethod
-    def _dequantize_lm_head(causal_lm, which: str) -> None:
-        if dequantize_lm_head(causal_lm):
-            head = causal_lm.get_output_embeddings()
-            size = head.weight.numel() * head.weight.element_size() / 2**20
-            logger.warning(
-                f"The {which}'s LM head was loaded in 4-bit; it is dequantized once ({size:.0f} MiB in "
-                f"{head.weight.dtype}), since the fused per-token log-probabilities project with its whole weight. The "
-                "logits are the ones the 4-bit head computes. To save this memory, keep the head unquantized "
-                "(transformers' default: leave `llm_int8_skip_modules` unset).",
-                main_process_only=True,
-            )
+    def _build_reference(self, given: sources.Given) -> torch.nn.Module:
+        """The trainer's loader of a model source (`sources.reference_for`): its model loaded and placed frozen."""
+        return sources.load_reference_model(
+            self.plan, given, self.model, self.args, self._tokenizer, self.accelerator,
+            self.is_deepspeed_enabled, self.is_fsdp_enabled,
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _saveable_args(self):
@@ -547,9 +335,12 @@ class PrioritySFTTrainer(SFTTrainer):
         return prepared
 
     def _prepare_dataset_with_columns(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if not self._token_columns:
+        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
+        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
+        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
+        if not specs:
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if "example_index" in self._column_specs:
+        if "example_index" in self.plan.column_specs:
             # The per-token identity of stateful methods: the example's index in the dataset as given
             with global_then_local_main_first():
                 dataset = dataset.map(lambda _, index: {"example_index": index}, with_indices=True)
@@ -559,7 +350,7 @@ class PrioritySFTTrainer(SFTTrainer):
         dataset = super()._prepare_dataset(
             dataset, processing_class, untruncated, False, formatting_func, dataset_name
         )
-        if self._mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
+        if self.plan.mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
             with global_then_local_main_first():
                 dataset = dataset.map(
                     lambda example: {
@@ -569,7 +360,7 @@ class PrioritySFTTrainer(SFTTrainer):
                     }
                 )
         columns = get_dataset_column_names(dataset)
-        for column, spec in self._column_specs.items():
+        for column, spec in specs.items():
             if column not in columns and not spec.generated:
                 raise ValueError(
                     f"Priority '{self.priority.name}' reads the column '{column}', which the prepared {dataset_name} "
@@ -578,9 +369,9 @@ class PrioritySFTTrainer(SFTTrainer):
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with global_then_local_main_first():
             dataset = prepare_token_columns(
-                dataset, self._column_specs, args, packing, dataset_name, tokenizer, self.priority_args
+                dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args
             )
-        if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self._column_specs:
+        if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self.plan.column_specs:
             self._warn_truncated_completions(dataset, dataset_name, args.max_length)
         return dataset
 
@@ -651,7 +442,7 @@ class PrioritySFTTrainer(SFTTrainer):
         """The request's `before_terms`: Φ from all statistics (the policy's just computed), then the terms' inputs."""
 
         def before_terms(outputs, request: DistributionRequest) -> None:
-            statistics.update(fused_statistics(outputs, self._policy_statistics, causal_lm_of(self.model)))
+            statistics.update(fused_statistics(outputs, self.plan.policy_statistics, causal_lm_of(self.model)))
             statistics.update(request.values)
             phi = priority_of(statistics)  # (B, T-1)
             available = {**statistics, "priority": phi}
@@ -689,7 +480,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 reference_statistics, reference_distribution = reference.statistics(
                     model,
                     inputs,
-                    self._reference_statistics,
+                    self.plan.reference_statistics,
                     self._step_args,
                     columns=columns,
                     distribution=self.priority.needs_reference_distribution,
@@ -697,7 +488,7 @@ class PrioritySFTTrainer(SFTTrainer):
         elif self.priority.needs_reference:  # this configuration reads no reference: its `ref_*` are None
             reference_statistics = {f"ref_{name}": None for name in self.priority.reference_statistics}
         statistics = dict(reference_statistics, mask=mask)
-        for name in self._data_statistics:
+        for name in self.plan.data_statistics:
             column = columns[stats_vocab.DATA_STATISTICS[name].column]
             statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
         statistics["progress"] = torch.tensor(self.progress, device=mask.device)
@@ -729,7 +520,7 @@ class PrioritySFTTrainer(SFTTrainer):
         )
         with record_function("trl_priority.policy_forward"):
             outputs, policy_statistics = forward_statistics(
-                model, inputs, self._policy_statistics, self._step_args, request=request
+                model, inputs, self.plan.policy_statistics, self._step_args, request=request
             )
         statistics.update(policy_statistics)
         return outputs, statistics, request
@@ -1043,17 +834,10 @@ class PrioritySFTTrainer(SFTTrainer):
     # The method's state, in checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def _reference_identity(self) -> dict[str, Any] | None:
-        """What identifies the reference's values in this run (`ref_cache.reference_identity`), computed once, on
-        every process together (hashing partitioned weights is collective): part of `priority.json` and the epoch
-        cache's key."""
-        if not hasattr(self, "_reference_identity_value"):
-            identity = getattr(self, "_cached_reference_identity", None)  # set by the reference cache
-            if identity is None and self.reference is not None and not isinstance(self.reference, ColumnReference):
-                identity = ref_cache.reference_identity(self, self._reference_sources)
-            elif identity is None and self.reference is not None:
-                identity = {"kind": "columns"}
-            self._reference_identity_value = identity
-        return self._reference_identity_value
+        """What identifies the reference's values in this run: its source's `identity()` (`trl_priority.sources`),
+        computed once, on every process together (hashing partitioned weights is collective): part of
+        `priority.json` and the epoch cache's key."""
+        return None if self.reference is None else self.reference.identity()
 
     def _priority_record(self) -> dict[str, Any]:
         """Everything a resume must keep for Φ to mean what it meant (`priority.json`; a checkpoint of an older
@@ -1079,7 +863,7 @@ class PrioritySFTTrainer(SFTTrainer):
             if self.priority_state is not None:
                 self.priority_state.save(output_dir)
             if self._epoch_cache is not None:
-                self._epoch_cache.save(output_dir, key=epoch_cache.epoch_cache_key(self, record["reference"]))
+                self._epoch_cache.save(output_dir, key=self._epoch_cache.key())
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -1104,4 +888,4 @@ class PrioritySFTTrainer(SFTTrainer):
         if self.priority_state is not None:
             self.priority_state.load(checkpoint)
         if self._epoch_cache is not None:
-            self._epoch_cache.load(checkpoint, key=epoch_cache.epoch_cache_key(self, current["reference"]))
+            self._epoch_cache.load(checkpoint, key=self._epoch_cache.key())

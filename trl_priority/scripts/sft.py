@@ -166,7 +166,7 @@ def precompute(script_args, training_args, model_args, dataset_args) -> Priority
         )
     training_args.ref_cache_dir = training_args.ref_cache_dir or "auto"
     trainer = build_trainer(script_args, training_args, model_args, dataset_args)
-    folder = ref_cache.resolve_cache_dir(training_args.ref_cache_dir)
+    folder = trainer.plan.cache_dir  # the run plan's disk cache: `ref_cache_dir` resolved
     trainer.accelerator.print(
         f"Reference statistics cached in {folder}. Train without a reference forward: trl-priority sft "
         f"--config <recipe> --ref_cache_dir {folder}"
