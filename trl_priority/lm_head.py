@@ -183,7 +183,7 @@ def statistics_pass(
 ) -> dict[str, torch.Tensor]:
     """Each statistic of `statistics` (and, as `ref_<name>`, of `ref_statistics` under `reference`) at the rows
     `hidden` `(N, H)` with labels `(N,)`: `{name: (N,) float32}`. One projection of each head per chunk; the policy's
-    is skipped when only a model reference's statistics are asked."""
+    is skipped when only a model reference's statistics are asked (a top-k reference's tail is shaped like it)."""
     ref_statistics = ref_statistics or {}
     num_rows = labels.numel()
     values = {name: hidden.new_zeros(num_rows, dtype=torch.float32) for name in statistics}

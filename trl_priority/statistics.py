@@ -526,7 +526,8 @@ def _reference_rows(reference, mask: torch.Tensor, stack: ExitStack) -> lm_head.
         return None
     if isinstance(reference, ReferenceDistribution):
         head = stack.enter_context(lm_head.gathered_head(reference.causal_lm))
-        return lm_head.ReferenceRows(head=head, hidden=reference.hidden[:, :-1][mask.to(reference.hidden.device)])
+        rows_hidden = reference.hidden[:, :-1][mask.to(reference.hidden.device)].to(mask.device)  # (N, H_ref)
+        return lm_head.ReferenceRows(head=head, hidden=rows_hidden)
     return lm_head.ReferenceRows(topk=reference.rows(mask))  # a cached top-k (`topk_reference`)
 
 
@@ -547,7 +548,6 @@ def serve_request(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, request
     args = request.args
     policy_names = ("logps", "entropy", "is_top1", *(n for n in request.statistics if n not in FUSED_STATISTICS))
     ref_names = tuple(getattr(request.reference, "statistics", ()) or ())
-    chunk_rows = 1
     with ExitStack() as stack:
         head = stack.enter_context(lm_head.gathered_head(causal_lm))
         reference = _reference_rows(request.reference, mask, stack)
@@ -558,7 +558,7 @@ def serve_request(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, request
             head,
             chunk_statistics(policy_names, args),
             chunk_rows,
-            reference=reference if ref_names or (reference is not None and reference.topk is not None) else None,
+            reference=reference if ref_names else None,
             ref_statistics=chunk_statistics(ref_names, args),
         )
         full = {name: _positions(value, mask) for name, value in values.items()}
