@@ -685,6 +685,13 @@ def forward_statistics(
                 model_outputs = _forward_for_hidden(model, inputs)
             outputs = served["outputs"]
             outputs.aux_loss = getattr(model_outputs, "aux_loss", None)
+            # The model's own head (one position per row) joins the loss at weight 0, so that its backward runs: under
+            # DeepSpeed ZeRO-3 that is when the head's weight is gathered, and autograd accumulates the pass's weight
+            # gradient into the weight as it then is (partitioned, 0 elements, it fails: "size of tensor a (0) must
+            # match ... (32)"; found by tests/test_distributed.py's zero3 asft run)
+            logits = getattr(model_outputs, "logits", None)
+            if request.objective is not None and logits is not None and logits.requires_grad:
+                request.objective = request.objective + 0.0 * logits.sum()
         else:
             outputs = drop_virtual_positions(model(**inputs, fused_lm_head=True), label_length)
     statistics = fused_statistics(outputs, names, causal_lm)
