@@ -251,7 +251,6 @@ def check_fsdp2_reference(output_dir: str) -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     from trl_priority.reference import ModelReference, freeze_and_place
-    from trl_priority.statistics import add_distribution_head
 
     state = PartialState(cpu=True)
     tokenizer = build_tokenizer()
@@ -270,7 +269,6 @@ def check_fsdp2_reference(output_dir: str) -> None:
     local = build_model(tokenizer, seed=1 if state.is_main_process else 7)
     for model in (whole, local):
         add_fused_lm_head(model, outputs=("log_probs", "entropy"))
-        add_distribution_head(model)
     sizes = {name: param.numel() for name, param in local.named_parameters()}
     placed = freeze_and_place(local, accelerator, is_deepspeed=False, is_fsdp=True)
 

@@ -95,9 +95,23 @@ Signed if any part is; hard if every part is and the op is product or min. At mo
 methods with loss terms (asft, target_sft) do not compose."""
 
 
+def without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the ordered `subsequence` (each of its entries removed at its first match after the previous
+    one's): the command line with the launcher's own arguments taken out. As TRL's CLI does it, written here since
+    TRL's helper is private."""
+    pending = iter(subsequence)
+    current = next(pending, None)
+    kept = []
+    for item in items:
+        if current is not None and item == current:
+            current = next(pending, None)
+        else:
+            kept.append(item)
+    return kept
+
+
 def _run_sft(argv: list[str], command: str = "sft") -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
-    from trl.cli.commands.training import _subtract_subsequence
 
     from .scripts import dpo, sft
 
@@ -112,7 +126,7 @@ def _run_sft(argv: list[str], command: str = "sft") -> int:
     launch_parser = launch_command_parser()
     _check_unknown_settings(parser, launch_parser, config_remaining, cli_remaining, command)
     launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
-    script_args = _subtract_subsequence(argv, cli_remaining)
+    script_args = without_subsequence(argv, cli_remaining)
     script = str(files("trl_priority.scripts").joinpath(f"{script_module.__name__.rsplit('.', 1)[1]}.py"))
     with _forward_stop_signals():
         try:

@@ -44,7 +44,7 @@ slope is bounded. `unlikelihood(logps)` keeps a form from log p for callers that
 Two kinds of extra terms, added by the trainer without knowing the method:
 - `LossTerm`: a function of per-token statistics (`(B, T-1)` each; `logps` and `entropy` keep their gradient).
 - `DistributionTerm`: a function of the whole next-token distribution at each supervised position, `(n, V)`
-  log-probabilities with gradient, computed in chunks inside the model's forward (a KL anchor, a soft target).
+  log-probabilities with gradient, computed in chunks by the package's LM-head pass (a KL anchor, a soft target).
 """
 
 from __future__ import annotations
@@ -186,13 +186,13 @@ class DistributionTerm:
       gradient; the trainer then runs the reference's backbone), or any per-token statistic of the vocabulary
       (`priority` for Φ, `logps`, `ref_logps`, a data statistic, ...) as `(n,)` rows, no gradient;
 
-    A term that reads `priority` or a policy statistic gets the values of the same forward: the trainer then computes
-    Φ inside the forward, after TRL's fused head and before the term's chunked pass (at no extra projection, except
-    that a reference whose statistics come from its distribution projects its head once more). It returns `(n,)`
-    per-position values. The trainer
-    adds `priority_args[weight] · Σ_t term_t / N` to the loss,
-    logs `loss/<name>`, and never builds a `(batch, seq, vocab)` tensor: the logits exist one chunk at a time, inside
-    the model's forward (so the LM head is gathered under ZeRO-3 and FSDP), in float32.
+    A term that reads `priority` or a policy statistic gets the values of the same forward: the package's LM-head pass
+    (`trl_priority.lm_head`) computes the statistics, then the trainer's Φ, then the Φ-weighted NLL and every term
+    with their gradient (the policy's head projected twice, as TRL's fused head does; a reference whose statistics
+    come from its distribution projects its head once more). It returns `(n,)` per-position values. The trainer adds
+    `priority_args[weight] · Σ_t term_t / N` to the loss, logs `loss/<name>`, and never builds a
+    `(batch, seq, vocab)` tensor: the logits exist one chunk at a time, inside the model's forward (so the LM head is
+    gathered under ZeRO-3 and FSDP), in float32.
 
     ```python
     def kl_to_reference(logprobs, labels, ref_logprobs):  # KL(π_ref ‖ π_θ) per position

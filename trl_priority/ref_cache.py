@@ -68,6 +68,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
+from . import lm_head
 from . import statistics as stats_vocab
 from .data import TokenColumnCollator
 from .reference import ColumnReference, Reference
@@ -646,7 +647,7 @@ def reference_topk(
     """The top-k cache of a reference's distribution, from its final hidden states `(B, T, H)`.
 
     The supervised positions are projected through the reference's LM head a chunk at a time (float32 logits, as the
-    training pass projects them: `_Head.logits_fp32`), and of each chunk's log π_ref `(n, V)` are kept
+    training pass projects them: `trl_priority.lm_head.Head.logprobs`), and of each chunk's log π_ref `(n, V)` are kept
 
         ref_topk_ids    (B, T-1, k) int32    the k most likely next tokens, most likely first (`topk_of`)
         ref_topk_logps  (B, T-1, k) float32  their log-probabilities
@@ -660,12 +661,9 @@ def reference_topk(
     rows_hidden = hidden[:, :-1][mask]  # (N, H)
     rows_labels = shifted[mask]  # (N,)
     num_rows = rows_labels.numel()
-    stats = {
-        name: stats_vocab.DISTRIBUTION_STATISTICS.get(name) or stats_vocab._FUSED_FROM_CHUNK[name] for name in names
-    }
-    kwargs = {name: {hp: args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
-    dtype = stats_vocab._compute_dtype(hidden)
-    with torch.no_grad(), stats_vocab.gathered_head(distribution.causal_lm) as head:
+    stats = stats_vocab.chunk_statistics(names, args)  # name -> fn(logprobs, labels)
+    dtype = lm_head.compute_dtype(hidden)
+    with torch.no_grad(), lm_head.gathered_head(distribution.causal_lm) as head:
         vocab = head.weight.shape[0]
         k = min(k, vocab)
         step = max(1, stats_vocab.chunk_elements_for(hidden.device, chunk_elements) // vocab)
@@ -674,11 +672,11 @@ def reference_topk(
         logps = torch.zeros(num_rows, k, dtype=torch.float32, device=hidden.device)  # (N, k)
         for start in range(0, num_rows, step):
             rows = slice(start, start + step)
-            logprobs = head.transform(head.logits_fp32(rows_hidden[rows], dtype)).log_softmax(-1)  # (n, V)
+            logprobs = head.logprobs(rows_hidden[rows], dtype)  # (n, V)
             top_ids, logps[rows], _ = topk_of(logprobs, rows_labels[rows], k)
             ids[rows] = top_ids.int()
-            for name, stat in stats.items():
-                values[f"ref_{name}"][rows] = stat.fn(logprobs, rows_labels[rows], **kwargs[name])
+            for name, fn in stats.items():
+                values[f"ref_{name}"][rows] = fn(logprobs, rows_labels[rows])
     out = {}
     for name, value in {**values, "ref_topk_ids": ids, "ref_topk_logps": logps}.items():
         full = value.new_zeros((*mask.shape, *value.shape[1:]))  # (B, T-1) or (B, T-1, k)

@@ -41,7 +41,7 @@ from .reference import (
     check_same_vocabulary,
     freeze_and_place,
 )
-from .statistics import add_distribution_head, causal_lm_of
+from .statistics import causal_lm_of
 
 
 @dataclasses.dataclass
@@ -134,7 +134,6 @@ def load_reference_model(
     dequantize_head(ref_model, "reference model")
     check_same_vocabulary(ref_model, causal_lm_of(policy), tokenizer, ref_tokenizer)
     add_fused_lm_head(ref_model, outputs=("log_probs", "entropy"))
-    add_distribution_head(ref_model)
     return freeze_and_place(ref_model, accelerator, is_deepspeed, is_fsdp)
 
 

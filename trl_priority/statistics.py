@@ -17,12 +17,14 @@ position t scores the label `labels[:, t + 1]`. Priorities name the statistics t
 | `state`           | trainer   | the method's `TokenState`: per-token history kept across steps and checkpoints   |
 | `selected`        | trainer   | bool: the token is in the method's top-fraction selection (see `TopFraction`)    |
 
-`logps` and `entropy` come from TRL's fused LM head, which never builds the `(batch, seq, vocab)` logits. The
-*distribution* statistics (`mass`, `topk_entropy`) and the differentiable *distribution terms* of a method's objective
+`logps` and `entropy` come from TRL's public fused LM head (`fused_lm_head=True`), which never builds the
+`(batch, seq, vocab)` logits. The *distribution* statistics (`mass`, `topk_entropy`, a reference's from its
+distribution) and the differentiable *distribution terms* of a method's objective
 (`trl_priority.objectives.DistributionTerm`: a KL anchor, a soft-target cross-entropy) need the whole next-token
-distribution. They are computed inside the model's own forward (`add_distribution_head`), where ZeRO-3 and FSDP have
-gathered the LM head, from the final hidden states projected a few hundred supervised positions at a time in float32,
-so memory grows with `chunk × vocab`, never `batch × seq × vocab`.
+distribution: a method that reads one is served by the package's own chunked LM-head pass instead
+(`trl_priority.lm_head`, through `serve_request`), which also gives it `logps`, `entropy` and the Φ-weighted NLL with
+its gradient, from the final hidden states a forward hook on the backbone hands over, a few hundred supervised
+positions at a time, so memory grows with `chunk × vocab`, never `batch × seq × vocab`.
 
 Adding a distribution statistic is one function registered in `DISTRIBUTION_STATISTICS`; adding a data statistic is
 one `register_data_statistic` call (the column is then carried through truncation, padding, padding-free and packing
@@ -31,29 +33,17 @@ by `trl_priority.data`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import types
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import trl.kernels.chunked_logprob as _trl_kernel
-import trl.trainer.utils as _trl_utils
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from . import lm_head
+from .lm_head import gathered_head, logit_transform  # noqa: F401  (re-exported)
 from .signatures import hyperparameter_names
-
-
-try:  # TRL's own fp32-accumulating projection helpers (trl>=1.16; the pin in pyproject keeps them)
-    from trl.kernels.chunked_logprob import _addmm_fp32
-except ImportError:  # pragma: no cover
-
-    def _addmm_fp32(acc, a, b):
-        acc.addmm_(a.float(), b.float())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -88,7 +78,7 @@ def topk_entropy(logprobs: torch.Tensor, labels: torch.Tensor, *, k: int) -> tor
 class DistributionStatistic:
     """A distribution statistic's function. `shift_invariant`: `fn` gives the same value when every row of its input
     is shifted by a constant, so it may be given the logits instead of the log-probabilities (log_softmax subtracts
-    one constant per row), and the fused head skips the `(n, V)` log-softmax when no other statistic needs it."""
+    one constant per row)."""
 
     fn: Callable[..., torch.Tensor]
     shift_invariant: bool = False
@@ -105,12 +95,6 @@ DISTRIBUTION_STATISTICS: dict[str, DistributionStatistic] = {
 
 # Statistic name -> field of TRL's `FusedCausalLMOutput`
 FUSED_STATISTICS = {"logps": "log_probs", "entropy": "entropy"}
-
-# The fused statistics computed from a chunk instead, when the chunks are projected anyway
-_FUSED_FROM_CHUNK = {
-    "logps": DistributionStatistic(lambda logprobs, labels: logprobs.gather(1, labels[:, None]).squeeze(1)),
-    "entropy": DistributionStatistic(lambda logprobs, labels: -(logprobs.exp() * logprobs).sum(-1)),
-}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -387,72 +371,8 @@ def dequantize_lm_head(causal_lm) -> bool:
     return True
 
 
-def _logit_transform(config) -> tuple[float, float | None]:
-    """(scale, softcap) the model applies to its LM-head output; mirrors `trl.trainer.utils.add_fused_lm_head`."""
-    text_config = config.get_text_config()
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text_config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text_config, "lm_head_multiplier", None)
-    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-        scale = (
-            text_config.logits_scaling if text_config.model_type == "hyperclovax" else 1 / text_config.logits_scaling
-        )
-    return (1.0 if scale is None else scale), getattr(text_config, "final_logit_softcapping", None)
-
-
-@dataclass
-class _Head:
-    """An LM head ready to project: full weight (gathered), bias, logit transform and compute dtype."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    scale: float
-    softcap: float | None
-
-    def logits_fp32(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`(n, V)` float32 raw logits of `hidden` `(n, H)`: products in `dtype`, accumulated in float32.
-
-        Rounding the logits to bf16 before the softmax would cost about 1e-2 in log-probability. (TRL's fused head
-        rounds its tile to the compute dtype for `log_probs`; the distribution statistics keep float32 logits.)
-        """
-        hidden = hidden.to(dtype)
-        weight = self.weight.to(dtype)
-        # The dtypes are explicit here: under autocast (CPU's puts `mm` in bf16) the product would be rounded to bf16
-        with torch.autocast(hidden.device.type, enabled=False):
-            if hidden.device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-                logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-            else:
-                logits = torch.mm(hidden.float(), weight.float().t())
-        if self.bias is not None:
-            logits = logits + self.bias.float()
-        return logits
-
-    def transform(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.scale != 1.0:  # most models: no copy of the (n, V) chunk
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
-
-
-@contextmanager
-def gathered_head(causal_lm):
-    """The LM head of `causal_lm`, whole, for the duration of the block (ZeRO-3 gathered, FSDP2 DTensor made full)."""
-    head = causal_lm.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    with maybe_gather_lm_head_ctx(weight, bias):
-        if hasattr(weight, "full_tensor"):  # FSDP2 DTensor: differentiable all-gather, as TRL's fused head does
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
-        scale, softcap = _logit_transform(causal_lm.config)
-        yield _Head(weight, bias, scale, softcap)
-
-
-def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
-    device_type = hidden.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+# The LM head and its chunked pass live in `trl_priority.lm_head`; the logit transform keeps its old name here
+_logit_transform = logit_transform
 
 
 # Positions × vocabulary entries per LM-head chunk of the chunked passes; None: by device (`chunk_elements_for`)
@@ -476,14 +396,14 @@ def chunk_elements_for(device: torch.device, requested: int | None = None) -> in
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The request a forward carries, and the chunked pass that serves it
+# The request a forward carries, and the package's own LM-head pass that serves it (`trl_priority.lm_head`)
 # ------------------------------------------------------------------------------------------------------------------
 @dataclass
 class ReferenceDistribution:
-    """The reference's final hidden states and the model whose LM head projects them, for distribution terms.
+    """The reference's final hidden states and the model whose LM head projects them, for the LM-head pass.
 
-    `statistics` are reference statistics (no `ref_` prefix) to compute from the same projection, in the policy's
-    pass: the reference's LM head then runs once per position, not once for its statistics and again for the terms.
+    `statistics` are reference statistics (no `ref_` prefix) to compute from its distribution in the policy's pass,
+    before Φ; a distribution term that reads `ref_logprobs` projects its head again, once, in the objective.
     """
 
     hidden: torch.Tensor  # (B, T, H_ref), no gradient
@@ -493,11 +413,11 @@ class ReferenceDistribution:
 
 @dataclass
 class DistributionRequest:
-    """What a forward computes besides TRL's fused log-probabilities; the forward writes its results here.
+    """What a policy forward computes besides TRL's fused log-probabilities; the pass writes its results here.
 
-    Passed to the model as the keyword `distribution_request` (inside a `_Untouched`, see there); the results come
-    back in the request itself, not in the model output, so no wrapper (DDP, FSDP, accelerate's fp32 output
-    conversion) can drop them.
+    A request with distribution statistics, a reference's distribution or terms is served by the package's LM-head
+    pass (`trl_priority.lm_head`) from the final hidden states, inside the model's forward (a forward hook on its
+    backbone hands them over), instead of TRL's fused head. The results come back in the request itself.
     """
 
     statistics: tuple[str, ...] = ()  # no-gradient distribution statistics (and `logps` / `entropy` for a reference)
@@ -505,403 +425,38 @@ class DistributionRequest:
     terms: tuple[Any, ...] = ()  # `DistributionTerm`s: differentiable, summed over the supervised positions
     term_weights: tuple[float, ...] = ()
     term_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (B, T-1) per-token inputs of the terms
-    reference: ReferenceDistribution | None = None
-    backbone_only: bool = False  # a reference: run the backbone alone, no fused head
-    # Called inside the forward once the fused head and the statistics are done, before the terms are projected:
-    # `before_terms(outputs, request)` fills `term_inputs` (Φ, policy statistics) and may set `rows`. For terms that
-    # read what only this forward computes (`priority`, `logps`, ...): `_statistics_then_terms`.
+    reference: ReferenceDistribution | Any | None = None  # or a `TopKReferenceDistribution`
+    backbone_only: bool = False  # a reference: its final hidden states only (`hidden`), no head
+    # Called in the pass once the statistics are known, before the objective: `before_terms(outputs, request)`
+    # computes Φ and sets `nll_weight` (B, T-1) and `term_inputs`. Without it the pass computes statistics only.
     before_terms: Callable[[Any, DistributionRequest], None] | None = None
-    rows: torch.Tensor | None = None  # (B, T-1) bool: project the terms at these supervised positions only
+    nll_weight: torch.Tensor | None = None  # (B, T-1): w_t of Σ_t w_t·(−log π(y_t)), no gradient
     chunk_elements: int | None = None  # positions × vocabulary per chunk; None: `chunk_elements_for`, at call time
     label_length: int | None = None  # the caller's T: a longer forward has PEFT's virtual tokens first
     # Results
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # statistic -> (B, T-1), no gradient
     term_values: dict[str, torch.Tensor] = field(default_factory=dict)  # term -> (B, T-1) per token, no gradient
-    term_total: torch.Tensor | None = None  # Σ_terms w · Σ_t term_t, with gradient
+    objective: torch.Tensor | None = None  # Σ_t w_t·(−log π(y_t)) + Σ_terms λ·Σ_t term_t, with gradient
     hidden: torch.Tensor | None = None  # the final hidden states, when `backbone_only`
 
-
-class _Untouched:
-    """A `DistributionRequest` on its way into a model's forward, hidden from the wrappers that map its arguments.
-
-    FSDP2 with a mixed-precision policy casts the floating tensors of the forward's arguments to bf16 with
-    `torch.distributed.utils._apply_to_tensors`, which rebuilds every dataclass, dict and list it walks: a request
-    passed as such arrives as a copy, the forward fills the copy, and the caller's request stays empty (a
-    reference's hidden states None; found by running asft under FSDP2 in bf16). An object of a plain class with
-    slots is passed through as it is.
-    """
-
-    __slots__ = ("request",)
-
-    def __init__(self, request: DistributionRequest):
-        self.request = request
+    @property
+    def needs_pass(self) -> bool:
+        """Whether the package's LM-head pass serves this request (else TRL's fused head does)."""
+        reference_statistics = getattr(self.reference, "statistics", ()) if self.reference is not None else ()
+        return bool(self.statistics or self.terms or reference_statistics)
 
 
-class _ChunkedTerms(torch.autograd.Function):
-    """Σ_terms w_i · Σ_rows term_i(log_softmax(h W^T)) with gradient to `h` and `W`, chunk by chunk.
-
-    As in Liger-Kernel's chunked losses and TRL's chunked kernels, the gradient is computed during the forward, one
-    chunk of positions at a time, and stored: the backward only scales it, so it never projects again (nor needs the
-    LM head gathered again under ZeRO-3). Inside a chunk, the term's own gradient with respect to the logits comes from
-    autograd, so a term is a plain function of `(n, V)` log-probabilities.
-    """
-
-    @staticmethod
-    def forward(ctx, rows_hidden, weight, bias, run):  # run: a closure over the chunk loop
-        total, grad_hidden, grad_weight, grad_bias = run(rows_hidden, weight, bias)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.dtypes = (rows_hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-
-        def scaled(grad, has, dtype):
-            return (grad * grad_total.float()).to(dtype) if has else None
-
-        grads = (grad_hidden, grad_weight, grad_bias)
-        return (*(scaled(g, h, d) for g, h, d in zip(grads, ctx.has, ctx.dtypes)), None)
-
-
-def _distribution_pass(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, request: DistributionRequest) -> None:
-    """Compute the request's statistics and terms at the supervised positions of `hidden` `(B, T, H)`."""
-    shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
-    mask = shifted != -100  # (B, T-1)
-    if request.rows is not None:
-        mask = mask & request.rows.to(mask.device)  # (B, T-1)
-    rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
-    rows_labels = shifted[mask]  # (N,)
-    num_rows = rows_labels.numel()
-    names = list(request.statistics)
-    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in names}
-    stat_kwargs = {name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()}
-    values = {name: hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}
-    ref_names = request.reference.statistics if request.reference is not None else ()
-    ref_stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in ref_names}
-    ref_kwargs = {name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in ref_stats.items()}
-    values.update({f"ref_{name}": hidden.new_zeros(num_rows, dtype=torch.float32) for name in ref_names})
-    terms = request.terms
-    term_values = {term.name: hidden.new_zeros(num_rows, dtype=torch.float32) for term in terms}
-    term_rows = {name: value.to(hidden.device)[mask] for name, value in request.term_inputs.items()}  # (N,) each
-    term_rows.update({f"ref_{name}": values[f"ref_{name}"] for name in ref_names})  # filled chunk by chunk
-    dtype = _compute_dtype(hidden)
-
-    ref_context, topk_rows = nullcontext(None), None
-    if isinstance(request.reference, ReferenceDistribution):
-        ref_context = gathered_head(request.reference.causal_lm)
-    elif request.reference is not None:  # a cached top-k (`trl_priority.topk_reference.TopKReferenceDistribution`)
-        topk_rows = request.reference.rows(mask)  # (N, k) rows, aligned with `rows_labels`
-    with gathered_head(causal_lm) as head, ref_context as ref_head:
-        vocab = head.weight.shape[0]
-        chunk_rows = max(1, chunk_elements_for(hidden.device, request.chunk_elements) // vocab)
-        ref_rows_hidden = None
-        if ref_head is not None:
-            ref_rows_hidden = request.reference.hidden[:, :-1][mask].to(hidden.device)  # (N, H_ref)
-            ref_dtype = _compute_dtype(request.reference.hidden)
-
-        # The policy's head is projected for its statistics, the terms, or a top-k reference's tail (shaped like it)
-        project_policy = bool(names or terms) or topk_rows is not None or ref_head is None
-
-        def chunks():
-            """Per chunk: its rows, the policy's float32 logits, and `reference_of(policy_logprobs)`, which gives the
-            reference's log-probabilities (and fills its statistics) once the policy's, detached, are known."""
-            for start in range(0, num_rows, chunk_rows):
-                rows = slice(start, start + chunk_rows)
-                raw = None
-                if project_policy:
-                    with torch.no_grad():
-                        raw = head.logits_fp32(rows_hidden[rows].detach(), dtype)  # (n, V) float32
-
-                @torch.no_grad()
-                def reference_of(policy_logprobs, rows=rows):
-                    ref_logprobs = None
-                    if ref_head is not None:
-                        ref_raw = ref_head.logits_fp32(ref_rows_hidden[rows], ref_dtype)
-                        ref_logprobs = ref_head.transform(ref_raw).log_softmax(-1)  # (n, V)
-                    elif topk_rows is not None:  # π̂ rebuilt, the tail shaped like this chunk's policy (detached)
-                        ref_logprobs = topk_rows.logprobs(rows, rows_labels[rows], policy_logprobs)  # (n, V)
-                    if ref_logprobs is not None:
-                        for name, stat in ref_stats.items():
-                            values[f"ref_{name}"][rows] = stat.fn(ref_logprobs, rows_labels[rows], **ref_kwargs[name])
-                    return ref_logprobs
-
-                yield rows, raw, reference_of
-
-        def run(rows_hidden_, weight, bias):
-            needs_grad = rows_hidden_.requires_grad or weight.requires_grad
-            grad_hidden = torch.zeros_like(rows_hidden_, dtype=torch.float32) if rows_hidden_.requires_grad else None
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-            grad_bias = (
-                torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
-            )
-            total = rows_hidden_.new_zeros((), dtype=torch.float32)
-            for rows, raw, reference_of in chunks():
-                if raw is None:  # a model reference's statistics alone: the policy's head is not projected
-                    reference_of(None)
-                    continue
-                with torch.enable_grad():
-                    raw = raw.requires_grad_(needs_grad)
-                    logprobs = head.transform(raw).log_softmax(-1)  # (n, V)
-                    ref_logprobs = reference_of(logprobs.detach())  # the policy's log-softmax, computed once
-                    with torch.no_grad():
-                        for name, stat in stats.items():
-                            values[name][rows] = stat.fn(logprobs.detach(), rows_labels[rows], **stat_kwargs[name])
-                    chunk_total = raw.new_zeros(())
-                    for term, term_weight in zip(terms, request.term_weights):
-                        per_row = term(logprobs, rows_labels[rows], ref_logprobs, term_rows, rows, request.args)
-                        term_values[term.name][rows] = per_row.detach().float()
-                        chunk_total = chunk_total + term_weight * per_row.sum()
-                if terms and needs_grad:
-                    (grad_raw,) = torch.autograd.grad(chunk_total, raw)  # (n, V) float32
-                    grad_raw = grad_raw.to(dtype)
-                    h = rows_hidden_[rows].detach().to(dtype)
-                    if grad_hidden is not None:
-                        _addmm_fp32(grad_hidden[rows], grad_raw, head.weight.detach().to(dtype))
-                    if grad_weight is not None:
-                        _addmm_fp32(grad_weight, grad_raw.t(), h)
-                    if grad_bias is not None:
-                        grad_bias += grad_raw.sum(0, dtype=torch.float32)
-                total = total + chunk_total.detach()
-            return total, grad_hidden, grad_weight, grad_bias
-
-        if terms:
-            request.term_total = _ChunkedTerms.apply(rows_hidden, head.weight, head.bias, run)
-        else:
-            with torch.no_grad():
-                run(rows_hidden.detach(), head.weight.detach(), None)
-
-    for name, rows_value in {**values, **term_values}.items():
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)  # (B, T-1)
-        full[mask] = rows_value
-        (request.values if name in values else request.term_values)[name] = full
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The policy's distribution statistics from the fused head's own tiles: one LM-head projection, not two
-# ------------------------------------------------------------------------------------------------------------------
 @dataclass
-class _TileStatistics:
-    """Distribution statistics that TRL's fused head computes from its own projected tiles, for one forward.
+class LMHeadOutput:
+    """The per-token fields of TRL's `FusedCausalLMOutput` the trainer reads, from the package's LM-head pass:
+    `(B, T-1)` each, no gradient (the loss is the request's `objective`)."""
 
-    Set (through `_TILE_STATISTICS`) while the policy's fused forward runs; `_LogProbWithStatistics` fills `values`,
-    one entry per row it projects. Left unfilled (`done` False) when the call does not match the expected rows, and
-    the forward then falls back to the separate chunked pass.
-    """
-
-    statistics: dict[str, DistributionStatistic]
-    kwargs: dict[str, dict[str, Any]]
-    mask: torch.Tensor  # (B, T-1): the supervised positions of the call
-    chunk_elements: int
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (N,) per projected row
-    rows: torch.Tensor | None = None  # (N,) bool: the projected rows that are supervised (None: all of them)
-    done: bool = False
-
-    def per_position(self) -> dict[str, torch.Tensor]:
-        """The statistics as `(B, T-1)` float32, 0 at positions that are not supervised."""
-        out = {}
-        for name, value in self.values.items():
-            mask = self.mask.to(value.device)
-            if value.numel() == mask.numel():  # every position was projected (TRL's layout off Triton)
-                out[name] = torch.where(mask, value.view(mask.shape), 0.0)
-            else:  # only the supervised positions, in order
-                full = torch.zeros(mask.shape, dtype=torch.float32, device=value.device)
-                full[mask] = value
-                out[name] = full
-        return out
-
-
-_TILE_STATISTICS: ContextVar[_TileStatistics | None] = ContextVar("trl_priority_tile_statistics", default=None)
-
-
-class _LogProbWithStatistics(_trl_kernel.ChunkedLogProbFunction):
-    """TRL's `ChunkedLogProbFunction` whose forward also yields distribution statistics from the tiles it projects.
-
-    The forward projects `n` rows at a time over the whole vocabulary, accumulating in float32 (the products in the
-    compute dtype: `_Head.logits_fp32`), and then:
-
-    - folds the tile into TRL's online log-sum-exp with TRL's own fold (`_forward_kernel` on Triton devices,
-      `_forward_tile` elsewhere), vocabulary chunk by vocabulary chunk as TRL does, on the tile as TRL computes it
-      (the float32 product rounded to the compute dtype, bias added in it), so `log_probs`, `entropy`, `is_top1`,
-      ... are TRL's;
-    - computes each requested statistic from the float32 log-softmax of the same tile (supervised rows only).
-
-    The backward is TRL's, unchanged (inherited), from the same saved tensors, so gradients are TRL's. Without an
-    active `_TileStatistics`, or at a temperature other than 1 (the statistics are the model's own distribution), the
-    forward is TRL's own.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        temperature,
-        chunk_size,
-        final_logit_softcapping=None,
-        logit_scale=1.0,
-        outputs=_trl_kernel.OPTIONAL_OUTPUTS,
-    ):
-        job = _TILE_STATISTICS.get()
-        num_rows = hidden.shape[0]
-        layouts = (job.mask.numel(), int(job.mask.sum())) if job is not None else ()
-        if job is None or temperature != 1.0 or num_rows not in layouts:
-            return _trl_kernel.ChunkedLogProbFunction.forward(
-                ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
-                outputs,
-            )  # fmt: skip
-        # As TRL's forward, up to the projection
-        ctx.set_materialize_grads(False)
-        device, vocab = hidden.device, weight.shape[0]
-        autocast = torch.is_autocast_enabled(device.type)
-        compute_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
-        kernel_args = {
-            "logit_scale": logit_scale,
-            "softcap": final_logit_softcapping or 1.0,
-            "inv_t": 1 / temperature,
-            "HAS_SOFTCAP": final_logit_softcapping is not None,
-        }
-        output_flags = {f"HAS_{name.upper()}": name in outputs for name in _trl_kernel.OPTIONAL_OUTPUTS}
-        zeros = functools.partial(torch.zeros, (num_rows,), device=device, dtype=torch.float32)
-        running_max, max_before_target = zeros().fill_(-torch.inf), zeros().fill_(-torch.inf)
-        sum_exp, x_sum_exp, sq_sum_exp, z_sum, target_logit = zeros(), zeros(), zeros(), zeros(), zeros()
-
-        # Which projected rows are supervised: all of them (Triton devices score only those), or `mask` flattened
-        supervised = None if num_rows != job.mask.numel() or num_rows == layouts[1] else job.mask.reshape(-1)
-        job.values = {name: zeros() for name in job.statistics}
-        head = _Head(weight.detach().to(compute_dtype), None, logit_scale, final_logit_softcapping)  # cast once
-        tile_bias = bias.detach().to(compute_dtype) if bias is not None else None
-        triton = _trl_kernel._use_triton(device)
-        step = max(1, min(_trl_kernel.TOKEN_CHUNK_SIZE, job.chunk_elements // vocab))
-        with torch.no_grad():
-            for start in range(0, num_rows, step):
-                rows = slice(start, min(start + step, num_rows))
-                n = rows.stop - start
-                logits = head.logits_fp32(hidden[rows].detach(), compute_dtype)  # (n, V) float32, no bias yet
-                # TRL's tile: its GEMM's output in the compute dtype (a float32 accumulation, rounded), plus the bias
-                tile = logits if compute_dtype == torch.float32 else logits.to(compute_dtype)  # (n, V)
-                if tile_bias is not None:
-                    tile = tile + tile_bias
-                    logits = logits + bias.detach().float()
-                for v_start in range(0, vocab, chunk_size):
-                    width = min(chunk_size, vocab - v_start)
-                    columns = tile[:, v_start : v_start + width]
-                    fold = _trl_kernel._forward_kernel[(n,)] if triton else _trl_kernel._forward_tile
-                    fold(
-                        columns, tile.stride(0), targets[rows], running_max[rows], sum_exp[rows], x_sum_exp[rows],
-                        sq_sum_exp[rows], z_sum[rows], max_before_target[rows], target_logit[rows], v_start, width,
-                        BLOCK_SIZE=_trl_kernel._BLOCK_SIZE, **output_flags, **kernel_args,
-                    )  # fmt: skip
-                del tile
-                keep = None if supervised is None else supervised[rows].nonzero().squeeze(1)  # (n',)
-                if keep is not None and keep.numel() == 0:
-                    continue
-                if keep is not None and keep.numel() < n:
-                    logits = logits.index_select(0, keep)
-                logprobs = head.transform(logits)  # (n', V) float32: logits, made log-probabilities if needed
-                if not all(stat.shift_invariant for stat in job.statistics.values()):
-                    logprobs = logprobs.log_softmax(-1)
-                labels = targets[rows] if keep is None else targets[rows].index_select(0, keep)
-                for name, stat in job.statistics.items():
-                    value = stat.fn(logprobs, labels, **job.kwargs[name])  # (n',)
-                    if keep is None:
-                        job.values[name][rows] = value
-                    else:
-                        job.values[name][rows].index_copy_(0, keep, value.float())
-        job.done = True
-
-        # As TRL's forward, from the folded statistics on
-        log_z = running_max + torch.log(sum_exp)
-        logprobs = target_logit - log_z
-        entropy = log_z - x_sum_exp / sum_exp if "entropy" in outputs else None
-        log_sum_sq_probs = torch.log(sq_sum_exp) - 2 * torch.log(sum_exp) if "log_sum_sq_probs" in outputs else None
-        mean_logits = z_sum / vocab if "mean_logits" in outputs else None
-        is_top1 = (target_logit >= running_max) & (target_logit > max_before_target) if "is_top1" in outputs else None
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z if entropy is None else entropy)
-        ctx.compute_dtype = compute_dtype
-        ctx.chunk_size = chunk_size
-        ctx.kernel_args = kernel_args
-        ctx.mark_non_differentiable(*(x for x in (log_sum_sq_probs, mean_logits, is_top1) if x is not None))
-        return logprobs, entropy, log_sum_sq_probs, mean_logits, is_top1
-
-
-def _tile_statistics_for(request: DistributionRequest, labels: torch.Tensor | None) -> _TileStatistics | None:
-    """The policy's statistics of `request` as a job for the fused head's tiles; None when the chunked pass must run
-    anyway (distribution terms need the policy's logits with their own gradient, a reference's distribution is
-    projected there) or there is nothing to compute."""
-    if not request.statistics or request.terms or request.reference is not None or labels is None:
-        return None
-    stats = {name: DISTRIBUTION_STATISTICS.get(name) or _FUSED_FROM_CHUNK[name] for name in request.statistics}
-    return _TileStatistics(
-        statistics=stats,
-        kwargs={name: {hp: request.args[hp] for hp in stat.hyperparameters} for name, stat in stats.items()},
-        mask=labels[:, 1:] != -100,
-        chunk_elements=chunk_elements_for(labels.device, request.chunk_elements),
-    )
-
-
-@contextmanager
-def _statistics_in_fused_head(job: _TileStatistics | None):
-    """While the block runs, TRL's fused head (`add_fused_lm_head`, which looks its kernel up in `trl.trainer.utils`
-    at call time) computes `job`'s statistics from its own tiles."""
-    if job is None:
-        yield
-        return
-    token = _TILE_STATISTICS.set(job)  # per thread: another thread's call finds no job and runs TRL's forward
-    _trl_utils._ChunkedLogProbFunction = _LogProbWithStatistics
-    try:
-        yield
-    finally:
-        # TRL's own class, not the value found on entry: concurrent calls (DataParallel threads) cannot leave it patched
-        _trl_utils._ChunkedLogProbFunction = _trl_kernel.ChunkedLogProbFunction
-        _TILE_STATISTICS.reset(token)
-
-
-def add_distribution_head(causal_lm) -> None:
-    """Let `causal_lm`'s forward serve a `DistributionRequest`, after TRL's `add_fused_lm_head` patched it.
-
-    `model(**inputs, fused_lm_head=True, distribution_request=request)` then also computes the request's statistics
-    and terms from the final hidden states, inside the model's own forward: the place where DeepSpeed ZeRO-3 and FSDP
-    have the parameters gathered and accelerate's autocast is active, as for TRL's fused head. With
-    `request.backbone_only` the fused head is skipped (a reference needs no loss). Idempotent.
-    """
-    if getattr(causal_lm, "_trl_priority_distribution_head", False):
-        return
-    fused_forward = causal_lm.forward
-
-    @functools.wraps(fused_forward)
-    def forward(self, *args, distribution_request: _Untouched | DistributionRequest | None = None, **kwargs):
-        if distribution_request is None:
-            return fused_forward(*args, **kwargs)
-        request = getattr(distribution_request, "request", distribution_request)
-        labels = kwargs.get("labels")
-        virtual = virtual_positions(labels, request.label_length)
-        real_labels = labels if labels is None else labels[:, virtual:]  # (B, T)
-        if request.backbone_only:
-            backbone_kwargs = {
-                k: v for k, v in kwargs.items() if k not in ("labels", "fused_lm_head", "num_items_in_batch")
-            }
-            backbone_kwargs["use_cache"] = False
-            hidden = self.base_model(*args, **backbone_kwargs).last_hidden_state[:, virtual:]  # (B, T, H)
-            request.hidden = hidden
-            if request.statistics or request.terms:
-                _distribution_pass(hidden, real_labels, self, request)
-            return None
-        if request.before_terms is not None and request.terms:
-            return _statistics_then_terms(self, fused_forward, args, kwargs, request)
-        job = _tile_statistics_for(request, labels)
-        outputs, hidden = _fused_forward_keeping_hidden(self, fused_forward, args, kwargs, job, request.label_length)
-        if job is not None and job.done:
-            request.values.update(_real_positions(job.per_position(), virtual))
-        else:  # terms, a reference's distribution, or a call the fused head did not serve: the chunked pass
-            _distribution_pass(hidden, real_labels, self, request)
-        return outputs
-
-    causal_lm.forward = types.MethodType(forward, causal_lm)
-    causal_lm._trl_priority_distribution_head = True
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    label_mask: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
 
 def virtual_positions(labels: torch.Tensor | None, label_length: int | None) -> int:
@@ -911,11 +466,6 @@ def virtual_positions(labels: torch.Tensor | None, label_length: int | None) -> 
     if labels is None or label_length is None:
         return 0
     return max(0, labels.shape[1] - label_length)
-
-
-def _real_positions(values: Mapping[str, torch.Tensor], virtual: int) -> dict[str, torch.Tensor]:
-    """Per-position `(B, V + T - 1)` statistics without the first `virtual` positions: `(B, T - 1)`."""
-    return {name: value[:, virtual:] for name, value in values.items()}
 
 
 def drop_virtual_positions(outputs, label_length: int | None):
@@ -936,75 +486,6 @@ def drop_virtual_positions(outputs, label_length: int | None):
     return outputs
 
 
-def _fused_forward_keeping_hidden(
-    causal_lm, fused_forward, args, kwargs, job: _TileStatistics | None, label_length: int | None = None
-):
-    """TRL's fused forward (with `job`'s statistics from its tiles), and the final hidden states it projected, both
-    on the caller's `label_length` positions (PEFT's prompt tuning prepends virtual ones)."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(module, hook_args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = causal_lm.base_model.register_forward_hook(hook)
-    try:
-        with _statistics_in_fused_head(job):
-            outputs = fused_forward(*args, **kwargs)
-    finally:
-        handle.remove()
-    hidden = captured["hidden"]
-    virtual = virtual_positions(kwargs.get("labels"), label_length)
-    return drop_virtual_positions(outputs, label_length), hidden[:, virtual:]  # (B, T, H)
-
-
-def _statistics_then_terms(causal_lm, fused_forward, args, kwargs, request: DistributionRequest):
-    """Serve a request whose terms read what this forward computes (Φ, `logps`, a distribution statistic), in order:
-
-    1. the fused head, with the policy's distribution statistics from its tiles (or, when the reference's statistics
-       come from its distribution, a chunked pass without gradient that projects both heads);
-    2. `request.before_terms(outputs, request)`: the trainer computes Φ from every statistic and hands the terms
-       their inputs (and, for the unlikelihood of a signed method, the positions to project: those with Φ < 0);
-    3. the terms, with gradient, in a second chunked pass at those positions.
-
-    Still inside the model's forward, so the LM head is gathered (ZeRO-3, FSDP) and autocast active, as for the
-    one-pass case. The price: the policy's LM head runs once more over the projected positions (every supervised
-    one for a term over all tokens; only the negatives for a signed method's unlikelihood), and, when the reference's
-    statistics come from its distribution, the reference's head once more as well.
-    """
-    labels = kwargs.get("labels")
-    virtual = virtual_positions(labels, request.label_length)
-    real_labels = labels if labels is None else labels[:, virtual:]  # (B, T): the caller's positions
-    reference = request.reference
-    reference_in_pass = reference is not None and bool(reference.statistics)
-    first = DistributionRequest(
-        statistics=request.statistics,
-        args=request.args,
-        reference=reference if reference_in_pass else None,
-        chunk_elements=request.chunk_elements,
-    )
-    job = _tile_statistics_for(first, labels)
-    outputs, hidden = _fused_forward_keeping_hidden(causal_lm, fused_forward, args, kwargs, job, request.label_length)
-    if job is not None and job.done:
-        request.values.update(_real_positions(job.per_position(), virtual))
-    elif first.statistics or reference_in_pass:
-        with torch.no_grad():
-            _distribution_pass(hidden, real_labels, causal_lm, first)
-        request.values.update(first.values)
-    request.before_terms(outputs, request)
-    second = dataclasses.replace(
-        request,
-        statistics=(),
-        reference=None if reference is None else dataclasses.replace(reference, statistics=()),
-        values={},
-        term_values={},
-        term_total=None,
-        before_terms=None,
-    )
-    _distribution_pass(hidden, real_labels, causal_lm, second)
-    request.term_values, request.term_total = second.term_values, second.term_total
-    return outputs
-
-
 def fused_statistics(outputs, names: Iterable[str], causal_lm) -> dict[str, torch.Tensor]:
     """The statistics among `names` that TRL's fused head returns (`logps`, `entropy`), detached, float32."""
     statistics = {}
@@ -1019,6 +500,133 @@ def fused_statistics(outputs, names: Iterable[str], causal_lm) -> dict[str, torc
     return statistics
 
 
+def _positions(rows_value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`(N,)` values of the supervised rows back at their positions: `(B, T-1)` float32, 0 elsewhere."""
+    full = torch.zeros(mask.shape, dtype=torch.float32, device=rows_value.device)
+    full[mask] = rows_value.float()
+    return full
+
+
+def chunk_statistics(names: Iterable[str], args: Mapping[str, Any]) -> dict[str, lm_head.ChunkStatistic]:
+    """The statistics `names` as functions of a chunk, their hyperparameters bound from `args`."""
+    out = {}
+    for name in names:
+        if name in DISTRIBUTION_STATISTICS:
+            stat = DISTRIBUTION_STATISTICS[name]
+            out[name] = functools.partial(stat.fn, **{hp: args[hp] for hp in stat.hyperparameters})
+        else:
+            out[name] = lm_head.FUSED_FROM_CHUNK[name]
+    return out
+
+
+def _reference_rows(reference, mask: torch.Tensor, stack: ExitStack) -> lm_head.ReferenceRows | None:
+    """The request's reference at the supervised rows (a model's head gathered on `stack`), or None."""
+    if reference is None:
+        return None
+    if isinstance(reference, ReferenceDistribution):
+        head = stack.enter_context(lm_head.gathered_head(reference.causal_lm))
+        rows_hidden = reference.hidden[:, :-1][mask.to(reference.hidden.device)].to(mask.device)  # (N, H_ref)
+        return lm_head.ReferenceRows(head=head, hidden=rows_hidden)
+    return lm_head.ReferenceRows(topk=reference.rows(mask))  # a cached top-k (`topk_reference`)
+
+
+def serve_request(hidden: torch.Tensor, labels: torch.Tensor, causal_lm, request: DistributionRequest):
+    """Serve `request` from the final hidden states `(B, T, H)` and the caller's labels `(B, T)` with the package's
+    LM-head pass; return the `LMHeadOutput` (policy statistics TRL's fused head would give).
+
+    1. `lm_head.statistics_pass`, no gradient: `logps`, `entropy`, `is_top1`, the request's distribution statistics,
+       and the reference's statistics from its distribution;
+    2. `request.before_terms(outputs, request)`: Φ, from all of them (the trainer's);
+    3. `lm_head.objective_pass`: the Φ-weighted NLL and the terms, with gradient (`request.objective`).
+    Steps 2 and 3 only when `before_terms` is set (a training or evaluation loss).
+    """
+    shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
+    mask = shifted != -100  # (B, T-1)
+    rows_hidden = hidden[:, :-1][mask]  # (N, H): only supervised positions are projected
+    rows_labels = shifted[mask]  # (N,)
+    args = request.args
+    policy_names = ("logps", "entropy", "is_top1", *(n for n in request.statistics if n not in FUSED_STATISTICS))
+    ref_names = tuple(getattr(request.reference, "statistics", ()) or ())
+    with ExitStack() as stack:
+        head = stack.enter_context(lm_head.gathered_head(causal_lm))
+        reference = _reference_rows(request.reference, mask, stack)
+        chunk_rows = max(1, chunk_elements_for(hidden.device, request.chunk_elements) // head.vocab_size)
+        values = lm_head.statistics_pass(
+            rows_hidden,
+            rows_labels,
+            head,
+            chunk_statistics(policy_names, args),
+            chunk_rows,
+            reference=reference if ref_names else None,
+            ref_statistics=chunk_statistics(ref_names, args),
+        )
+        full = {name: _positions(value, mask) for name, value in values.items()}
+        outputs = LMHeadOutput(full["logps"], full["entropy"], full["is_top1"].bool(), mask)
+        request.values.update(
+            {name: full[name] for name in request.statistics},
+            **{f"ref_{name}": full[f"ref_{name}"] for name in ref_names},
+        )
+        if request.before_terms is None:
+            return outputs
+        request.before_terms(outputs, request)
+        term_rows = {name: value.to(hidden.device)[mask] for name, value in request.term_inputs.items()}  # (N,)
+        term_rows.update({f"ref_{name}": values[f"ref_{name}"] for name in ref_names})
+        terms = [
+            lm_head.ChunkTerm(
+                term.name,
+                weight,
+                functools.partial(_call_term, term, rows=term_rows, args=args),
+            )
+            for term, weight in zip(request.terms, request.term_weights)
+        ]
+        reads_reference = any(getattr(term, "needs_reference_distribution", False) for term in request.terms)
+        nll_weight = (
+            torch.zeros(mask.shape, device=hidden.device) if request.nll_weight is None else request.nll_weight
+        )
+        request.objective, term_values = lm_head.objective_pass(
+            rows_hidden,
+            rows_labels,
+            head,
+            nll_weight.to(hidden.device)[mask],
+            terms,
+            chunk_rows,
+            reference=reference if reads_reference else None,
+        )
+        request.term_values = {name: _positions(value, mask) for name, value in term_values.items()}
+    return outputs
+
+
+def _call_term(term, logprobs, labels, ref_logprobs, chunk, *, rows, args):
+    """A `DistributionTerm` called on a chunk, its per-token inputs cut from `rows` `(N,)`."""
+    return term(logprobs, labels, ref_logprobs, rows, chunk, args)
+
+
+@contextmanager
+def on_final_hidden(causal_lm, label_length: int, fn: Callable[[torch.Tensor], None]):
+    """While the block runs, every forward of `causal_lm`'s backbone hands its final hidden states on the caller's
+    `label_length` positions (PEFT's virtual tokens cut off) `(B, T, H)` to `fn`, inside the model's forward: where
+    ZeRO-3 and FSDP expect the LM head to be used and accelerate's autocast is active. A public forward hook; the
+    model's `forward` and TRL's classes are left as they are."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        fn(hidden[:, hidden.shape[1] - label_length :])
+
+    handle = causal_lm.base_model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _forward_for_hidden(model, inputs: Mapping[str, Any]):
+    """The model's own forward, its LM head limited to one position per sequence (`logits_to_keep=1`): the pass
+    projects the hidden states itself. No labels, so no loss over logits that are not there."""
+    kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    kwargs["use_cache"] = False
+    return model(**kwargs, logits_to_keep=1)
+
+
 def forward_statistics(
     model,
     inputs: Mapping[str, Any],
@@ -1027,36 +635,64 @@ def forward_statistics(
     keep_outputs: bool = True,
     request: DistributionRequest | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Run `model` with TRL's fused LM head and return `(outputs, statistics)`.
+    """Run `model` and return `(outputs, statistics)`.
 
-    `names` are policy statistics (no prefix) wanted from this model; `outputs` keeps the gradient of `log_probs`
-    for the loss, while every returned statistic is detached. Used for the policy and for model references alike; the
-    model's causal LM must carry `add_distribution_head`.
+    `names` are policy statistics (no prefix) wanted from this model; every returned statistic is detached. Used for
+    the policy and for model references alike.
 
-    With `keep_outputs=False` (a reference, which needs no loss) and a distribution statistic among `names`, the
-    backbone runs alone and one chunked projection serves every statistic. `outputs` is then None.
-    `request` may carry distribution terms (with gradient); its statistics are filled in here.
+    - Without a distribution statistic, terms or a reference's distribution: TRL's public fused head
+      (`fused_lm_head=True`, `add_fused_lm_head`), unchanged; `outputs` keeps the gradient of `log_probs`.
+    - Otherwise the package's LM-head pass (`serve_request`): `outputs` is an `LMHeadOutput` without gradient, and
+      with `request.before_terms` set, the loss (Φ-weighted NLL and terms, with gradient) is `request.objective`.
+    - With `keep_outputs=False` (a reference, which needs no loss) and a distribution statistic among `names` (or
+      `request.backbone_only`), the backbone's hidden states alone are kept and one pass serves every statistic
+      (or they are returned in `request.hidden`). `outputs` is then None.
     """
     names = list(dict.fromkeys(names))
     distribution = [name for name in names if name in DISTRIBUTION_STATISTICS]
     request = request or DistributionRequest(args=args)
-    request.label_length = inputs["labels"].shape[1]
+    label_length = request.label_length = inputs["labels"].shape[1]
     causal_lm = causal_lm_of(model)
-    if not getattr(causal_lm, "_trl_priority_distribution_head", False):
-        add_distribution_head(causal_lm)
     if not keep_outputs and (distribution or request.backbone_only):
         request.statistics = tuple(names)
-        request.backbone_only = True
-        model(**inputs, fused_lm_head=True, distribution_request=_Untouched(request))
-        return None, dict(request.values)
+        served: dict[str, Any] = {}
+
+        def reference_pass(hidden):
+            if request.backbone_only:
+                request.hidden = hidden
+            else:
+                served["outputs"] = serve_request(hidden, inputs["labels"], causal_lm, request)
+
+        with on_final_hidden(causal_lm, label_length, reference_pass):
+            _forward_for_hidden(model, inputs)
+        return None, {name: request.values[name] for name in names if name in request.values} | (
+            {name: getattr(served["outputs"], FUSED_STATISTICS[name]) for name in names if name in FUSED_STATISTICS}
+            if "outputs" in served
+            else {}
+        )
     request.statistics = tuple(distribution)
-    needs_pass = bool(distribution or request.terms)
     attention = [name for name in names if name in ATTENTION_STATISTICS]
     num_layers = max((int(args[ATTENTION_STATISTICS[n].layers_hyperparameter]) for n in attention), default=0)
-    passed = {"distribution_request": _Untouched(request)} if needs_pass else {}
     with captured_attention(causal_lm, num_layers) if attention else nullcontext([]) as weights:
-        outputs = model(**inputs, fused_lm_head=True, **passed)
-    outputs = drop_virtual_positions(outputs, request.label_length)  # PEFT prompt tuning prepends positions
+        if request.needs_pass:
+            served = {}
+
+            def policy_pass(hidden):
+                served["outputs"] = serve_request(hidden, inputs["labels"], causal_lm, request)
+
+            with on_final_hidden(causal_lm, label_length, policy_pass):
+                model_outputs = _forward_for_hidden(model, inputs)
+            outputs = served["outputs"]
+            outputs.aux_loss = getattr(model_outputs, "aux_loss", None)
+            # The model's own head (one position per row) joins the loss at weight 0, so that its backward runs: under
+            # DeepSpeed ZeRO-3 that is when the head's weight is gathered, and autograd accumulates the pass's weight
+            # gradient into the weight as it then is (partitioned, 0 elements, it fails: "size of tensor a (0) must
+            # match ... (32)"; found by tests/test_distributed.py's zero3 asft run)
+            logits = getattr(model_outputs, "logits", None)
+            if request.objective is not None and logits is not None and logits.requires_grad:
+                request.objective = request.objective + 0.0 * logits.sum()
+        else:
+            outputs = drop_virtual_positions(model(**inputs, fused_lm_head=True), label_length)
     statistics = fused_statistics(outputs, names, causal_lm)
     for name in attention:
         layers = int(args[ATTENTION_STATISTICS[name].layers_hyperparameter])
@@ -1073,11 +709,10 @@ def distribution_statistics(
     args: Mapping[str, Any],
     chunk_elements: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Distribution statistics of final hidden states `(B, T, H)` at the supervised positions, chunk by chunk.
-
-    The functional core of the forward's pass, for tests and tools; training computes the same inside the forward.
-    """
+    """Distribution statistics (`logps` and `entropy` too) of final hidden states `(B, T, H)` at the supervised
+    positions, chunk by chunk, `(B, T-1)` each. The functional core of the pass, for tests and tools."""
     request = DistributionRequest(statistics=tuple(names), args=args, chunk_elements=chunk_elements)
     with torch.no_grad():
-        _distribution_pass(hidden, labels, causal_lm, request)
-    return request.values
+        outputs = serve_request(hidden, labels, causal_lm, request)
+    fused = {name: getattr(outputs, FUSED_STATISTICS[name]) for name in names if name in FUSED_STATISTICS}
+    return {**request.values, **fused}

@@ -64,7 +64,6 @@ from .selection import select_over_step
 from .state import TokenState
 from .statistics import (
     DistributionRequest,
-    add_distribution_head,
     causal_lm_of,
     drop_virtual_positions,
     forward_statistics,
@@ -204,7 +203,6 @@ class PrioritySFTTrainer(SFTTrainer):
         self._check_parallelism()
         terms = bool(self.priority.token_terms or self.priority.distribution_terms)
         self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
-        add_distribution_head(causal_lm_of(self.model))
         if self._token_columns:
             if self._is_vision_dataset:
                 raise ValueError(
@@ -368,9 +366,7 @@ class PrioritySFTTrainer(SFTTrainer):
                 )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         with global_then_local_main_first():
-            dataset = prepare_token_columns(
-                dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args
-            )
+            dataset = prepare_token_columns(dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args)
         if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self.plan.column_specs:
             self._warn_truncated_completions(dataset, dataset_name, args.max_length)
         return dataset
@@ -431,15 +427,13 @@ class PrioritySFTTrainer(SFTTrainer):
         unlearn = (UNLIKELIHOOD_TERM,) if self.priority.signed and self.args.negative_loss == "unlikelihood" else ()
         return (*self.priority.distribution_terms, *unlearn)
 
-    @functools.cached_property
-    def _terms_read_phi(self) -> bool:
-        """Some distribution term reads Φ, a policy or a trainer statistic: Φ is then computed inside the forward,
-        between the fused head and the terms (`statistics._statistics_then_terms`)."""
-        names = {name for term in self._distribution_terms for name in term.statistics}
-        return any(name == "priority" or stats_vocab.source_of(name) in ("policy", "trainer") for name in names)
-
     def _phi_before_terms(self, statistics: dict[str, Any], priority_of: Callable) -> Callable:
-        """The request's `before_terms`: Φ from all statistics (the policy's just computed), then the terms' inputs."""
+        """The request's `before_terms`, called by the package's LM-head pass (`statistics.serve_request`) once the
+        policy's statistics are known: Φ from all statistics, then the NLL's weights and the terms' inputs.
+
+        The NLL is weighted by Φ, or by its non-negative part when the negatives are unlearned by the unlikelihood
+        term (signed methods, `negative_loss="unlikelihood"`); with "ascent" a negative Φ weights −log p as is:
+        |Φ|·log p = Φ·(−log p), as in `objectives.priority_loss`."""
 
         def before_terms(outputs, request: DistributionRequest) -> None:
             statistics.update(fused_statistics(outputs, self.plan.policy_statistics, causal_lm_of(self.model)))
@@ -449,8 +443,7 @@ class PrioritySFTTrainer(SFTTrainer):
             request.term_inputs = {
                 name: available[name] for term in request.terms for name in term.statistics if name in available
             }
-            if request.terms == (UNLIKELIHOOD_TERM,):
-                request.rows = phi < 0  # (B, T-1): only the tokens to unlearn are projected
+            request.nll_weight = phi.clamp(min=0) if UNLIKELIHOOD_TERM in request.terms else phi
 
         return before_terms
 
@@ -506,17 +499,15 @@ class PrioritySFTTrainer(SFTTrainer):
             state = TokenState() if getattr(self, "_evaluating", False) else self.priority_state
             statistics["state"] = state.bind(*identity, writable=training)
 
-        terms = self._distribution_terms
-        if self._terms_read_phi and priority_of is None:
-            terms = ()
+        # Without `priority_of` (a scoring pass) no loss is computed, so no term either
+        terms = self._distribution_terms if priority_of is not None else ()
         request = DistributionRequest(
             args=self._step_args,
             terms=terms,
             term_weights=tuple(1.0 if t.weight is None else float(self._step_args[t.weight]) for t in terms),
-            # (reference statistics computed in the pass itself, from the reference's distribution, are not here yet)
-            term_inputs={name: statistics[name] for term in terms for name in term.statistics if name in statistics},
             reference=reference_distribution,
-            before_terms=self._phi_before_terms(statistics, priority_of) if terms and self._terms_read_phi else None,
+            # Used only when the package's LM-head pass serves the forward (`statistics.serve_request`)
+            before_terms=self._phi_before_terms(statistics, priority_of) if priority_of is not None else None,
         )
         with record_function("trl_priority.policy_forward"):
             outputs, policy_statistics = forward_statistics(
@@ -703,10 +694,17 @@ class PrioritySFTTrainer(SFTTrainer):
         num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         denominator = torch.as_tensor(num_items).clamp(min=1)
         # The negatives' unlikelihood, when the method is signed, is a term computed from the logits (below)
-        unlearned_in_pass = UNLIKELIHOOD_TERM in self._distribution_terms
-        loss = priority_loss(
-            outputs.log_probs, phi.clamp(min=0) if unlearned_in_pass else phi, num_items, self.args.negative_loss
-        )
+        if request.objective is not None:
+            # The package's LM-head pass computed the Φ-weighted NLL (and the distribution terms) with its gradient
+            if any(name in ("logps", "entropy") for term in self.priority.token_terms for name in term.statistics):
+                raise NotImplementedError(
+                    f"Priority '{self.priority.name}' has a per-token loss term reading `logps` or `entropy` with "
+                    "gradient, and reads the whole next-token distribution, whose LM-head pass gives them without "
+                    "gradient: such a term is not supported yet."
+                )
+            loss = request.objective / denominator
+        else:
+            loss = priority_loss(outputs.log_probs, phi, num_items, self.args.negative_loss)
 
         # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
         term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
@@ -720,9 +718,7 @@ class PrioritySFTTrainer(SFTTrainer):
             term_loss = weight * per_token.sum() / denominator
             term_values[f"loss/{term.name}"] = term_loss.detach()
             loss = loss + term_loss
-        # Distribution terms, computed inside the forward: their weighted sum over the supervised positions
-        if request.term_total is not None:
-            loss = loss + request.term_total / denominator
+        # Distribution terms, computed in the LM-head pass (in `request.objective` already): their logged values
         for term, weight in zip(request.terms, request.term_weights):  # the same terms on every process
             term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from trl_priority import PriorityError, PrioritySFTConfig, PrioritySFTTrainer
+from trl_priority import PriorityError, PrioritySFTConfig, PrioritySFTTrainer, lm_head
 from trl_priority import statistics as stats
 from trl_priority.priorities.distribution import kl_to_reference, soft_target_cross_entropy
 
@@ -455,21 +455,23 @@ def test_chunk_size_does_not_change_loss_or_gradients(
     vocab = trainer.model.get_output_embeddings().weight.shape[0]
     monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 3 * vocab)  # three positions per chunk
     projected = []
-    logits_fp32 = stats._Head.logits_fp32
+    raw_logits = lm_head.Head.raw_logits
 
     def recording(self, hidden, dtype):
-        logits = logits_fp32(self, hidden, dtype)
+        logits = raw_logits(self, hidden, dtype)
         projected.append(tuple(logits.shape))
         return logits
 
-    monkeypatch.setattr(stats._Head, "logits_fp32", recording)
+    monkeypatch.setattr(lm_head.Head, "raw_logits", recording)
     chunked_loss, chunked_grads = trainer_loss_and_grads(trainer, batch)
 
     _, mask = shifted_labels(batch)
     assert projected and all(rows <= 3 and width == vocab for rows, width in projected)
-    # The policy's and the reference's distributions, each once; target_sft's term reads Φ, so Φ's `ref_logps` come
-    # from a first pass that projects the reference alone (`statistics._statistics_then_terms`)
-    passes = {"asft": 2, "target_sft": 3}[method]
+    # The package's LM-head pass (`trl_priority.lm_head`) projects the policy twice (the statistics before Φ, then the
+    # objective with its gradient, as TRL's fused head projects in its forward and again in its backward) and the
+    # reference once for the term. target_sft's Φ reads `ref_logps` (a statistic of its signature), computed from the
+    # reference's distribution before Φ: its reference is projected once more.
+    passes = {"asft": 3, "target_sft": 4}[method]
     assert sum(rows for rows, _ in projected) == passes * mask.sum()
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-6, atol=1e-7)
     assert_grads_close(chunked_grads, grads, rtol=1e-5, atol=1e-7)

@@ -2,8 +2,8 @@
 
 Φ weights the negative log-likelihood of the observed token, as for every method; the `DistributionTerm` adds what
 lives on the rest of the vocabulary (a KL anchor, the off-label part of a soft target). The trainer computes the term
-inside the model's forward, a chunk of supervised positions at a time, in float32: never a `(batch, seq, vocab)`
-tensor. Each term function below sees one chunk:
+in the package's LM-head pass (`trl_priority.lm_head`), a chunk of supervised positions at a time, in float32: never
+a `(batch, seq, vocab)` tensor. Each term function below sees one chunk:
 
     logprobs      (n, V)  log π_θ(· | y_<t), with gradient
     labels        (n,)    the observed tokens y_t
@@ -202,12 +202,12 @@ def target_sft(
     sharing the policy's tokenizer can be given with `ref_model` or `ref_model_name_or_path`. Configurations that
     read no reference (alpha "constant"/"policy" with prior "uniform"/"policy") run none.
 
-    Cost: the term reads Φ, so the trainer computes Φ inside the forward, after TRL's fused head and before the
-    term's chunked pass (`trl_priority.statistics._statistics_then_terms`). When the configuration reads the
-    reference, Φ's `ref_logps` (a statistic of the function's signature, read only by alpha="reference") comes from a
-    first chunked pass that projects the reference's LM head alone, before the term's pass projects both heads: the
-    reference's head runs twice per supervised position, the policy's once (plus TRL's fused head, as for every
-    method). Under LoRA the reference backbone is the same network with the adapter off.
+    Cost: the package's LM-head pass (`trl_priority.lm_head`) serves the forward: it projects the policy's head
+    twice per supervised position (statistics, then Φ, then the loss with its gradient; TRL's fused head also
+    projects twice, in its forward and its backward) and the reference's once for the term. Φ's signature reads
+    `ref_logps` (used only by alpha="reference"), which must be known before Φ, so when the configuration reads the
+    reference its head runs once more, in the statistics loop. Under LoRA the reference backbone is the same network
+    with the adapter off.
     """
     if alpha == "constant":
         trust = torch.full_like(logps, alpha_value)  # (B, T-1)
