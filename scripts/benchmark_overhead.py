@@ -47,7 +47,7 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
   ≤ 1.05x (FLOPs and peak bytes, LoRA and full, any reference: `ISSUE_TARGETS`); any other method its time target
   (FLOPs) and memory target (peak bytes).
 - Reference axis (`--references online,cached`): "online" runs the method's reference forward each step; "cached"
-  sets `ref_cache_dir` (`trl_priority.ref_cache`): the reference statistics are computed once, before timing, into a
+  sets `ref_cache_dir` (`trl_priority.references.disk_cache`): the reference statistics are computed once, before timing, into a
   fresh cache, and every timed run reads them back as columns with no reference forward. Methods that read the
   reference's whole next-token distribution (`asft`, `target_sft`) cache its top `ref_cache_topk` tokens (64), an
   approximation of the exact distribution their online row uses.
@@ -57,7 +57,7 @@ Writes `overhead.md` (the table), `overhead.csv` (every measurement) and `overhe
   built (after S2FT's selection), the method's and the TRL runs' (a mode's TRL runs all count the same).
 
 Modes: `lora` (TRL and the method both with LoRA), `full` (both full fine-tuning, for `--full-methods`), and `s2ft`:
-the method runs with `structural_priority: s2ft` (`trl_priority.structural`, its arguments from `--s2ft-args`, the
+the method runs with `structural_priority: s2ft` (`trl_priority.beyond_tokens.structural`, its arguments from `--s2ft-args`, the
 recipe's defaults otherwise) and no LoRA, against TRL's SFTTrainer with the `lora` mode's LoRA: what S2FT costs in
 time, memory and trainable parameters against the adapter it replaces. No target applies to that mode (it compares
 two ways to fine-tune, not a priority's overhead).

@@ -24,7 +24,7 @@ run trains on a question it is scored on, and the two tasks never share a questi
 
 Task "noisy" (learning from noisy demonstrations). Training data: the first `--train-size` problems of train.jsonl,
 with a share `--noise-share` (30%) of the solutions corrupted by `builtin:gsm8k-noisy`'s own corruption
-(`trl_priority.builtin.load_gsm8k_noisy`, fixed `--noise-seed`): the final answer N is replaced by a wrong number
+(`trl_priority.tools.builtin.load_gsm8k_noisy`, fixed `--noise-seed`): the final answer N is replaced by a wrong number
 N + k (k in 1..9) wherever it stands as a whole number, that is in the last calculation's result (`<<a*b=N>>N`), the
 closing sentence and the `#### N` line; earlier intermediate results are unchanged. The record of which rows were
 corrupted is the example-level column `noise` (1 corrupted, 0 clean), given to the methods that read it: `robustft`
@@ -66,8 +66,8 @@ Methods needing more than the data. A trained ("explicit") reference (`rho1`, `f
 `selectkd`, `swift`) gets a model trained first, once per task and seed, in a clearly labelled step: LoRA SFT with the
 same settings on the rows the record marks clean (noisy task) or on the ground truths (unlearn task), merged. `critical`
 gets its `contrastive_score` column from that model and one trained the same way on the corrupted / wrong rows
-(`trl_priority.token_scores.contrastive_token_scores`); `tshirt` gets `information_gain` and
-`critical_counterfactual` gets `counterfactual_impact` from the base model (`trl_priority.token_scores`). These
+(`trl_priority.tools.token_scores.contrastive_token_scores`); `tshirt` gets `information_gain` and
+`critical_counterfactual` gets `counterfactual_impact` from the base model (`trl_priority.tools.token_scores`). These
 columns use the record of corrupted rows, like `robustft`.
 
 Differences and intervals. Every metric above is a ratio of sums over held-out problems, Σ_e num_e / Σ_e den_e (a
@@ -126,15 +126,9 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from trl_priority import (
-    PrioritySFTConfig,
-    PrioritySFTTrainer,
-    available_priorities,
-    builtin,
-    get_priority,
-    token_scores,
-)
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, available_priorities, get_priority
 from trl_priority.statistics import DATA_STATISTICS
+from trl_priority.tools import builtin, token_scores
 
 
 REPO = Path(__file__).resolve().parents[1]

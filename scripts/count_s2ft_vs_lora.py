@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trl_priority.structural import S2FTArgs, apply_s2ft
+from trl_priority.beyond_tokens.structural import S2FTArgs, apply_s2ft
 
 
 ADAMW_BYTES = 8  # two float32 moments per trainable parameter

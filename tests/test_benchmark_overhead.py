@@ -123,7 +123,7 @@ def test_s2ft_mode_counts_trainable_parameters_against_lora(tmp_path):
     equal a direct count of each, and survive `--replot`."""
     from peft import get_peft_model
 
-    from trl_priority.structural import S2FTArgs, apply_s2ft
+    from trl_priority.beyond_tokens.structural import S2FTArgs, apply_s2ft
 
     script = load_script()
     argv = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import QUESTIONS
-from trl_priority.token_scores import tokenize_like_trainer
+from trl_priority.tools.token_scores import tokenize_like_trainer
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_quality.py"

@@ -50,7 +50,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trl_priority.cli import accelerate_config_path, resolve_accelerate_config
+from trl_priority.tools.cli import accelerate_config_path, resolve_accelerate_config
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_accelerate_config_names_fall_back_to_trl_then_to_a_path(tmp_path):
 def test_the_sft_command_launches_with_the_shipped_config(monkeypatch):
     import accelerate.commands.launch
 
-    from trl_priority import cli
+    from trl_priority.tools import cli
 
     launched = []
     monkeypatch.setattr(accelerate.commands.launch, "launch_command", launched.append)  # nothing is started
@@ -149,7 +149,7 @@ def test_fsdp_reference_wraps_its_own_layers_and_leaves_the_policy_plugin_alone(
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from trl_priority.reference import _fsdp_plugin_for
+    from trl_priority.references.sources import _fsdp_plugin_for
 
     class Qwen3DecoderLayer(torch.nn.Module):  # the layer of a policy of another architecture
         pass

@@ -17,8 +17,8 @@ from transformers import (
 )
 
 from trl_priority import PrioritySFTTrainer
-from trl_priority.builtin import load_shapes
 from trl_priority.statistics import captured_attention
+from trl_priority.tools.builtin import load_shapes
 
 from .conftest import build_tokenizer
 

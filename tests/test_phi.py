@@ -11,7 +11,7 @@ import torch
 from tests.conftest import naive_top_fraction
 from trl_priority import get_priority
 from trl_priority.phi import PhiSettings, compute_phi, step_hyperparameters
-from trl_priority.schedules import parse_schedule
+from trl_priority.priorities.schedules import parse_schedule
 
 
 # Two rows × three positions; (1, 2) is ignored. Rho-1's excess loss is ref_logps − logps (L_θ − L_ref):

@@ -11,7 +11,7 @@ import torch
 
 from trl_priority import PrioritySFTTrainer, get_priority
 from trl_priority.plan import CACHE_COLUMN_HINT, REFERENCE_KINDS, RunPlan
-from trl_priority.ref_cache import TOPK_COLUMNS, default_cache_dir, module_fingerprint
+from trl_priority.references.disk_cache import TOPK_COLUMNS, default_cache_dir, module_fingerprint
 from trl_priority.statistics import DATA_STATISTICS
 
 
@@ -314,7 +314,7 @@ def test_identity_of_a_callback_and_of_columns_is_unchanged(make_model, tokenize
 
 
 def test_identity_of_precomputed_columns_is_unchanged(make_args):
-    from trl_priority.sources import Given, reference_for
+    from trl_priority.references.choice import Given, reference_for
 
     plan = plan_of(make_args, "prift_prob", precomputed_ref_columns=True)
     source = reference_for(plan, Given(), torch.nn.Linear(1, 1), make_args(), load=None)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from tests.conftest import QLORA_HIDDEN_SIZE
 from trl_priority import PrioritySFTTrainer
-from trl_priority.reference import AdapterReference, ModelReference, eval_mode
+from trl_priority.references.sources import AdapterReference, ModelReference, eval_mode
 from trl_priority.statistics import causal_lm_of, vocab_size_of
 
 

@@ -3,7 +3,7 @@
 Two methods whose Φ depends on more than the batch in hand:
 
 - `t3s` reads `state`: each token's history (first confidence, visits, anchor flag), saved with every checkpoint as
-  `priority_state.safetensors` and restored on resume (`trl_priority.state.TokenState`);
+  `priority_state.safetensors` and restored on resume (`trl_priority.statistics.state.TokenState`);
 - `rho1` with a `priority_schedule` on its kept ratio and a `priority_warmup_ratio`: both read the training progress
   `global_step / max_steps`, which the checkpoint's trainer state restores.
 
@@ -22,7 +22,7 @@ import torch
 
 from tests.conftest import StopAfter
 from trl_priority import PrioritySFTTrainer
-from trl_priority.state import STATE_FILE, TokenState
+from trl_priority.statistics.state import STATE_FILE, TokenState
 
 
 N, K = 6, 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import StopAfter
-from tests.test_ref_cache import counted_reference, make_trainer
+from tests.references.test_disk_cache import counted_reference, make_trainer
 
 
 def _stopped_and_resumed(make_model, tokenizer, datasets_, make_args, tmp_path, ref_seed=1, **changes):
@@ -80,7 +80,7 @@ def test_evaluation_reads_no_training_history(make_model, tokenizer, datasets_, 
     anchors decided, so Φ = 0 on tokens it never trained on). Evaluated with the history or with an empty one, the
     evaluation loss must be the same, and the history unchanged."""
     from trl_priority import PrioritySFTTrainer
-    from trl_priority.state import TokenState
+    from trl_priority.statistics.state import TokenState
 
     rows = datasets_.prompt_completion(8)
     args = make_args(priority="t3s", priority_args={"threshold": -1e9}, max_steps=4, eval_strategy="no")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from trl_priority.schedules import pool_over_groups, unit_groups
+from trl_priority.priorities.schedules import pool_over_groups, unit_groups
 
 
 def test_pooling_with_huge_group_ids_allocates_per_group_present():
@@ -57,7 +57,7 @@ def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
     """Two fine-tunes of one architecture under ZeRO-3: the old fingerprint skipped every 0-element parameter, so it
     saw only names and shapes and gave both the same key (the second run reused the first run's values)."""
     from tests.conftest import build_model
-    from trl_priority.ref_cache import module_fingerprint
+    from trl_priority.references.disk_cache import module_fingerprint
 
     first, second = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
     assert module_fingerprint(first) != module_fingerprint(second)
@@ -104,7 +104,7 @@ def test_reference_key_holds_the_dtype_and_attention_copied_from_the_policy(toke
 
     from tests.conftest import build_model
     from trl_priority.plan import RunPlan
-    from trl_priority.sources import Given, reference_for
+    from trl_priority.references.choice import Given, reference_for
 
     path = model_dir()
     args = SimpleNamespace(ref_model_init_kwargs=None, model_init_kwargs={}, ref_model_name_or_path=path)
@@ -129,7 +129,7 @@ def test_reference_key_follows_the_hub_revision(tmp_path, monkeypatch, tokenizer
 
     from tests.conftest import build_model
     from trl_priority.plan import RunPlan
-    from trl_priority.sources import Given, reference_for
+    from trl_priority.references.choice import Given, reference_for
 
     repo = tmp_path / "models--org--ref"
     (repo / "refs").mkdir(parents=True)
@@ -164,7 +164,7 @@ def _header_bytes(path) -> int:
 def test_token_state_with_many_examples_saves_a_small_header_and_round_trips(tmp_path):
     """200,000 stored examples: one tensor per example wrote a ~15 MB header (the format caps it at 100 MB, reached
     at ~1.2M examples, and the checkpoint could not be read back). Three tensors per table keep it tiny."""
-    from trl_priority.state import STATE_FILE, TokenState
+    from trl_priority.statistics.state import STATE_FILE, TokenState
 
     n = 200_000
     rows = torch.arange(2 * n, dtype=torch.float32).view(n, 2)  # 2 tokens per example
@@ -183,7 +183,7 @@ def test_token_state_with_many_examples_saves_a_small_header_and_round_trips(tmp
 def test_token_state_reads_the_older_one_tensor_per_example_file(tmp_path):
     from safetensors.torch import save_file
 
-    from trl_priority.state import STATE_FILE, TokenState
+    from trl_priority.statistics.state import STATE_FILE, TokenState
 
     save_file({"first_logps/3": torch.tensor([0.5, float("nan"), 0.25])}, str(tmp_path / STATE_FILE))
     state = TokenState()
@@ -206,7 +206,7 @@ def test_a_complete_entry_is_never_deleted_by_a_second_writer(tmp_path):
     first job may have memory-mapped) to put its own copy in place."""
     import numpy as np
 
-    from trl_priority.ref_cache import write_entry
+    from trl_priority.references.disk_cache import write_entry
 
     key = "k" * 32
     meta = {"format": 1, "key": key}
@@ -228,7 +228,7 @@ def test_stale_temporary_folders_are_removed(tmp_path):
 
     import numpy as np
 
-    from trl_priority.ref_cache import STALE_TEMPORARY_SECONDS, write_entry
+    from trl_priority.references.disk_cache import STALE_TEMPORARY_SECONDS, write_entry
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
@@ -264,7 +264,7 @@ def test_step_selection_when_no_process_has_a_supervised_token():
     """Every row of the step fully masked on every process: nothing is kept, and no empty tensor is gathered (the
     selection returns before the collective). Not a test that failed before: the old code did not raise here on
     CPU/gloo (an empty `view(2, -1)` is legal); it guards the early return."""
-    from trl_priority.selection import select_over_step
+    from trl_priority.priorities.selection import select_over_step
 
     masks = [torch.zeros(2, 5, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.bool)]
     scores = [torch.rand(2, 5), torch.rand(1, 3)]
@@ -334,7 +334,7 @@ def test_entry_writer_streams_pieces_in_any_order_into_the_entry_write_entry_wri
     import numpy as np
     from datasets import load_from_disk
 
-    from trl_priority.ref_cache import EntryWriter, write_entry
+    from trl_priority.references.disk_cache import EntryWriter, write_entry
 
     rng = np.random.default_rng(0)
     lengths = [3, 1, 5, 2]

@@ -69,7 +69,7 @@ def test_the_command_exit_code_says_stop_or_failure():
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from trl_priority.cli import launch_exit_code
+    from trl_priority.tools.cli import launch_exit_code
 
     def failed(*codes):
         failures = {

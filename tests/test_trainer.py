@@ -98,7 +98,7 @@ def with_every_data_column(dataset, tokenizer):
     every token-level statistic the data must bring (placeholders in [0, 1], one per token of the `input_ids` the
     trainer makes from the row: the raw rows are tokenized as the trainer tokenizes them)."""
     from trl_priority.statistics import DATA_STATISTICS
-    from trl_priority.token_scores import tokenize_like_trainer
+    from trl_priority.tools.token_scores import tokenize_like_trainer
 
     tokenized = None
     for spec in DATA_STATISTICS.values():

@@ -9,11 +9,18 @@ from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, available_priori
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import PrioritySFTConfig
-from .objectives import LossTerm
-from .priorities import Priority, PriorityError, available_priorities, compose, get_priority, register_priority
-from .ref_cache import precompute_reference_statistics
-from .trainer import PrioritySFTTrainer
+from trl_priority.config import PrioritySFTConfig
+from trl_priority.objectives import LossTerm
+from trl_priority.priorities import (
+    Priority,
+    PriorityError,
+    available_priorities,
+    compose,
+    get_priority,
+    register_priority,
+)
+from trl_priority.references.disk_cache import precompute_reference_statistics
+from trl_priority.trainer import PrioritySFTTrainer
 
 
 try:

@@ -263,7 +263,7 @@ class RunGuard:
         """`nll`: the batch's summed NLL over every process; `bad`, `total`: this process's non-finite and supervised
         token counts, for the message."""
         if not math.isfinite(nll):
-            from .priorities.registry import PriorityError
+            from trl_priority.priorities.registry import PriorityError
 
             raise PriorityError(
                 non_finite_message(self.priority, "got a non-finite NLL −log π_θ(y_t)", bad, total)
@@ -428,7 +428,7 @@ def check_resume(value: Any, output_dir: str) -> None:
     if value is None or value is False or value == "":
         return
     if _wants_last_checkpoint(value):
-        from .loading import last_complete_checkpoint
+        from trl_priority.loading import last_complete_checkpoint
 
         if last_complete_checkpoint(output_dir, strict=False) is None:
             raise ValueError(

@@ -8,9 +8,9 @@ from typing import Any
 
 from trl import SFTConfig
 
-from .checks import check_model_init_kwargs, parse_json_mapping
-from .priorities import get_priority
-from .schedules import parse_schedule
+from trl_priority.checks import check_model_init_kwargs, parse_json_mapping
+from trl_priority.priorities import get_priority
+from trl_priority.priorities.schedules import parse_schedule
 
 
 @dataclass
@@ -84,7 +84,7 @@ class PrioritySFTConfig(SFTConfig):
             With `ref_cache_dir`, for methods whose loss reads the reference's whole next-token distribution: the
             number k of most likely tokens cached per position (ids and log-probabilities, next to the exact
             `ref_logps`), 8·k + 4 bytes per token (516 B at k = 64). Training rebuilds the distribution from them,
-            the remaining mass shaped like the policy's (`trl_priority.topk_reference`). Measured on SmolLM2-135M and
+            the remaining mass shaped like the policy's (`trl_priority.references.topk`). Measured on SmolLM2-135M and
             GSM8K (`docs/benchmarks/topk_error.md`), k = 64 gives a 2.4% relative error in the KL anchor and 2.7%
             in its gradient (k = 16: 6.0% and 6.7%; k = 256: 1.0% and 1.1%). k and the tail rule are part of the
             cache key; k ≥ the vocabulary size stores the whole distribution (exact).
@@ -103,17 +103,17 @@ class PrioritySFTConfig(SFTConfig):
 
         structural_priority (`str`, *optional*):
             `"s2ft"`: train only sparse attention heads and FFN channels selected by gradient sensitivity on the first
-            training batches, everything else frozen (`trl_priority.structural`). Full fine-tuning only.
+            training batches, everything else frozen (`trl_priority.beyond_tokens.structural`). Full fine-tuning only.
         structural_priority_args (`dict[str, Any]` or `str`, *optional*):
             Its hyperparameters (`head_ratio`, `channel_ratio`, `threshold`, `strategy`, `calibration_batches`,
-            `seed`); see `trl_priority.structural.S2FTArgs`.
+            `seed`); see `trl_priority.beyond_tokens.structural.S2FTArgs`.
 
         > Parameters that control differential privacy
 
         differential_privacy (`dict[str, Any]` or `str`, *optional*):
             Train with DP-SGD through Opacus (`pip install 'trl-priority[dp]'`): `noise_multiplier` (1.0),
             `max_grad_norm` (per-example clipping, 1.0), `delta` (1e-5); ε is logged as `dp/epsilon`. With
-            `priority: atdp` this is ATDP. See `trl_priority.privacy`.
+            `priority: atdp` this is ATDP. See `trl_priority.beyond_tokens.privacy`.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + [
@@ -266,7 +266,7 @@ class PrioritySFTConfig(SFTConfig):
         if isinstance(self.differential_privacy, str):
             self.differential_privacy = json.loads(self.differential_privacy)
         if self.differential_privacy is not None:
-            from .privacy import DPArgs
+            from trl_priority.beyond_tokens.privacy import DPArgs
 
             DPArgs.from_mapping(self.differential_privacy)  # an unknown or out-of-range setting fails here
         if self.ref_cache_topk < 1:
@@ -328,7 +328,7 @@ class PrioritySFTConfig(SFTConfig):
         super().__post_init__()
 
     def _check_structural_priority(self) -> None:
-        from .structural import STRUCTURAL_PRIORITIES, S2FTArgs
+        from trl_priority.beyond_tokens.structural import STRUCTURAL_PRIORITIES, S2FTArgs
 
         if isinstance(self.structural_priority_args, str):
             self.structural_priority_args = json.loads(self.structural_priority_args)

@@ -15,7 +15,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import create_model_from_path
 
-from .statistics import causal_lm_of, dequantize_lm_head
+from trl_priority.statistics import causal_lm_of, dequantize_lm_head
 
 
 logger = get_logger(__name__)

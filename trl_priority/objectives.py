@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import torch
 
-from .signatures import hyperparameter_names, statistic_parameters
+from trl_priority.signatures import hyperparameter_names, statistic_parameters
 
 
 NegativeLoss = Literal["unlikelihood", "ascent"]
@@ -187,7 +187,7 @@ class DistributionTerm:
       (`priority` for Φ, `logps`, `ref_logps`, a data statistic, ...) as `(n,)` rows, no gradient;
 
     A term that reads `priority` or a policy statistic gets the values of the same forward: the package's LM-head pass
-    (`trl_priority.lm_head`) computes the statistics, then the trainer's Φ, then the Φ-weighted NLL and every term
+    (`trl_priority.statistics.lm_head`) computes the statistics, then the trainer's Φ, then the Φ-weighted NLL and every term
     with their gradient (the policy's head projected twice, as TRL's fused head does; a reference whose statistics
     come from its distribution projects its head once more). It returns `(n,)` per-position values. The trainer adds
     `priority_args[weight] · Σ_t term_t / N` to the loss, logs `loss/<name>`, and never builds a

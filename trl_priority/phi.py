@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .priorities import Priority, get_priority
-from .schedules import (
+from trl_priority.priorities import Priority, get_priority
+from trl_priority.priorities.schedules import (
     blend_with_uniform,
     parse_schedule,
     pool_over_groups,
@@ -43,7 +43,7 @@ from .schedules import (
     unit_groups,
     warmup_weight,
 )
-from .selection import select_in_batch, select_in_examples, select_over_step
+from trl_priority.priorities.selection import select_in_batch, select_in_examples, select_over_step
 
 
 # `over_processes(scores, masks, fraction) -> selected`, each a list with one `(B, T-1)` tensor per micro-batch

@@ -13,8 +13,8 @@ once, before any model or dataset is loaded or prepared.
 - how the labels are prepared (`mask_prompt_labels`, `completion_only_loss`).
 
 The trainer (`PrioritySFTTrainer`) builds it in `__init__` and reads it; the reference sources
-(`trl_priority.sources.reference_for`), the caches (`trl_priority.ref_cache`, `trl_priority.epoch_cache`) and the
-viewer (`trl_priority.inspect`) read it from `trainer.plan`. Nothing here loads a model or changes the arguments.
+(`trl_priority.references.choice.reference_for`), the caches (`trl_priority.references.disk_cache`, `trl_priority.references.epoch_cache`) and the
+viewer (`trl_priority.tools.viewer`) read it from `trainer.plan`. Nothing here loads a model or changes the arguments.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from accelerate.utils import is_peft_model
 
-from . import statistics as stats_vocab
-from .reference import ColumnReference, is_callback_reference
-from .statistics import DataStatistic
+from trl_priority import statistics as stats_vocab
+from trl_priority.references.sources import ColumnReference, is_callback_reference
+from trl_priority.statistics import DataStatistic
 
 
 # Where the reference statistics come from (`RunPlan.reference_kind`)
@@ -194,8 +194,8 @@ class RunPlan:
         `train_dataset` the training dataset as given (a vision dataset is prepared batch by batch, without the
         per-token identity). Raises, before anything is loaded, for a cache that cannot hold this configuration.
         """
-        from . import epoch_cache as epoch_cache_module
-        from . import ref_cache
+        from trl_priority.references import disk_cache as ref_cache
+        from trl_priority.references import epoch_cache as epoch_cache_module
 
         if priority is None:
             return cls(completion_only_loss=args.completion_only_loss)
@@ -315,7 +315,7 @@ def check_compatible(
 ) -> None:
     """Refuse, before anything is loaded, a configuration the method cannot train with (its loss replaced, a reference
     that would train, a reference the method cannot use or lacks); warn when a given reference is not read."""
-    from .loading import _same_path, check_model_path
+    from trl_priority.loading import _same_path, check_model_path
 
     name = priority.name
     if compute_loss_func is not None:
@@ -364,7 +364,7 @@ def check_compatible(
 
 
 def _cache_columns(names: tuple[str, ...], topk: int | None) -> dict[str, DataStatistic]:
-    from .ref_cache import TOPK_COLUMNS
+    from trl_priority.references.disk_cache import TOPK_COLUMNS
 
     columns = [f"ref_{name}" for name in names] + (list(TOPK_COLUMNS) if topk is not None else [])
     return {column: DataStatistic(column, "token", 0.0, hint=CACHE_COLUMN_HINT) for column in columns}

@@ -1,7 +1,7 @@
 """`PrioritySFTTrainer`: TRL's `SFTTrainer` with the per-token loss weighted by a priority Φ.
 
 The trainer is deliberately thin. For each batch it gathers per-token statistics (the policy's, from TRL's fused LM
-head; the reference's, from a `trl_priority.reference.Reference`; the data's, from per-token columns; the trainer's
+head; the reference's, from a `trl_priority.references.sources.Reference`; the data's, from per-token columns; the trainer's
 own: training progress, the method's state, its selection), hands them to the priority function, and forms the loss
 
     L = [Σ_{Φ≥0} Φ_t · (−log π_θ(y_t | y_<t)) + Σ_{Φ<0} |Φ_t| · U(π_θ(y_t))] / N  (+ the method's declared terms)
@@ -38,37 +38,41 @@ from trl.trainer.utils import (
     global_then_local_main_first,
 )
 
-from . import checks, epoch_cache, privacy, ref_cache, sources, structural
-from . import statistics as stats_vocab
-from .config import PrioritySFTConfig
-from .data import TokenColumnCollator, prepare_token_columns
-from .loading import (
+from trl_priority import checks
+from trl_priority import statistics as stats_vocab
+from trl_priority.beyond_tokens import privacy, structural
+from trl_priority.config import PrioritySFTConfig
+from trl_priority.data.columns import TokenColumnCollator, prepare_token_columns
+from trl_priority.loading import (
     check_model_path,
     check_quantized_has_adapter,
     dequantize_head,
     last_complete_checkpoint,
 )
-from .objectives import UNLIKELIHOOD_TERM, priority_loss
-from .phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
-from .plan import RunPlan, check_compatible
-from .priorities import get_priority
-from .reference import (
+from trl_priority.objectives import UNLIKELIHOOD_TERM, priority_loss
+from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
+from trl_priority.plan import RunPlan, check_compatible
+from trl_priority.priorities import get_priority
+from trl_priority.priorities.schedules import warmup_weight
+from trl_priority.priorities.selection import select_over_step
+from trl_priority.references import choice as sources
+from trl_priority.references import disk_cache as ref_cache
+from trl_priority.references import epoch_cache
+from trl_priority.references.sources import (
     AdapterReference,
     ModelReference,
     Reference,
     add_frozen_adapter_copy,
     eval_mode,
 )
-from .schedules import warmup_weight
-from .selection import select_over_step
-from .state import TokenState
-from .statistics import (
+from trl_priority.statistics import (
     DistributionRequest,
     causal_lm_of,
     drop_virtual_positions,
     forward_statistics,
     fused_statistics,
 )
+from trl_priority.statistics.state import TokenState
 
 
 logger = get_logger(__name__)
@@ -236,7 +240,7 @@ class PrioritySFTTrainer(SFTTrainer):
 
     def precompute_reference(self, cache_dir: str | None = None, source: Reference | None = None):
         """Compute the reference statistics the method reads once over the prepared datasets (or reuse a matching
-        entry of `cache_dir`), and read them as columns from then on: `trl_priority.ref_cache`. `source` is the
+        entry of `cache_dir`), and read them as columns from then on: `trl_priority.references.disk_cache`. `source` is the
         reference they are computed with (default: the trainer's); it is loaded only on a miss, and freed after.
 
         Returns one `ref_cache.CacheEntry` per dataset (train, then each evaluation dataset)."""
@@ -830,7 +834,7 @@ class PrioritySFTTrainer(SFTTrainer):
     # The method's state, in checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def _reference_identity(self) -> dict[str, Any] | None:
-        """What identifies the reference's values in this run: its source's `identity()` (`trl_priority.sources`),
+        """What identifies the reference's values in this run: its source's `identity()` (`trl_priority.references.choice`),
         computed once, on every process together (hashing partitioned weights is collective): part of
         `priority.json` and the epoch cache's key."""
         return None if self.reference is None else self.reference.identity()

@@ -265,7 +265,7 @@ def test_checkpoint_round_trip_and_a_changed_composition_is_refused(make_model, 
 def test_list_shows_how_to_compose_and_every_example_composes(capsys):
     import yaml
 
-    from trl_priority.cli import main
+    from trl_priority.tools.cli import main
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,7 @@ from tests.conftest import phi_of
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.objectives import priority_loss
 from trl_priority.priorities.contrastive import critical, critical_counterfactual
-from trl_priority.token_scores import contrastive_token_scores, counterfactual_impact, information_gain, main
+from trl_priority.tools.token_scores import contrastive_token_scores, counterfactual_impact, information_gain, main
 
 
 def chat_ids(tokenizer, example) -> tuple[list[int], int]:
@@ -450,7 +450,7 @@ def test_token_scores_command_line_writes_a_dataset_the_trainer_reads(tmp_path, 
 
 
 def test_builtin_wrong_solutions_are_the_incorrect_half_of_the_contrast_set():
-    from trl_priority import builtin
+    from trl_priority.tools import builtin
 
     wrong = builtin.load_gsm8k_wrong(limit=4)
     contrast = builtin.load_gsm8k_contrast(limit=4)

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig
 
-from trl_priority import PriorityError, PrioritySFTConfig, PrioritySFTTrainer, lm_head
+from trl_priority import PriorityError, PrioritySFTConfig, PrioritySFTTrainer
 from trl_priority import statistics as stats
 from trl_priority.priorities.distribution import kl_to_reference, soft_target_cross_entropy
+from trl_priority.statistics import lm_head
 
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -467,7 +468,7 @@ def test_chunk_size_does_not_change_loss_or_gradients(
 
     _, mask = shifted_labels(batch)
     assert projected and all(rows <= 3 and width == vocab for rows, width in projected)
-    # The package's LM-head pass (`trl_priority.lm_head`) projects the policy twice (the statistics before Φ, then the
+    # The package's LM-head pass (`trl_priority.statistics.lm_head`) projects the policy twice (the statistics before Φ, then the
     # objective with its gradient, as TRL's fused head projects in its forward and again in its backward) and the
     # reference once for the term. target_sft's Φ reads `ref_logps` (a statistic of its signature), computed from the
     # reference's distribution before Φ: its reference is projected once more.

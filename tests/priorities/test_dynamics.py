@@ -11,7 +11,7 @@ import torch
 from tests.conftest import phi_of
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.priorities.dynamics import entrodrop_drop_rate
-from trl_priority.state import STATE_FILE, TokenState
+from trl_priority.statistics.state import STATE_FILE, TokenState
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_robustft_by_hand():
 
 
 def test_builtin_noisy_gsm8k_marks_what_it_corrupted():
-    from trl_priority import builtin
+    from trl_priority.tools import builtin
 
     clean = builtin.load_dataset("builtin:gsm8k")
     noisy = builtin.load_dataset("builtin:gsm8k-noisy")

@@ -11,7 +11,7 @@ from datasets import Dataset
 from trl_priority import PriorityError, PrioritySFTTrainer, get_priority
 from trl_priority.priorities.external import _key_spans, faithful, sftkey, verifier
 from trl_priority.priorities.signed import ignorance
-from trl_priority.verifiers import CHECKERS, register_checker
+from trl_priority.priorities.verifiers import CHECKERS, register_checker
 
 
 MASK = torch.tensor([[True, True, True, True, False], [False, True, True, True, True]])
@@ -235,7 +235,7 @@ def test_verifier_runs_a_registered_checker(make_model, tokenizer, make_args):
 # The built-in labelled data
 # ----------------------------------------------------------------------------------------------------------------
 def test_builtin_noisy_spans_mark_exactly_what_the_corruption_changed():
-    from trl_priority import builtin
+    from trl_priority.tools import builtin
 
     clean = builtin.load_dataset("builtin:gsm8k")
     labelled = builtin.load_dataset("builtin:gsm8k-noisy-spans")

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import naive_top_fraction, phi_of
 from trl_priority.priorities.reference import prift_mass, prift_prob
-from trl_priority.selection import select_in_batch, select_over_step
+from trl_priority.priorities.selection import select_in_batch, select_over_step
 from trl_priority.statistics import mass
 
 

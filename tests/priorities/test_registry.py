@@ -11,7 +11,7 @@ from tests.conftest import phi_of
 from trl_priority import PriorityError, available_priorities, get_priority, register_priority
 from trl_priority import statistics as stats_vocab
 from trl_priority.priorities import registry
-from trl_priority.state import TokenState
+from trl_priority.statistics.state import TokenState
 
 
 B, T = 3, 7

@@ -10,7 +10,7 @@ from peft import LoraConfig
 from tests.conftest import naive_kept_count, naive_top, naive_top_fraction, phi_of
 from trl_priority import PrioritySFTTrainer, get_priority
 from trl_priority.priorities.reference import cleaning_influence, retrospective_excess_loss
-from trl_priority.selection import select_in_examples
+from trl_priority.priorities.selection import select_in_examples
 
 
 # Two rows (one example each) × four positions; positions (0, 3) and (1, 0) are ignored

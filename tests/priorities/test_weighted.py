@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from trl_priority import PrioritySFTTrainer, get_priority
-from trl_priority.data_weights import message_token_weights
+from trl_priority.data.weights import message_token_weights
 
 
 # Multi-turn conversations: good, bad (unlearn) and unweighted turns; row weights 2 and (absent) 1

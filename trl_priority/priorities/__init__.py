@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from . import (  # noqa: F401  (registration side effects)
+from trl_priority.priorities import (  # noqa: F401  (registration side effects)
     contrastive,
     distribution,
     dynamics,
@@ -17,8 +17,8 @@ from . import (  # noqa: F401  (registration side effects)
     weighted,
     weighting,
 )
-from .composed import ComposedPriority, compose
-from .registry import (
+from trl_priority.priorities.composed import ComposedPriority, compose
+from trl_priority.priorities.registry import (
     Fraction,
     Hyperparameter,
     NonNegative,

@@ -52,8 +52,8 @@ from typing import Any
 
 import torch
 
-from .. import statistics as stats_vocab
-from .registry import Priority, PriorityError, get_priority
+from trl_priority import statistics as stats_vocab
+from trl_priority.priorities.registry import Priority, PriorityError, get_priority
 
 
 OPERATIONS = ("product", "min", "sum")

@@ -6,7 +6,7 @@
   whose deletion changes the loss of the rest of the completion by more than δ (their counterfactual impact);
 - `tshirt`: the tokens whose prediction the prompt changes most (T-SHIRT's informative tokens, as a mask).
 
-Each reads a token-level data column that `trl_priority.token_scores` computes once, before training (the library has
+Each reads a token-level data column that `trl_priority.tools.token_scores` computes once, before training (the library has
 one reference slot, T-SHIRT needs a forward without the prompt, the counterfactual one forward per deleted token):
 `contrastive_score`, `counterfactual_impact` and `information_gain`.
 """
@@ -18,18 +18,18 @@ from typing import Any, Literal
 
 import torch
 
-from ..selection import TopFraction
-from ..statistics import register_data_statistic
-from . import signed  # noqa: F401  (registers the example-level `unlearn` statistic that `critical` reads)
-from .registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.priorities import signed  # noqa: F401  (registers the example-level `unlearn` statistic that `critical` reads)
+from trl_priority.priorities.registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.priorities.selection import TopFraction
+from trl_priority.statistics import register_data_statistic
 
 
 register_data_statistic(
     "contrastive_score",
     level="token",
     hint="`critical` reads one contrastive-estimation score per token of `input_ids` (the value at i scores token "
-    "i): compute the column once with `trl_priority.token_scores.contrastive_token_scores(positive_model, "
-    "negative_model, dataset, tokenizer)`, or `python -m trl_priority.token_scores contrastive --positive P "
+    "i): compute the column once with `trl_priority.tools.token_scores.contrastive_token_scores(positive_model, "
+    "negative_model, dataset, tokenizer)`, or `python -m trl_priority.tools.token_scores contrastive --positive P "
     "--negative N --dataset D --output OUT` and train on OUT (recipes/critical.yaml says how)",
 )
 
@@ -63,7 +63,7 @@ def critical(
     solutions (pipeline.py L251-266, train_sft.py: LoRA r = 8 on the MLP, lr 3e-4, one epoch). s_t is near 0 on a
     *critical token*, one the incorrect-solution model predicts and the correct-solution model does not
     (pipeline.py L224-234: `cd_logits = (1 + 1) * pos_logits - 1 * neg_logits`, softmax, gathered at the next
-    token). Compute the column once with `trl_priority.token_scores.contrastive_token_scores`; `unlearn` is the
+    token). Compute the column once with `trl_priority.tools.token_scores.contrastive_token_scores`; `unlearn` is the
     example-level column saying which completions are incorrect (builtin:gsm8k-contrast has both kinds).
 
     From cDPO to a priority. cDPO (train_cdpo.py `dpo_loss`, L118-176) is DPO with per-token weights, over pairs of a
@@ -99,7 +99,7 @@ def critical(
       more than δ (its counterfactual impact). This follows cDPO's own objective instead: signed, soft weights from
       contrastive estimation, negative on the critical tokens of incorrect solutions. The table's hard selection is
       offered as its own method, `critical_counterfactual`, on a `counterfactual_impact` column
-      (`trl_priority.token_scores.counterfactual_impact`, one forward per deleted token; not the paper's rollouts).
+      (`trl_priority.tools.token_scores.counterfactual_impact`, one forward per deleted token; not the paper's rollouts).
     """
     score = contrastive_score.clamp(0.0, 1.0)  # (B, T-1)
     learn = torch.ones_like(score) if only_neg else score  # (B, T-1)
@@ -111,8 +111,8 @@ register_data_statistic(
     "counterfactual_impact",
     level="token",
     hint="`critical_counterfactual` reads one counterfactual impact per token of `input_ids` (the value at i scores "
-    "token i): compute the column once with `trl_priority.token_scores.counterfactual_impact(model, dataset, "
-    "tokenizer)` (the starting model), or `python -m trl_priority.token_scores counterfactual --model M --dataset D "
+    "token i): compute the column once with `trl_priority.tools.token_scores.counterfactual_impact(model, dataset, "
+    "tokenizer)` (the starting model), or `python -m trl_priority.tools.token_scores counterfactual --model M --dataset D "
     "--output OUT` and train on OUT (recipes/critical_counterfactual.yaml says how)",
 )
 
@@ -172,7 +172,7 @@ def critical_counterfactual(
 
         impact_t = L(y without y_t) − L(y),  L = NLL of the completion tokens other than y_t
                                               (the `counterfactual_impact` column, computed once with the starting
-                                              model by `trl_priority.token_scores.counterfactual_impact`)
+                                              model by `trl_priority.tools.token_scores.counterfactual_impact`)
         mode="threshold" (default, the table):  Φ_t = 1[d(impact_t) > delta]                           delta = 0
         mode="top":                             Φ_t = 1[d(impact_t) among the top `ratio` of the supervised tokens]
                                                                                                         ratio = 0.5
@@ -209,8 +209,8 @@ register_data_statistic(
     "information_gain",
     level="token",
     hint="`tshirt` reads one information gain per token of `input_ids` (the value at i scores token i): compute the "
-    "column once with `trl_priority.token_scores.information_gain(model, dataset, tokenizer)` (the starting model), "
-    "or `python -m trl_priority.token_scores information-gain --model M --dataset D --output OUT` and train on OUT "
+    "column once with `trl_priority.tools.token_scores.information_gain(model, dataset, tokenizer)` (the starting model), "
+    "or `python -m trl_priority.tools.token_scores information-gain --model M --dataset D --output OUT` and train on OUT "
     "(recipes/tshirt.yaml says how)",
 )
 
@@ -242,7 +242,7 @@ def tshirt(
         Δ_t = log p(y_t | x, y_<t) − log p(y_t | y_<t)      (the `information_gain` column: the gain of the prompt x)
         Φ_t = 1[|Δ_t| is among the top k = round(ratio · n) of the n supervised tokens]     ratio = 0.5
 
-    Compute the column once with `trl_priority.token_scores.information_gain` (a forward with and one without the
+    Compute the column once with `trl_priority.tools.token_scores.information_gain` (a forward with and one without the
     prompt; the starting model is the natural scorer). The official code computes `pmi = cond_loss − uncond_loss`
     (token_loss.py L117-137), the negative of Δ, and keeps the tokens with |pmi| above the (1 − ratio) percentile of
     every token's |pmi| (compute_stat.py L61, L69): the sign does not matter for the mask. ratio = 0.5 is

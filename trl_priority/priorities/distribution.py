@@ -2,7 +2,7 @@
 
 Φ weights the negative log-likelihood of the observed token, as for every method; the `DistributionTerm` adds what
 lives on the rest of the vocabulary (a KL anchor, the off-label part of a soft target). The trainer computes the term
-in the package's LM-head pass (`trl_priority.lm_head`), a chunk of supervised positions at a time, in float32: never
+in the package's LM-head pass (`trl_priority.statistics.lm_head`), a chunk of supervised positions at a time, in float32: never
 a `(batch, seq, vocab)` tensor. Each term function below sees one chunk:
 
     logprobs      (n, V)  log π_θ(· | y_<t), with gradient
@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 
-from ..objectives import DistributionTerm
-from .registry import NonNegative, PriorityError, Probability, Range, register_priority
+from trl_priority.objectives import DistributionTerm
+from trl_priority.priorities.registry import NonNegative, PriorityError, Probability, Range, register_priority
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def target_sft(
     sharing the policy's tokenizer can be given with `ref_model` or `ref_model_name_or_path`. Configurations that
     read no reference (alpha "constant"/"policy" with prior "uniform"/"policy") run none.
 
-    Cost: the package's LM-head pass (`trl_priority.lm_head`) serves the forward: it projects the policy's head
+    Cost: the package's LM-head pass (`trl_priority.statistics.lm_head`) serves the forward: it projects the policy's head
     twice per supervised position (statistics, then Φ, then the loss with its gradient; TRL's fused head also
     projects twice, in its forward and its backward) and the reference's once for the term. Φ's signature reads
     `ref_logps` (used only by alpha="reference"), which must be known before Φ, so when the configuration reads the

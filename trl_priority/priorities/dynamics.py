@@ -2,7 +2,7 @@
 
 - `entrodrop` reads `progress` through its selection: the share of low-entropy tokens it drops grows over training.
 - `t3s` reads `state`: each token's confidence at its first visit, its visit count, and a once-decided anchor flag,
-  kept across steps and checkpoints (`trl_priority.state.TokenState`).
+  kept across steps and checkpoints (`trl_priority.statistics.state.TokenState`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from ..selection import TopFraction
-from ..state import TokenState
-from .registry import PriorityError, Probability, Range, register_priority
+from trl_priority.priorities.registry import PriorityError, Probability, Range, register_priority
+from trl_priority.priorities.selection import TopFraction
+from trl_priority.statistics.state import TokenState
 
 
 # ------------------------------------------------------------------------------------------------------------------

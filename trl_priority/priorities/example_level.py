@@ -13,7 +13,7 @@ an error naming the scorer that makes it), and each has defaults from its own pa
 Mining's Infl > 0, DIQ's two median splits, OpenCoder's filters ∧ classifier). The shared part is the rule.
 
 The scores are example-level data columns (one number per example, `trl_priority.statistics.register_data_statistic(
-level="example")`), made by `trl_priority.example_scores` (SelectIT, influence, DIQ) or `trl_priority.code_filters`
+level="example")`), made by `trl_priority.tools.example_scores` (SelectIT, influence, DIQ) or `trl_priority.priorities.code_filters`
 (OpenCoder's heuristics). Like RobustFT's `noise`, each is broadcast to the example's tokens before truncation and
 packing, so Φ is exact under padding, padding-free and packing. A dataset-wide top fraction reads the companion
 column `<score>_rank` (the share of the dataset scoring strictly higher, 0 for the best), since a priority sees one
@@ -27,14 +27,12 @@ from typing import Literal
 
 import torch
 
-from ..statistics import register_data_statistic
-from .registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.priorities.registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.statistics import register_data_statistic
 
 
 # Some of the hints run long: they say which function makes the column, so a missing column is fixed in one step.
-_SCORER_HINT = (
-    "compute it once with `trl_priority.example_scores.{fn}` or `python -m trl_priority.example_scores {cmd}`"
-)
+_SCORER_HINT = "compute it once with `trl_priority.tools.example_scores.{fn}` or `python -m trl_priority.tools.example_scores {cmd}`"
 for _name, _fn, _cmd in (
     ("selectit_score", "selectit_scores(models, tokenizer, dataset)", "selectit --model M --dataset D --output OUT"),
     ("influence", "influence_scores(model, tokenizer, train, validation)", "influence --model M --dataset D "
@@ -52,14 +50,14 @@ register_data_statistic(
     "code_heuristics",
     level="example",
     hint="one number per example in a 'code_heuristics' column, 1 if the code passes OpenCoder's heuristic filters "
-    "and 0 if not: compute it with `trl_priority.code_filters.with_heuristics(dataset)` (builtin:python-functions "
+    "and 0 if not: compute it with `trl_priority.priorities.code_filters.with_heuristics(dataset)` (builtin:python-functions "
     "has it)",
 )
 register_data_statistic(
     "classifier",
     level="example",
     hint="one quality-classifier score per example in a 'classifier' column (your classifier's; "
-    "`trl_priority.code_filters.with_proxy_classifier(dataset)` adds a rule-based stand-in, as "
+    "`trl_priority.priorities.code_filters.with_proxy_classifier(dataset)` adds a rule-based stand-in, as "
     "builtin:python-functions does)",
 )
 
@@ -129,7 +127,7 @@ def selectit(
         Φ_t = σ((S(e) − threshold) / temperature)                                   mode = "soft"
 
     for every token t of example e. S_tok is the token-level score of model m's next-token probabilities of the
-    ratings 1..5 after the k-th rating prompt, α = 0.2, w_m ∝ model size (`trl_priority.example_scores.
+    ratings 1..5 after the k-th rating prompt, α = 0.2, w_m ∝ model size (`trl_priority.tools.example_scores.
     selectit_scores`, which also writes `selectit_rank`). The default is the paper's selection: the top 20% of the
     dataset by S (`--proportion 0.2`). The Table's τ is `threshold` (S is on the rating scale times an uncertainty
     in [0, 1], so τ is data-dependent; the top fraction avoids choosing it).
@@ -175,7 +173,7 @@ def instruction_mining(
         Φ_t = 1[e in the dataset's top `fraction`]    mode = "top", fraction = 0.05 (LESS's 5%)
         Φ_t = σ((Infl(e) − threshold) / temperature)  mode = "soft", temperature = 0.1 (a cosine is in [−1, 1])
 
-    for every token t of example e. Compute the column once with `trl_priority.example_scores.influence_scores(model,
+    for every token t of example e. Compute the column once with `trl_priority.tools.example_scores.influence_scores(model,
     tokenizer, train, validation)` on the validation set you name. Infl > 0: one gradient step on e lowers the
     validation loss, to first order.
 
@@ -219,7 +217,7 @@ def diq(
         Φ_t = 1[e ∈ HighDiff ∩ HighInfl]        difficulty_fraction = influence_fraction = 0.5 (median splits)
 
     for every token t of example e, from the columns `diq_difficulty_rank` and `influence_rank` that
-    `trl_priority.example_scores.diq_scores(model, tokenizer, train, validation)` computes in one pass.
+    `trl_priority.tools.example_scores.diq_scores(model, tokenizer, train, validation)` computes in one pass.
 
     What the paper does and this does not: its difficulty is model-agnostic, a BiomedBERT classifier's 5-level
     Likert rating of knowledge and reasoning complexity; here the model's own mean NLL stands in (no such classifier
@@ -256,7 +254,7 @@ def opencoder(
         Φ_t = 1[code_heuristics(e) ≠ 0] · 1[classifier(e) > threshold]        threshold τ = 0.5
 
     for every token t of example e. `code_heuristics` is 1 when the example's code passes every filter of the
-    registry in `trl_priority.code_filters` (`with_heuristics(dataset)` computes it; `register_filter` adds one),
+    registry in `trl_priority.priorities.code_filters` (`with_heuristics(dataset)` computes it; `register_filter` adds one),
     `classifier` a quality classifier's score given in the data (a probability: τ = 0.5 is its decision boundary).
 
     What the paper does and this does not: OpenCoder cleans its pre-training corpus (RefineCode) with more than a

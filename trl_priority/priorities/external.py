@@ -3,7 +3,7 @@
 - `wit`: prompt and response weighted apart; `robustft`: a per-example noise score;
 - `sftkey`: SFT, then the final-answer tokens only (found after a marker, or given as spans);
 - `faithful`: spans labelled non-factual are masked or down-weighted;
-- `verifier`: a checker (`trl_priority.verifiers`) marks spans verified, wrong or unknown.
+- `verifier`: a checker (`trl_priority.priorities.verifiers`) marks spans verified, wrong or unknown.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Annotated
 
 import torch
 
-from .. import verifiers
-from ..statistics import register_data_statistic
-from .registry import NonNegative, PriorityError, Probability, Range, register_priority
+from trl_priority.priorities import verifiers
+from trl_priority.priorities.registry import NonNegative, PriorityError, Probability, Range, register_priority
+from trl_priority.statistics import register_data_statistic
 
 
 register_data_statistic(
@@ -227,7 +227,7 @@ register_data_statistic(
     "verdict",
     level="span",
     derive=verifiers.verdict_spans,
-    hint="the verifier runs the checker named by `checker` over each completion (see trl_priority.verifiers)",
+    hint="the verifier runs the checker named by `checker` over each completion (see trl_priority.priorities.verifiers)",
 )
 
 
@@ -268,8 +268,8 @@ def verifier(
         Φ_t = unknown_weight    on tokens of an "unknown" span, and on text no span covers   (default 1)
 
     The checker is picked by name (`checker`, default "arithmetic": recomputes every `a op b = c` step of a worked
-    solution and marks the results, see `trl_priority.verifiers.arithmetic`); register your own with
-    `trl_priority.verifiers.register_checker(name, fn)`, `fn(completion_text) -> [(start, end, verdict), ...]`. An
+    solution and marks the results, see `trl_priority.priorities.verifiers.arithmetic`); register your own with
+    `trl_priority.priorities.verifiers.register_checker(name, fn)`, `fn(completion_text) -> [(start, end, verdict), ...]`. An
     unknown name is an error when the config is made, naming the closest checker. The checker runs once per example
     during data preparation, over the completion as the model sees it (tokens decoded, end token included); a token
     that overlaps a wrong span is wrong, whatever else overlaps it.

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from .registry import NonNegative, PriorityError, Probability, Range, register_priority
+from trl_priority.priorities.registry import NonNegative, PriorityError, Probability, Range, register_priority
 
 
 @register_priority(regime="hard", paper="standard supervised fine-tuning (maximum likelihood)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import NonNegative, PositiveInt, register_priority
+from trl_priority.priorities.registry import NonNegative, PositiveInt, register_priority
 
 
 @register_priority(

@@ -1,4 +1,4 @@
-"""Privacy-aware priority: ATDP's per-token budget allocation by utility (the Φ half; DP-SGD is `trl_priority.privacy`)."""
+"""Privacy-aware priority: ATDP's per-token budget allocation by utility (the Φ half; DP-SGD is `trl_priority.beyond_tokens.privacy`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import torch
 
-from ..statistics import register_data_statistic
-from .registry import Probability, register_priority
+from trl_priority.priorities.registry import Probability, register_priority
+from trl_priority.statistics import register_data_statistic
 
 
 # A stand-in PII detector over the completion text: e-mail addresses, runs of 7+ digits (phone and account numbers)
@@ -57,7 +57,7 @@ def atdp(pii: torch.Tensor, mask: torch.Tensor, *, pii_budget: Probability = 0.1
     (e-mail addresses, runs of 7+ digits, capitalised words that are not common sentence openers) unless the data
     gives it. Default pii_budget = 0.1 (ours): a PII token gets a tenth of a plain token's share.
 
-    The privacy guarantee comes from training with `differential_privacy` set (`trl_priority.privacy`: Opacus'
+    The privacy guarantee comes from training with `differential_privacy` set (`trl_priority.beyond_tokens.privacy`: Opacus'
     per-example clipping, noise and RDP accountant, ε logged): the clipping bounds each example's whole
     contribution, so Φ reallocates that bounded budget between its tokens without changing (ε, δ). Without
     `differential_privacy` this is only a down-weighting of PII tokens, with no guarantee. What the paper may do and

@@ -2,7 +2,7 @@
 
 The reference statistics (`ref_logps`, `ref_mass`, ...) come from whatever reference the trainer was given: a
 separate frozen model, the LoRA base with the adapter switched off, or a user's callback (see
-`trl_priority.reference`). The functions below only see tensors.
+`trl_priority.references.sources`). The functions below only see tensors.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 
-from ..selection import TopFraction
-from .registry import Fraction, Probability, register_priority
+from trl_priority.priorities.registry import Fraction, Probability, register_priority
+from trl_priority.priorities.selection import TopFraction
 
 
 def excess_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from .. import statistics as stats_vocab
-from ..checks import non_finite_message
-from ..signatures import hyperparameter_names, statistic_parameters
+from trl_priority import statistics as stats_vocab
+from trl_priority.checks import non_finite_message
+from trl_priority.signatures import hyperparameter_names, statistic_parameters
 
 
 Regime = Literal["hard", "soft", "signed"]
@@ -451,7 +451,7 @@ def get_priority(priority: str | Callable | Priority | Mapping[str, Any]) -> Pri
     if isinstance(priority, Priority):
         return priority
     if isinstance(priority, Mapping):  # a composition, `{"product": ["verifier", "prift_prob"]}`: composed.py
-        from .composed import compose_from_spec
+        from trl_priority.priorities.composed import compose_from_spec
 
         return compose_from_spec(priority)
     if isinstance(priority, str):

@@ -15,10 +15,10 @@ from typing import Literal
 
 import torch
 
-from ..selection import TopFraction
-from ..statistics import register_data_statistic
-from .reference import excess_loss
-from .registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.priorities.reference import excess_loss
+from trl_priority.priorities.registry import Fraction, NonNegative, PriorityError, register_priority
+from trl_priority.priorities.selection import TopFraction
+from trl_priority.statistics import register_data_statistic
 
 
 FORGETTING_PAPER = (

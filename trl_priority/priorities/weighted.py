@@ -1,16 +1,16 @@
 """Weights given in the data: Φ is the weight the user wrote on each message, or on each example.
 
 - `weighted`: Φ_t = w_message(t) · w_example(t), read from a `weight` on each message of a conversation and a `weight`
-  column (`trl_priority.data_weights`).
+  column (`trl_priority.data.weights`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..data_weights import message_token_weights
-from ..statistics import register_data_statistic
-from .registry import register_priority
+from trl_priority.data.weights import message_token_weights
+from trl_priority.priorities.registry import register_priority
+from trl_priority.statistics import register_data_statistic
 
 
 register_data_statistic(
@@ -39,7 +39,7 @@ def weighted(data_weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with w_m(t) the `weight` of the message that token t belongs to (1 when the message has none, or for a text
     row) and w_e(t) the row's `weight` column (1 when the dataset has no such column, or the value is null). A
     message owns its role header and end-of-turn tokens as well as its content, found by rendering the chat template
-    on the prefixes of the conversation (`trl_priority.data_weights`); which of those tokens train is TRL's choice as
+    on the prefixes of the conversation (`trl_priority.data.weights`); which of those tokens train is TRL's choice as
     usual (`assistant_only_loss`, `completion_only_loss`).
 
     Choices: weights may be any finite number: 1 learns as SFT, 0 skips, a value between scales, a negative value

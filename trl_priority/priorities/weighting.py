@@ -18,8 +18,15 @@ from typing import Annotated, Any, Literal
 
 import torch
 
-from ..selection import TopFraction
-from .registry import Fraction, NonNegative, PriorityError, Probability, Range, register_priority
+from trl_priority.priorities.registry import (
+    Fraction,
+    NonNegative,
+    PriorityError,
+    Probability,
+    Range,
+    register_priority,
+)
+from trl_priority.priorities.selection import TopFraction
 
 
 def _supervised_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

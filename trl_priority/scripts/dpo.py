@@ -1,5 +1,5 @@
 """Train F-DPO / Factuality Preference from a TRL-style YAML recipe: TRL's `trl dpo` script with
-`FactualityDPOTrainer`, `FactualityDPOConfig` and the `builtin:` model and datasets of `trl_priority.builtin`.
+`FactualityDPOTrainer`, `FactualityDPOConfig` and the `builtin:` model and datasets of `trl_priority.tools.builtin`.
 
 Launched by `trl-priority dpo --config recipes/fdpo.yaml` through `accelerate launch`; runnable directly too:
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 from accelerate import PartialState
 from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_priority import builtin
-from trl_priority.preference import FactualityDPOConfig, FactualityDPOTrainer
+from trl_priority.beyond_tokens.preference import FactualityDPOConfig, FactualityDPOTrainer
 from trl_priority.scripts.sft import load_data
+from trl_priority.tools import builtin
 
 
 def main(script_args, training_args, model_args, dataset_args) -> FactualityDPOTrainer:

@@ -5,7 +5,7 @@ Launched by `trl-priority sft --config recipes/<method>.yaml` through `accelerat
     python -m trl_priority.scripts.sft --config recipes/quickstart.yaml
 
 It is TRL's `trl sft` script (same `ScriptArguments`, `ModelConfig` and dataset options) with
-`PrioritySFTTrainer`, `PrioritySFTConfig` and the `builtin:` model and datasets of `trl_priority.builtin`.
+`PrioritySFTTrainer`, `PrioritySFTConfig` and the `builtin:` model and datasets of `trl_priority.tools.builtin`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from trl import (
     get_quantization_config,
 )
 
-from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, builtin, checks, get_priority, ref_cache
+from trl_priority import PrioritySFTConfig, PrioritySFTTrainer, checks, get_priority
+from trl_priority.references import disk_cache as ref_cache
+from trl_priority.tools import builtin
 
 
 @dataclass
