@@ -423,7 +423,7 @@ def test_cli_precompute_ref_fills_a_cache_that_sft_reuses(model_dir, tmp_path):
         "--output_dir", str(tmp_path / "run"), "--max_length", "1024", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--disable_tqdm", "true", "--ref_cache_dir", str(cache),
     ]  # fmt: skip
-    command = [sys.executable, "-m", "trl_priority.cli", "precompute-ref", "--config", str(recipe), *settings]
+    command = [sys.executable, "-m", "trl_priority.tools.cli", "precompute-ref", "--config", str(recipe), *settings]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run([*command, "--num_processes", "1"], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -144,7 +144,7 @@ def test_sft_command_launches_through_accelerate(tmp_path, model_dir):
     """The installed console script, end to end: parse, `accelerate launch`, train, save."""
     recipe = Path(__file__).parents[2] / "recipes" / "dft.yaml"
     command = [
-        sys.executable, "-m", "trl_priority.cli", "sft", "--config", str(recipe),
+        sys.executable, "-m", "trl_priority.tools.cli", "sft", "--config", str(recipe),
         "--model_name_or_path", model_dir(seed=0),
         "--output_dir", str(tmp_path / "launched"),
         "--max_steps", "1", "--max_length", "1024", "--per_device_train_batch_size", "2",
@@ -190,7 +190,7 @@ def test_a_signal_to_the_command_stops_training_cleanly_and_the_last_checkpoint_
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--disable_tqdm", "true",
         "--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant",
     ]  # fmt: skip
-    command = [sys.executable, "-m", "trl_priority.cli", "sft", "--config", str(recipe), *settings]
+    command = [sys.executable, "-m", "trl_priority.tools.cli", "sft", "--config", str(recipe), *settings]
     command += ["--max_steps", "500", "--num_processes", "1"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,13 +10,13 @@ ROWS: list[dict[str, str]] = [
     {
         "row": "s2ft",
         "kind": "structural",
-        "how": "structural_priority: s2ft (trl_priority.structural), with any priority",
+        "how": "structural_priority: s2ft (trl_priority.beyond_tokens.structural), with any priority",
         "paper": "Yang et al. 2024, S2FT, NeurIPS 2024, arXiv 2412.06289",
     },
     {
         "row": "factuality_preference",
         "kind": "preference",
-        "how": "trl-priority dpo, factuality_margin: 0 (trl_priority.preference.FactualityDPOTrainer)",
+        "how": "trl-priority dpo, factuality_margin: 0 (trl_priority.beyond_tokens.preference.FactualityDPOTrainer)",
         "paper": "Hu et al. 2025, Factuality in Legal QA, COLING 2025",
     },
     {
