@@ -14,7 +14,7 @@ from trl_priority.beyond_tokens.structural import S2FTArgs, apply_s2ft, merge_s2
 
 
 def batches_of(tokenizer, n_batches=2, size=2):
-    from .conftest import QUESTIONS
+    from tests.conftest import QUESTIONS
 
     texts = [q + " " + a for q, a in QUESTIONS]
     out = []
