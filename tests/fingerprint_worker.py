@@ -20,7 +20,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from tests.conftest import build_model, build_tokenizer  # noqa: E402
-from trl_priority.references.disk_cache import module_fingerprint  # noqa: E402
+from trl_priority.references.identity import module_fingerprint  # noqa: E402
 
 
 def sharded(tokenizer, seed: int) -> torch.nn.Module:

@@ -35,6 +35,7 @@ def main(argv=None) -> None:
 
     from trl_priority import PrioritySFTTrainer
     from trl_priority.references import disk_cache as ref_cache
+    from trl_priority.references import precompute
 
     state = PartialState(cpu=True)
     # Rows of values handed to the entry's writing code, per call: all at once (`write_entry`), or piece by piece
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
             return add(self, rows)
 
         ref_cache.EntryWriter.add = piece
-    ref_cache.GATHER_PIECE_ROWS = 2
+    precompute.GATHER_PIECE_ROWS = 2
     tokenizer = build_tokenizer()
     with state.main_process_first():
         reference = save_model_dir(os.path.join(output_dir, "models"), tokenizer, 1)

@@ -11,7 +11,8 @@ import torch
 
 from trl_priority import PrioritySFTTrainer, get_priority
 from trl_priority.plan import CACHE_COLUMN_HINT, REFERENCE_KINDS, RunPlan
-from trl_priority.references.disk_cache import TOPK_COLUMNS, default_cache_dir, module_fingerprint
+from trl_priority.references.disk_cache import TOPK_COLUMNS, default_cache_dir
+from trl_priority.references.identity import module_fingerprint
 from trl_priority.statistics import DATA_STATISTICS
 
 

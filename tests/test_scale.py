@@ -57,7 +57,7 @@ def test_fingerprint_tells_zero3_partitioned_weights_apart(tokenizer):
     """Two fine-tunes of one architecture under ZeRO-3: the old fingerprint skipped every 0-element parameter, so it
     saw only names and shapes and gave both the same key (the second run reused the first run's values)."""
     from tests.conftest import build_model
-    from trl_priority.references.disk_cache import module_fingerprint
+    from trl_priority.references.identity import module_fingerprint
 
     first, second = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
     assert module_fingerprint(first) != module_fingerprint(second)

@@ -19,7 +19,7 @@ from trl_priority.priorities import (
     get_priority,
     register_priority,
 )
-from trl_priority.references.disk_cache import precompute_reference_statistics
+from trl_priority.references.precompute import precompute_reference_statistics
 from trl_priority.trainer import PrioritySFTTrainer
 
 

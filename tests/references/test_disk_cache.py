@@ -16,7 +16,7 @@ import torch
 from tests.conftest import StopAfter
 from trl_priority import PrioritySFTTrainer
 from trl_priority.references import disk_cache as ref_cache
-from trl_priority.references import epoch_cache
+from trl_priority.references import epoch_cache, precompute
 from trl_priority.references.sources import ColumnReference, ModelReference
 
 
@@ -88,7 +88,7 @@ def test_cached_statistics_equal_the_online_reference(
         make_model, tokenizer, datasets_, make_args, make_model(seed=1), method=method, ref_epoch_cache="none",
         **settings,
     )  # fmt: skip
-    assert isinstance(cached.reference, ref_cache.CachedColumns) and isinstance(online.reference, ModelReference)
+    assert isinstance(cached.reference, precompute.CachedColumns) and isinstance(online.reference, ModelReference)
     assert cached.plan.reference_statistics == names
 
     batch = cached.data_collator(list(cached.train_dataset))
@@ -549,7 +549,7 @@ def test_the_whole_vocabulary_cached_gives_the_online_losses(
     vocab = len(tokenizer)
     cached = run(ref_cache_dir=str(tmp_path / "cache"), ref_cache_topk=vocab, ref_cache_batch_size=4)
     online = run()
-    assert isinstance(cached.reference, ref_cache.CachedColumns) and cached.reference.topk == vocab
+    assert isinstance(cached.reference, precompute.CachedColumns) and cached.reference.topk == vocab
     assert not isinstance(online.reference, ColumnReference)
     assert cached.train_dataset[0]["ref_topk_ids"][1].__len__() == vocab
     terms = torch.tensor(logged(cached, f"loss/{term}"))
@@ -614,7 +614,7 @@ def test_the_topk_cache_runs_no_reference_forward_and_k_is_part_of_the_key(
     ref, counter = counted_reference(make_model, seed=1)
     trainer = make_trainer(make_model, tokenizer, datasets_, make_args, ref, **settings)
     assert counter.calls > 0 and trainer._epoch_cache is None
-    assert isinstance(trainer.reference, ref_cache.CachedColumns) and trainer.reference.topk == 4
+    assert isinstance(trainer.reference, precompute.CachedColumns) and trainer.reference.topk == 4
     counter.calls = 0
     trainer.train()
     assert counter.calls == 0 and len(logged(trainer, "loss/kl_anchor")) == 2

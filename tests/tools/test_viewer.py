@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from trl_priority.objectives import priority_loss
+from trl_priority.tools import render
 from trl_priority.tools import viewer as inspect
 from trl_priority.tools.cli import main
 
@@ -103,7 +104,7 @@ def check_page_against_trainer(page: Page, trainer, rows, label_logps, reference
             shown_ref = column(tokens, "data-pref")[mask]
             torch.testing.assert_close(shown_ref, p_ref[i, :n].cpu()[mask], atol=1e-5, rtol=1e-4)
         classes = [t["data-class"] for t, m in zip(tokens, mask) if m]
-        assert classes == [inspect.phi_class(v) for v in shown[mask].tolist()]
+        assert classes == [render.phi_class(v) for v in shown[mask].tolist()]
         stats = page.panel(i, method)["stats"]
         assert float(stats["data-kept-fraction"]) == pytest.approx((shown[mask] > 0).float().mean().item())
         assert float(stats["data-mean-phi"]) == pytest.approx(shown[mask].mean().item(), abs=1e-6)
@@ -134,7 +135,7 @@ def test_page_shows_the_trainers_priorities(recipe, reference, progress, classes
     trainer, rows, inspection = build(recipe, overrides, tmp_path / "scratch", progress=progress)
     if reference == "adapter off":
         assert inspection.reference == "base model with the adapter switched off"
-    page = Page(inspect.render_html([inspection]))
+    page = Page(render.render_html([inspection]))
     phi = check_page_against_trainer(page, trainer, rows, label_logps, reference)
 
     composed = {"verified_prift.yaml": "product(verifier, prift_prob)"}  # a composition shows its parts
@@ -149,7 +150,7 @@ def test_page_shows_the_trainers_priorities(recipe, reference, progress, classes
         assert shown_classes == classes
 
     # The terminal rendering of the same rows: one marker per supervised token, with its Φ
-    text = inspect.render_terminal([inspection], colour=False)
+    text = render.render_terminal([inspection], colour=False)
     markers = [float(v) for v in re.findall(r"\|(-?\d+\.\d+(?:e-?\d+)?)\]", text)]
     torch.testing.assert_close(torch.tensor(markers), supervised, atol=0.005, rtol=0.05)
 
@@ -254,7 +255,7 @@ def synthetic_inspection() -> inspect.Inspection:
 
 def test_terminal_rendering_marks_every_supervised_token():
     inspection = synthetic_inspection()
-    plain = inspect.render_terminal([inspection], colour=False)
+    plain = render.render_terminal([inspection], colour=False)
     assert "\x1b[" not in plain
     assert "<s>Q: 2+2\n[A:|1.00][ 4|0.25][.|0.00][↵|-0.50]\n[####|2.00]" in plain  # the prompt plain, a newline kept
     assert "<s>[x|1.00][y|3.0e-03]" in plain  # a small Φ is not shown as a dropped 0.00
@@ -264,10 +265,10 @@ def test_terminal_rendering_marks_every_supervised_token():
     assert len(bars) == 10 and sum(int(count) for *_, count in bars) == 7
     assert (bars[0][0], bars[-1][1]) == ("-0.50", "2.00")  # the range covers every Φ
 
-    coloured = inspect.render_terminal([inspection], colour=True)
+    coloured = render.render_terminal([inspection], colour=True)
     for klass, token in [("kept", "A:"), ("down", " 4"), ("dropped", "."), ("negative", "↵"), ("up", "####")]:
-        assert f"{inspect.ANSI[klass]}{token}{inspect.RESET}" in coloured
-    assert f"{inspect.ANSI['ctx']}Q:{inspect.RESET}" in coloured
+        assert f"{render.ANSI[klass]}{token}{render.RESET}" in coloured
+    assert f"{render.ANSI['ctx']}Q:{render.RESET}" in coloured
 
 
 def test_terminal_command_without_a_tty_prints_markers(tmp_path, model_dir, capsys, monkeypatch):
@@ -319,7 +320,7 @@ def test_page_in_a_real_browser(browser, tmp_path, model_dir, label_logps):
     overrides = ["--model_name_or_path", model_dir(seed=0)]
     trainer, rows, inspection = build("forgetting_data.yaml", overrides, tmp_path / "scratch", progress=1.0)
     page_path = tmp_path / "page.html"
-    page_path.write_text(inspect.render_html([inspection]), encoding="utf-8")
+    page_path.write_text(render.render_html([inspection]), encoding="utf-8")
 
     dom = run_browser(browser, tmp_path / "profile", "--dump-dom", page_path.as_uri()).stdout
     assert "<html" in dom[:100] and "Token priorities: forgetting_data" in dom
@@ -334,8 +335,8 @@ def test_page_in_a_real_browser(browser, tmp_path, model_dir, label_logps):
 
     def painted(klass: str, phi: float) -> int:
         """Pixels of a token background of `klass`: its colour at its opacity, over white."""
-        alpha = inspect._shade(klass, phi)
-        target = tuple(round(255 + (c - 255) * alpha) for c in inspect.COLOURS[klass])
+        alpha = render._shade(klass, phi)
+        target = tuple(round(255 + (c - 255) * alpha) for c in render.COLOURS[klass])
         return sum(all(abs(a - b) <= 3 for a, b in zip(pixel, target)) for pixel in pixels)
 
     assert painted("kept", 1.0) > 2000  # example 0: learned

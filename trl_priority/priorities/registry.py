@@ -14,6 +14,12 @@ def dft(logps, mask):
 The trainer reads the signature once: it computes a reference forward only for methods that ask for a `ref_*`
 statistic, computes the full next-token distribution only for methods that ask for a distribution statistic, and
 rejects an unknown or out-of-range hyperparameter before the model is even loaded.
+
+Why one module of ~480 lines: it is the one contract every priority and every caller of one relies on, the hyperparameter
+constraints (`Range`, `Hyperparameter`), the entry that reads a signature and checks values against it (`Priority`),
+and registration and lookup (`register_priority`, `get_priority`). Split, a reader would follow one rule (what
+`priority_args` may hold, which statistics a method reads) across files that only ever change together; the methods
+themselves live in the other modules of `trl_priority.priorities`.
 """
 
 from __future__ import annotations

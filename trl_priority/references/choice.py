@@ -15,7 +15,7 @@ source carries its `identity()`, computed from the same decision without loading
 | `starting_adapter` | `AdapterReference("ref")`                 | the policy's weights less the adapter being trained     |
 | `starting_model`   | `ModelReference`, the copy (or reloaded)  | the policy's path, else the copy's weights              |
 
-The disk cache (`trl_priority.references.disk_cache.CachedColumns`) and the epoch cache (`trl_priority.references.epoch_cache.EpochCache`)
+The disk cache (`trl_priority.references.precompute.CachedColumns`) and the epoch cache (`trl_priority.references.epoch_cache.EpochCache`)
 wrap a source and keep its identity.
 """
 
@@ -67,7 +67,7 @@ def reference_for(
         load: `load(given)` returns the reference model loaded and placed (the trainer's `_build_reference`): called
             by a model source's `load()`.
     """
-    from trl_priority.references import disk_cache as identities  # the identity functions live with the cache key
+    from trl_priority.references import identity as identities  # the identities the cache key hashes
 
     kind = plan.reference_kind
     if kind == "none":

@@ -25,9 +25,9 @@ from trl_priority import statistics as stats_vocab
 from trl_priority.references.disk_cache import (
     _differences,
     cached_statistics,
-    dataset_digest,
     scheduled_statistic_hyperparameters,
 )
+from trl_priority.references.identity import dataset_digest
 from trl_priority.references.sources import (
     AdapterReference,
     CallbackReference,

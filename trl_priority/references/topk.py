@@ -26,13 +26,21 @@ Why the policy's shape and not an even spread: an even spread puts reference mas
 vanishingly unlikely, and log(π̂/π_θ) blows up there; `scripts/measure_topk_error.py` measures both on SmolLM2 and
 GSM8K (`docs/benchmarks/topk_error.md`). These choices are ours; ASFT and Target-SFT define their terms on the exact
 distribution.
+
+`reference_topk` computes the cached columns from a reference's final hidden states, a chunk of positions at a time
+(`trl_priority.references.precompute` calls it while computing a disk-cache entry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from trl_priority import statistics as stats_vocab
+from trl_priority.statistics import lm_head
 
 
 # A floor for the tail mass: rounding can make Σ_stored π_ref exceed 1 by a few ulps
@@ -126,3 +134,52 @@ class TopKRows:
 
 
 __all__ = ["TopKReferenceDistribution", "TopKRows", "dense_logprobs", "topk_of"]
+
+
+def reference_topk(
+    distribution: stats_vocab.ReferenceDistribution,
+    labels: torch.Tensor,
+    names: Sequence[str],
+    args: Mapping[str, Any],
+    k: int,
+    chunk_elements: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The top-k cache of a reference's distribution, from its final hidden states `(B, T, H)`.
+
+    The supervised positions are projected through the reference's LM head a chunk at a time (float32 logits, as the
+    training pass projects them: `trl_priority.statistics.lm_head.Head.logprobs`), and of each chunk's log π_ref `(n, V)` are kept
+
+        ref_topk_ids    (B, T-1, k) int32    the k most likely next tokens, most likely first (`topk_of`)
+        ref_topk_logps  (B, T-1, k) float32  their log-probabilities
+        ref_<name>      (B, T-1)    float32  each statistic of `names` (`logps`: log π_ref(y_t)), exact
+
+    all 0 at positions whose label is not supervised. k is capped at the vocabulary size.
+    """
+    hidden = distribution.hidden
+    shifted = labels[:, 1:].to(hidden.device)  # (B, T-1)
+    mask = shifted != -100  # (B, T-1)
+    rows_hidden = hidden[:, :-1][mask]  # (N, H)
+    rows_labels = shifted[mask]  # (N,)
+    num_rows = rows_labels.numel()
+    stats = stats_vocab.chunk_statistics(names, args)  # name -> fn(logprobs, labels)
+    dtype = lm_head.compute_dtype(hidden)
+    with torch.no_grad(), lm_head.gathered_head(distribution.causal_lm) as head:
+        vocab = head.weight.shape[0]
+        k = min(k, vocab)
+        step = max(1, stats_vocab.chunk_elements_for(hidden.device, chunk_elements) // vocab)
+        values = {f"ref_{name}": hidden.new_zeros(num_rows, dtype=torch.float32) for name in names}  # (N,)
+        ids = torch.zeros(num_rows, k, dtype=torch.int32, device=hidden.device)  # (N, k)
+        logps = torch.zeros(num_rows, k, dtype=torch.float32, device=hidden.device)  # (N, k)
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            logprobs = head.logprobs(rows_hidden[rows], dtype)  # (n, V)
+            top_ids, logps[rows], _ = topk_of(logprobs, rows_labels[rows], k)
+            ids[rows] = top_ids.int()
+            for name, fn in stats.items():
+                values[f"ref_{name}"][rows] = fn(logprobs, rows_labels[rows])
+    out = {}
+    for name, value in {**values, "ref_topk_ids": ids, "ref_topk_logps": logps}.items():
+        full = value.new_zeros((*mask.shape, *value.shape[1:]))  # (B, T-1) or (B, T-1, k)
+        full[mask] = value
+        out[name] = full
+    return out

@@ -115,7 +115,8 @@ def _run_sft(argv: list[str], command: str = "sft") -> int:
 
     from trl_priority.scripts import dpo, sft
 
-    script_module = dpo if command == "dpo" else sft  # `dpo`: F-DPO / Factuality Preference (trl_priority.beyond_tokens.preference)
+    # `dpo`: F-DPO / Factuality Preference (trl_priority.beyond_tokens.preference)
+    script_module = dpo if command == "dpo" else sft
     if command == "precompute-ref":  # the same script, launched the same way, stopping before training
         argv = [*argv, "--precompute_only", "true"]
     parser = script_module.make_parser(prog=f"trl-priority {command}")

@@ -19,7 +19,7 @@ from the score alone.
 
 Each function takes a `datasets.Dataset` as the trainer accepts it (prompt-completion, conversational or not, or
 `messages`) and returns the same dataset with the new columns; rows are tokenized like the trainer tokenizes them
-(`trl_priority.tools.token_scores.tokenize_like_trainer`), and an example's loss is the mean NLL of the tokens the trainer
+(`trl_priority.tools.scoring_io.tokenize_like_trainer`), and an example's loss is the mean NLL of the tokens the trainer
 would supervise (the completion; every token of a plain-text row).
 
 From the command line (writes `<output>/train.jsonl`, loadable as `--dataset_name <output>`):
@@ -28,6 +28,12 @@ From the command line (writes `<output>/train.jsonl`, loadable as `--dataset_nam
         --output data/selectit
     python -m trl_priority.tools.example_scores influence --model M --dataset builtin:gsm8k \
         --validation builtin:gsm8k-noisy --output data/instruction_mining
+
+Why one module of ~500 lines: the three scorers above are one table, and they share what makes their columns
+usable by a priority: the rank convention (`share_ahead`, `with_score_and_rank`), the target positions the loss is
+taken over, and one command line. SelectIT (~130 lines) and influence/DIQ (~180 lines) are each too small to stand
+alone, and `diq_scores` reuses the influence pass. What they share with `trl_priority.tools.token_scores` (the
+trainer's tokenization, model and dataset loading) is `trl_priority.tools.scoring_io`.
 """
 
 from __future__ import annotations
@@ -44,7 +50,14 @@ import torch
 from datasets import Dataset
 
 from trl_priority.references.sources import eval_mode
-from trl_priority.tools.token_scores import _device_of, _pad_id, _with_column, tokenize_like_trainer
+from trl_priority.tools.scoring_io import (
+    device_of,
+    load_dataset,
+    load_model,
+    pad_token_id,
+    tokenize_like_trainer,
+    with_column,
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -70,7 +83,7 @@ def with_score_and_rank(dataset: Dataset, column: str, scores: Sequence[float]) 
     scores = [float(score) for score in scores]
     if not all(math.isfinite(score) for score in scores):
         raise ValueError(f"Column '{column}': some scores are not finite; check the scoring model and the data.")
-    return _with_column(_with_column(dataset, column, scores), rank_column_of(column), share_ahead(scores))
+    return with_column(with_column(dataset, column, scores), rank_column_of(column), share_ahead(scores))
 
 
 def _message_text(value: Any) -> str:
@@ -162,7 +175,7 @@ def _last_token_probabilities(
     model, sequences: Sequence[list[int]], pad_id: int, token_ids: list[int]
 ) -> torch.Tensor:
     """`(B, R)` next-token probabilities of `token_ids` after the last token of each right-padded sequence."""
-    device = _device_of(model)
+    device = device_of(model)
     length = max(len(ids) for ids in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)  # (B, L)
     attention_mask = torch.zeros_like(input_ids)  # (B, L)
@@ -221,7 +234,7 @@ def selectit_scores(
         for prompt in prompts
     ]  # example-major: the K prompts of example 0, then of example 1, ...
     sequences = [tokenizer(text)["input_ids"] for text in texts]
-    pad_id, k = _pad_id(tokenizer), len(prompts)
+    pad_id, k = pad_token_id(tokenizer), len(prompts)
     total = [0.0] * len(dataset)
     for model, share in zip(models, shares):
         with eval_mode(model):
@@ -282,7 +295,7 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def example_loss(model: torch.nn.Module, input_ids: list[int], targets: list[int]) -> torch.Tensor:
     """Mean NLL of the tokens at `targets` (each predicted from the tokens before it): a scalar with gradient."""
-    device = _device_of(model)
+    device = device_of(model)
     ids = torch.tensor([input_ids], device=device)  # (1, L)
     logits = model(input_ids=ids, use_cache=False).logits[0].float()  # (L, V)
     where = torch.tensor(targets, device=device)  # (n,)
@@ -424,7 +437,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from trl_priority.tools.builtin import resolve_model
-    from trl_priority.tools.token_scores import _load_dataset, _load_model
 
     parser = argparse.ArgumentParser(
         prog="python -m trl_priority.tools.example_scores", description=__doc__.split("\n")[0]
@@ -455,19 +467,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     options = parser.parse_args(argv)
 
-    dataset = _load_dataset(options.dataset)
+    dataset = load_dataset(options.dataset)
     models = options.model if isinstance(options.model, list) else [options.model]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(models[0]))
     if options.command == "selectit":
-        loaded = [_load_model(path, options.device) for path in models]
+        loaded = [load_model(path, options.device) for path in models]
         dataset = selectit_scores(loaded, tokenizer, dataset, alpha=options.alpha, token_rule=options.token_rule)
     else:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
-            _load_model(models[0], options.device), LoraConfig(r=options.lora_r, target_modules="all-linear")
+            load_model(models[0], options.device), LoraConfig(r=options.lora_r, target_modules="all-linear")
         )
-        validation = _load_dataset(options.validation)
+        validation = load_dataset(options.validation)
         if options.validation_limit is not None:
             validation = validation.select(range(min(options.validation_limit, len(validation))))
         scorer = influence_scores if options.command == "influence" else diq_scores

@@ -35,45 +35,20 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from datasets import Dataset
 
 from trl_priority.references.sources import eval_mode
-
-
-def tokenize_like_trainer(dataset: Dataset, tokenizer, args: Any = None) -> Dataset:
-    """`dataset` tokenized as `SFTTrainer` tokenizes it, before truncation: `input_ids`, `completion_mask` (for
-    prompt-completion rows) and `labels`, in the same order. A dataset with `input_ids` is returned unchanged.
-
-    Runs TRL's own preparation (`SFTTrainer._prepare_dataset`) without building a trainer, with the settings of `args`
-    that shape the tokens (`assistant_only_loss`, `dataset_text_field`, `dataset_num_proc`); nothing is truncated or
-    packed. A `formatting_func` is not supported: format the rows first. Give the tokenizer as the trainer will use it
-    (the trainer replaces its EOS token by `args.eos_token` when that is set).
-    """
-    if "input_ids" in dataset.column_names:
-        return dataset
-    from trl import SFTTrainer
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    assistant_only_loss = bool(getattr(args, "assistant_only_loss", False))
-    chat_template = None  # as `SFTTrainer.__init__` decides it
-    if assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
-        chat_template = get_training_chat_template(tokenizer)
-    trainer = SimpleNamespace(_tokenizer=tokenizer, chat_template=chat_template, completion_only_loss=False)
-    settings = SimpleNamespace(
-        dataset_num_proc=getattr(args, "dataset_num_proc", None),
-        dataset_text_field=getattr(args, "dataset_text_field", "text"),
-        assistant_only_loss=assistant_only_loss,
-        max_length=None,  # the trainer's columns are made before truncation
-        shuffle_dataset=False,
-        truncation_mode="keep_start",
-        seed=0,
-        packing_strategy="bfd",
-    )
-    return SFTTrainer._prepare_dataset(trainer, dataset, tokenizer, settings, False, None, "scoring")
+from trl_priority.tools.scoring_io import (
+    device_of,
+    load_dataset,
+    load_model,
+    pad_token_id,
+    tokenize_like_trainer,
+    with_column,
+)
 
 
 def completion_positions(row: dict[str, Any]) -> list[int]:
@@ -93,16 +68,12 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _next_token_logprobs(model: torch.nn.Module, sequences: Sequence[list[int]], pad_id: int) -> torch.Tensor:
     """`(B, L, V)` float32 log-softmax of the next-token logits of right-padded `sequences` (position j predicts
     token j + 1)."""
     length = max(len(ids) for ids in sequences)
-    device = _device_of(model)
+    device = device_of(model)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)  # (B, L)
     attention_mask = torch.zeros_like(input_ids)  # (B, L)
     for row, ids in enumerate(sequences):
@@ -110,16 +81,6 @@ def _next_token_logprobs(model: torch.nn.Module, sequences: Sequence[list[int]],
         attention_mask[row, : len(ids)] = 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
     return logits.float().log_softmax(-1)
-
-
-def _with_column(dataset: Dataset, column: str, values: list[list[float]]) -> Dataset:
-    if column in dataset.column_names:
-        dataset = dataset.remove_columns(column)
-    return dataset.add_column(column, values)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def contrastive_token_scores(
@@ -150,7 +111,7 @@ def contrastive_token_scores(
     """
     rows = tokenize_like_trainer(dataset, tokenizer, args)
     sequences = [list(ids) for ids in rows["input_ids"]]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     values: list[list[float]] = []
     with eval_mode(positive_model), eval_mode(negative_model):
         for batch in _batches(sequences, batch_size):
@@ -161,7 +122,7 @@ def contrastive_token_scores(
                 targets = torch.tensor(ids[1:], device=contrast.device)  # (L_row - 1,)
                 scores = contrast[row, : len(ids) - 1].gather(-1, targets[:, None]).squeeze(-1).exp()  # (L_row - 1,)
                 values.append([0.0, *scores.tolist()])
-    return _with_column(dataset, column, values)
+    return with_column(dataset, column, values)
 
 
 def information_gain(
@@ -198,7 +159,7 @@ def information_gain(
         prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     sequences = [list(ids) for ids in rows["input_ids"]]
     completions = [completion_positions(row) for row in rows]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     values: list[list[float]] = []
     with eval_mode(model):
         for start in range(0, len(sequences), batch_size):
@@ -223,7 +184,7 @@ def information_gain(
                     uncond = unconditional[row, j - 1, torch.tensor(seq, device=conditional.device)[j]]  # (n,)
                     gain[i.cpu()] = (cond - uncond).cpu()
                 values.append(gain.tolist())
-    return _with_column(dataset, column, values)
+    return with_column(dataset, column, values)
 
 
 def counterfactual_impact(
@@ -286,7 +247,7 @@ def counterfactual_impact(
             f"{len(sequences)} examples, above max_tokens={max_tokens}: pass a larger max_tokens (or None), or score "
             "a subset of the dataset."
         )
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     values = [[0.0] * len(ids) for ids in sequences]
     with eval_mode(model):
         full: list[torch.Tensor] = []  # log p(y_s | y_<s) at each s ≥ 1 (index 0 holds 0), per example
@@ -308,30 +269,12 @@ def counterfactual_impact(
                 if reduction == "mean":
                     impact = impact / (len(completions[row]) - 1)
                 values[row][i] = impact.item()
-    return _with_column(dataset, column, values)
+    return with_column(dataset, column, values)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------------------------
-def _load_model(path: str, device: str):
-    from transformers import AutoModelForCausalLM
-
-    from trl_priority.tools.builtin import resolve_model
-
-    return AutoModelForCausalLM.from_pretrained(resolve_model(path), dtype="float32").to(device)
-
-
-def _load_dataset(name: str) -> Dataset:
-    from trl_priority.tools import builtin
-
-    if name.startswith(builtin.PREFIX):
-        return builtin.load_dataset(name)
-    from datasets import load_dataset
-
-    return load_dataset(name, split="train")
-
-
 def main(argv: Sequence[str] | None = None) -> Path:
     """Score a dataset and write it, with its new column, to `<output>/train.jsonl`; returns that path."""
     from transformers import AutoTokenizer
@@ -360,17 +303,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     options = parser.parse_args(argv)
 
-    dataset = _load_dataset(options.dataset)
+    dataset = load_dataset(options.dataset)
     if options.command == "contrastive":
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(options.tokenizer or options.positive))
-        positive = _load_model(options.positive, options.device)
-        negative = _load_model(options.negative, options.device)
+        positive = load_model(options.positive, options.device)
+        negative = load_model(options.negative, options.device)
         dataset = contrastive_token_scores(
             positive, negative, dataset, tokenizer, beta=options.beta, batch_size=options.batch_size
         )
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(options.tokenizer or options.model))
-        model = _load_model(options.model, options.device)
+        model = load_model(options.model, options.device)
         if options.command == "counterfactual":
             dataset = counterfactual_impact(
                 model,
