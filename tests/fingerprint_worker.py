@@ -13,11 +13,15 @@ import json
 import os
 import sys
 
-import torch
-import torch.distributed as dist
 
+# Run as a script, Python puts this folder first on the path, where tests/statistics, tests/data, ... (the test tree
+# mirrors the package) would shadow the standard library's `statistics` and other top-level modules: the repository
+# root instead
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_TESTS), *(p for p in sys.path if os.path.abspath(p or ".") != _TESTS)]
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from tests.conftest import build_model, build_tokenizer  # noqa: E402
 from trl_priority.references.identity import module_fingerprint  # noqa: E402

@@ -15,7 +15,12 @@ import os
 import sys
 
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+# Run as a script, Python puts this folder first on the path, where tests/statistics, tests/data, ... (the test tree
+# mirrors the package) would shadow the standard library's `statistics` and other top-level modules: the repository
+# root instead
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_TESTS), *(p for p in sys.path if os.path.abspath(p or ".") != _TESTS)]
+
 
 from tests.conftest import (  # noqa: E402
     build_args,
