@@ -32,17 +32,15 @@ from torch.profiler import record_function
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
-from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import (
     get_config_model_id,
-    global_then_local_main_first,
 )
 
 from trl_priority import checks
 from trl_priority import statistics as stats_vocab
 from trl_priority.beyond_tokens import privacy, structural
 from trl_priority.config import PrioritySFTConfig
-from trl_priority.data.columns import TokenColumnCollator, prepare_token_columns
+from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
 from trl_priority.loading import (
     check_model_path,
     check_quantized_has_adapter,
@@ -79,17 +77,6 @@ logger = get_logger(__name__)
 
 
 PRIORITY_RECORD = "priority.json"  # in every checkpoint: the method and settings it was trained with
-
-
-class _ArgsOverride:
-    """A read-only view of the training arguments with a few attributes replaced."""
-
-    def __init__(self, args, **overrides):
-        self._args = args
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._args, name)
 
 
 class PrioritySFTTrainer(SFTTrainer):
@@ -327,67 +314,23 @@ class PrioritySFTTrainer(SFTTrainer):
         message = checks.empty_completions_warning(*checks.empty_completions(dataset), dataset_name)
         if message:
             warnings.warn(message, stacklevel=3)
-        prepared = self._prepare_dataset_with_columns(
-            dataset, processing_class, args, packing, formatting_func, dataset_name
-        )
+        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
+        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
+        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
+        if not specs:
+            prepared = super()._prepare_dataset(
+                dataset, processing_class, args, packing, formatting_func, dataset_name
+            )
+        else:  # the per-token columns cut and packed with the tokens (`trl_priority.data.columns`)
+            prepared = prepare_dataset_with_columns(
+                super()._prepare_dataset, dataset, processing_class, args, packing, formatting_func, dataset_name,
+                plan=self.plan, specs=specs, priority=self.priority, priority_args=self.priority_args,
+            )  # fmt: skip
         if isinstance(dataset, Dataset) and isinstance(prepared, Dataset) and not packing:
             message = checks.dropped_examples_warning(len(dataset), len(prepared), dataset_name, args.max_length)
             if message:
                 warnings.warn(message, stacklevel=3)
         return prepared
-
-    def _prepare_dataset_with_columns(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
-        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
-        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
-        if not specs:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if "example_index" in self.plan.column_specs:
-            # The per-token identity of stateful methods: the example's index in the dataset as given
-            with global_then_local_main_first():
-                dataset = dataset.map(lambda _, index: {"example_index": index}, with_indices=True)
-        # TRL truncates and packs only `input_ids` and `labels`: let it tokenize and build the labels, then cut and
-        # pack the per-token columns together with them.
-        untruncated = _ArgsOverride(args, max_length=None, shuffle_dataset=False)
-        dataset = super()._prepare_dataset(
-            dataset, processing_class, untruncated, False, formatting_func, dataset_name
-        )
-        if self.plan.mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
-            with global_then_local_main_first():
-                dataset = dataset.map(
-                    lambda example: {
-                        "labels": [
-                            label if bit else -100 for label, bit in zip(example["labels"], example["completion_mask"])
-                        ]
-                    }
-                )
-        columns = get_dataset_column_names(dataset)
-        for column, spec in specs.items():
-            if column not in columns and not spec.generated:
-                raise ValueError(
-                    f"Priority '{self.priority.name}' reads the column '{column}', which the prepared {dataset_name} "
-                    f"dataset lacks (it has {columns}): {spec.hint}."
-                )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        with global_then_local_main_first():
-            dataset = prepare_token_columns(dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args)
-        if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self.plan.column_specs:
-            self._warn_truncated_completions(dataset, dataset_name, args.max_length)
-        return dataset
-
-    def _warn_truncated_completions(self, dataset, dataset_name, max_length) -> None:
-        """A method that trains prompt tokens keeps an example whose completion was truncated away: it would train on
-        the prompt alone. Say so, with the fix."""
-        if not isinstance(dataset, Dataset) or "completion_mask" not in dataset.column_names:
-            return
-        empty = sum(1 for mask in dataset["completion_mask"] if not any(mask))
-        if empty:
-            warnings.warn(
-                f"{empty} of {len(dataset)} {dataset_name} examples have no completion token left after truncation "
-                f"to max_length={max_length}: priority '{self.priority.name}' trains their prompt alone. Raise "
-                "`max_length`, or shorten the prompts.",
-                stacklevel=4,
-            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
