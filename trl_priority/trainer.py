@@ -37,7 +37,6 @@ from trl.trainer.utils import (
 )
 
 from trl_priority import checks
-from trl_priority import statistics as stats_vocab
 from trl_priority.beyond_tokens import privacy, structural
 from trl_priority.config import PrioritySFTConfig
 from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
@@ -47,7 +46,7 @@ from trl_priority.loading import (
     dequantize_head,
     last_complete_checkpoint,
 )
-from trl_priority.objectives import UNLIKELIHOOD_TERM, priority_loss
+from trl_priority.objectives import priority_loss
 from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
 from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
@@ -64,12 +63,10 @@ from trl_priority.references.sources import (
     eval_mode,
 )
 from trl_priority.statistics import (
-    DistributionRequest,
     causal_lm_of,
     drop_virtual_positions,
-    forward_statistics,
-    fused_statistics,
 )
+from trl_priority.statistics.gather import distribution_terms, gather_statistics
 from trl_priority.statistics.state import TokenState
 
 
@@ -368,100 +365,22 @@ class PrioritySFTTrainer(SFTTrainer):
 
     @functools.cached_property
     def _distribution_terms(self) -> tuple[Any, ...]:
-        """The method's distribution terms, plus the bounded unlikelihood on Φ < 0 when the regime is signed and
-        `negative_loss="unlikelihood"`: computed from the logits in the LM-head pass (`objectives.unlikelihood_term`).
-        """
-        unlearn = (UNLIKELIHOOD_TERM,) if self.priority.signed and self.args.negative_loss == "unlikelihood" else ()
-        return (*self.priority.distribution_terms, *unlearn)
-
-    def _phi_before_terms(self, statistics: dict[str, Any], priority_of: Callable) -> Callable:
-        """The request's `before_terms`, called by the package's LM-head pass (`statistics.serve_request`) once the
-        policy's statistics are known: Φ from all statistics, then the NLL's weights and the terms' inputs.
-
-        The NLL is weighted by Φ, or by its non-negative part when the negatives are unlearned by the unlikelihood
-        term (signed methods, `negative_loss="unlikelihood"`); with "ascent" a negative Φ weights −log p as is:
-        |Φ|·log p = Φ·(−log p), as in `objectives.priority_loss`."""
-
-        def before_terms(outputs, request: DistributionRequest) -> None:
-            statistics.update(fused_statistics(outputs, self.plan.policy_statistics, causal_lm_of(self.model)))
-            statistics.update(request.values)
-            phi = priority_of(statistics)  # (B, T-1)
-            available = {**statistics, "priority": phi}
-            request.term_inputs = {
-                name: available[name] for term in request.terms for name in term.statistics if name in available
-            }
-            request.nll_weight = phi.clamp(min=0) if UNLIKELIHOOD_TERM in request.terms else phi
-
-        return before_terms
+        """The method's distribution terms, with the signed regime's unlikelihood (`statistics.gather.distribution_terms`)."""
+        return distribution_terms(self.priority, self.args.negative_loss)
 
     def _gather_statistics(
         self, model, inputs: dict[str, Any], training: bool, ahead=None, train_batch=None, priority_of=None
     ):
-        """Run the reference (unless `ahead` carries its statistics) and the policy; return everything Φ reads.
-
-        Returns `(outputs, statistics, request)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), the
-        statistics are `(B, T-1)` tensors without gradient (plus `progress` and `state`), `request` holds the
-        distribution terms (with gradient) the forward computed. `priority_of(statistics)` computes Φ: it is called
-        inside the forward when a term reads Φ or a policy statistic; without it such terms are not computed (a
-        scoring pass needs no loss).
-        """
-        # Not model inputs. A batch collated elsewhere may lack the identity columns, which only training reads
-        columns = {column: inputs.pop(column) for column in self._token_columns if column in inputs}
-        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
-        # The reference runs first, so that its transient memory never adds to the policy's saved activations
-        reference_statistics, reference_distribution = {}, None
-        if ahead is not None and ahead.get("reference") is not None and not self.priority.needs_reference_distribution:
-            reference_statistics = ahead["reference"]
-        elif self.reference is not None:
-            # A training batch (also in the step-wide scoring pass) reads the reference's values kept from earlier epochs
-            train_batch = training if train_batch is None else train_batch
-            reference = self._epoch_cache if train_batch and self._epoch_cache is not None else self.reference
-            with record_function("trl_priority.reference"):
-                reference_statistics, reference_distribution = reference.statistics(
-                    model,
-                    inputs,
-                    self.plan.reference_statistics,
-                    self._step_args,
-                    columns=columns,
-                    distribution=self.priority.needs_reference_distribution,
-                )
-        elif self.priority.needs_reference:  # this configuration reads no reference: its `ref_*` are None
-            reference_statistics = {f"ref_{name}": None for name in self.priority.reference_statistics}
-        statistics = dict(reference_statistics, mask=mask)
-        for name in self.plan.data_statistics:
-            column = columns[stats_vocab.DATA_STATISTICS[name].column]
-            statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
-        statistics["progress"] = torch.tensor(self.progress, device=mask.device)
-        if self.args.priority_granularity != "token":
-            unit_column = "word_index" if self.args.priority_granularity == "word" else "spans"
-            statistics["_unit"] = columns[unit_column][:, 1:].to(mask.device).long()
-        if "example_index" in columns:
-            statistics["_example"] = columns["example_index"][:, 1:].to(mask.device).long()
-        if self.priority_state is not None:
-            identity = (
-                columns["example_index"][:, 1:].to(mask.device),
-                columns["token_position"][:, 1:].to(mask.device),
-            )
-            # Evaluation rows are other examples under the same example indices: they see no training history
-            state = TokenState() if getattr(self, "_evaluating", False) else self.priority_state
-            statistics["state"] = state.bind(*identity, writable=training)
-
-        # Without `priority_of` (a scoring pass) no loss is computed, so no term either
-        terms = self._distribution_terms if priority_of is not None else ()
-        request = DistributionRequest(
-            args=self._step_args,
-            terms=terms,
-            term_weights=tuple(1.0 if t.weight is None else float(self._step_args[t.weight]) for t in terms),
-            reference=reference_distribution,
-            # Used only when the package's LM-head pass serves the forward (`statistics.serve_request`)
-            before_terms=self._phi_before_terms(statistics, priority_of) if priority_of is not None else None,
-        )
-        with record_function("trl_priority.policy_forward"):
-            outputs, policy_statistics = forward_statistics(
-                model, inputs, self.plan.policy_statistics, self._step_args, request=request
-            )
-        statistics.update(policy_statistics)
-        return outputs, statistics, request
+        """Everything Φ reads for this batch, and the policy's outputs: `statistics.gather.gather_statistics` with
+        the trainer's reference, epoch cache, state, hyperparameters now and progress. Returns `(outputs,
+        statistics, request)`."""
+        return gather_statistics(
+            model, inputs, plan=self.plan, priority=self.priority, reference=self.reference,
+            epoch_cache=self._epoch_cache, state=self.priority_state, step_args=self._step_args,
+            progress=self.progress, granularity=self.args.priority_granularity, terms=self._distribution_terms,
+            head_model=self.model, training=training, evaluating=getattr(self, "_evaluating", False), ahead=ahead,
+            train_batch=train_batch, priority_of=priority_of,
+        )  # fmt: skip
 
     def _priority_of(
         self, statistics: dict[str, Any], selected: torch.Tensor | None = None, whole_step: bool = False
