@@ -46,7 +46,7 @@ from trl_priority.loading import (
     dequantize_head,
     last_complete_checkpoint,
 )
-from trl_priority.objectives import priority_loss
+from trl_priority.objectives import priority_objective
 from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
 from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
@@ -557,36 +557,11 @@ class PrioritySFTTrainer(SFTTrainer):
         outputs, phi, statistics, request = self._forward_with_priority(model, inputs, training, ahead)
         if ahead is not None and ahead["selected"].shape != phi.shape:
             raise RuntimeError("A step-wide selection does not match its micro-batch; please report this.")
-        num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        denominator = torch.as_tensor(num_items).clamp(min=1)
-        # The negatives' unlikelihood, when the method is signed, is a term computed from the logits (below)
-        if request.objective is not None:
-            # The package's LM-head pass computed the Φ-weighted NLL (and the distribution terms) with its gradient
-            if any(name in ("logps", "entropy") for term in self.priority.token_terms for name in term.statistics):
-                raise NotImplementedError(
-                    f"Priority '{self.priority.name}' has a per-token loss term reading `logps` or `entropy` with "
-                    "gradient, and reads the whole next-token distribution, whose LM-head pass gives them without "
-                    "gradient: such a term is not supported yet."
-                )
-            loss = request.objective / denominator
-        else:
-            loss = priority_loss(outputs.log_probs, phi, num_items, self.args.negative_loss)
-
-        # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
-        term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
-        term_values = {}
-        for term in self.priority.token_terms:
-            per_token = term.fn(
-                *(term_inputs[name] for name in term.statistics),
-                **{name: self._step_args[name] for name in term.hyperparameters},
-            )  # (B, T-1)
-            weight = 1.0 if term.weight is None else self._step_args[term.weight]
-            term_loss = weight * per_token.sum() / denominator
-            term_values[f"loss/{term.name}"] = term_loss.detach()
-            loss = loss + term_loss
-        # Distribution terms, computed in the LM-head pass (in `request.objective` already): their logged values
-        for term, weight in zip(request.terms, request.term_weights):  # the same terms on every process
-            term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
+        # The Φ-weighted NLL (or the LM-head pass's objective) and the declared terms (`objectives.priority_objective`)
+        loss, term_values = priority_objective(
+            self.priority, outputs, phi, statistics, request, num_items_in_batch, self._step_args,
+            self.args.negative_loss,
+        )  # fmt: skip
 
         # From here as in `SFTTrainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP
         # averages the gradients, and the MoE aux loss is averaged over the accumulation steps
