@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import os
 import pickle
 import warnings
@@ -46,11 +45,11 @@ from trl_priority.loading import (
     dequantize_head,
     last_complete_checkpoint,
 )
+from trl_priority.metrics import append_token_metrics, token_metric_sums
 from trl_priority.objectives import priority_objective
 from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
 from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
-from trl_priority.priorities.schedules import warmup_weight
 from trl_priority.priorities.selection import select_over_step
 from trl_priority.references import choice as sources
 from trl_priority.references import disk_cache as ref_cache
@@ -588,55 +587,20 @@ class PrioritySFTTrainer(SFTTrainer):
     def _log_token_metrics(
         self, mode: str, inputs, outputs, phi: torch.Tensor, term_values: dict, step_normalised: bool
     ) -> None:
-        """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own."""
-        mask = outputs.label_mask
+        """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own
+        (`trl_priority.metrics`)."""
         # One gather for every per-batch sum, averaged over the log window by `SFTTrainer.log` like TRL's own
-        sums = torch.stack(
-            [
-                mask.sum().float(),
-                outputs.entropy.detach().sum(),
-                outputs.is_top1.sum().float(),
-                -outputs.log_probs.detach().sum(),
-                phi.sum(),
-                (phi > 0).sum().float(),
-                (phi < 0).sum().float(),
-                phi.abs().sum(),
-                *(value.float() for value in term_values.values()),
-            ]
-        )
+        sums = token_metric_sums(outputs, phi, term_values)
         gathered = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # summed over processes
-        num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = gathered[:8].tolist()
-        bad = int((~outputs.log_probs.detach()[mask].isfinite()).sum()) if not math.isfinite(nll) else 0
-        self.run_guard.check_nll(nll, bad, int(mask.sum()))  # a diverged model: Trainer would log loss 0
-        self.run_guard.check_phi(num_valid, effective, self.state.global_step)
         metrics = self._metrics[mode]
-
-        def per_token(value: float) -> float:
-            return value / num_valid if num_valid > 0 else 0.0
-
-        metrics["entropy"].append(per_token(entropy))
-        metrics["mean_token_accuracy"].append(per_token(correct))
-        metrics["nll"].append(per_token(nll))
-        metrics["priority/mean"].append(per_token(phi_sum))
-        metrics["priority/kept_fraction"].append(per_token(kept))
-        metrics["priority/negative_fraction"].append(per_token(negative))
-        metrics["priority/effective_tokens"].append(effective)
-        if self.args.priority_warmup_ratio > 0:
-            metrics["priority/warmup_weight"].append(warmup_weight(self.progress, self.args.priority_warmup_ratio))
-        if self.args.priority_schedule:
-            step_args = self._step_args
-            for name in self.args.priority_schedule:
-                metrics[f"priority/{name}"].append(float(step_args[name]))
-        # A term's value for the step: each micro-batch's part (divided by the step's N) summed over processes and
-        # accumulation steps. The log averages the appended values over the micro-steps of its window, so each
-        # micro-step appends its part times the accumulation steps. Without a step-wide N (evaluation), each
-        # process's value is already a mean: average them.
-        for name, value in zip(term_values, gathered[8:].tolist()):
-            if step_normalised:
-                value = value * self.current_gradient_accumulation_steps
-            else:
-                value = value / self.accelerator.num_processes
-            metrics[name].append(value)
+        append_token_metrics(
+            metrics, gathered, outputs, list(term_values), run_guard=self.run_guard,
+            global_step=self.state.global_step, progress=self.progress,
+            warmup_ratio=self.args.priority_warmup_ratio, schedule=self.args.priority_schedule,
+            step_args=self._step_args, step_normalised=step_normalised,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", None),
+            num_processes=self.accelerator.num_processes,
+        )  # fmt: skip
 
         if mode == "train":
             # Padding-free batches have no attention mask: every position of the packed row is a token
