@@ -12,13 +12,9 @@ is read from what it declares (its signature, its selection, its loss terms).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import functools
-import json
 import os
-import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -31,13 +27,17 @@ from torch.profiler import record_function
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
-from trl.trainer.utils import (
-    get_config_model_id,
-)
 
 from trl_priority import checks
 from trl_priority.beyond_tokens import privacy, structural
-from trl_priority.config import PrioritySFTConfig
+from trl_priority.checkpoints import (  # noqa: F401  (PRIORITY_RECORD re-exported)
+    PRIORITY_RECORD,
+    load_priority_files,
+    priority_record,
+    save_priority_files,
+    saveable_args,
+)
+from trl_priority.config import PrioritySFTConfig, as_priority_config
 from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
 from trl_priority.loading import (
     check_model_path,
@@ -70,9 +70,6 @@ from trl_priority.statistics.state import TokenState
 
 
 logger = get_logger(__name__)
-
-
-PRIORITY_RECORD = "priority.json"  # in every checkpoint: the method and settings it was trained with
 
 
 class PrioritySFTTrainer(SFTTrainer):
@@ -122,7 +119,7 @@ class PrioritySFTTrainer(SFTTrainer):
         formatting_func=None,
         ref_model: str | PreTrainedModel | Callable | None = None,
     ):
-        args = self._as_priority_config(args, model)
+        args = as_priority_config(args, model)
         self.priority = None if args.priority is None else get_priority(args.priority)
         self.priority_args = {} if self.priority is None else self.priority.resolve_args(args.priority_args)
         self.reference: Reference | None = None
@@ -240,19 +237,6 @@ class PrioritySFTTrainer(SFTTrainer):
         sources.release_reference(source, self.accelerator, self.model)
         return cached.entries
 
-    @staticmethod
-    def _as_priority_config(args, model) -> PrioritySFTConfig:
-        if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            return PrioritySFTConfig(f"{name.split('/')[-1] or 'model'}-PrioritySFT")
-        if isinstance(args, PrioritySFTConfig):
-            # A copy: the trainer adjusts a few settings for the method (completion_only_loss for WIT), and the
-            # user's config must stay as they wrote it
-            return copy.copy(args)
-        # The fields themselves, not `to_dict()`, which masks every `*_token` value (hub_token, eos_token, ...)
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
-
     def _check_parallelism(self) -> None:
         # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
         # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
@@ -271,25 +255,8 @@ class PrioritySFTTrainer(SFTTrainer):
             self.is_deepspeed_enabled, self.is_fsdp_enabled,
         )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _saveable_args(self):
-        """`training_args.bin` is a pickle: a priority given as a lambda or a local function cannot be pickled, which
-        would break every checkpoint. While saving, such a priority is written as its qualified name."""
-        priority = self.args.priority
-        if callable(priority):
-            try:
-                pickle.dumps(priority)
-            except (pickle.PicklingError, AttributeError, TypeError):
-                module = getattr(priority, "__module__", None) or "?"
-                qualname = getattr(priority, "__qualname__", type(priority).__name__)
-                self.args.priority = f"callable {module}.{qualname} (not picklable; pass it again to resume)"
-        try:
-            yield
-        finally:
-            self.args.priority = priority
-
     def _save(self, output_dir: str | None = None, state_dict=None):
-        with self._saveable_args():
+        with saveable_args(self.args):
             return self._save_model_files(output_dir, state_dict)
 
     def _save_model_files(self, output_dir: str | None = None, state_dict=None):
@@ -641,52 +608,21 @@ class PrioritySFTTrainer(SFTTrainer):
         return None if self.reference is None else self.reference.identity()
 
     def _priority_record(self) -> dict[str, Any]:
-        """Everything a resume must keep for Φ to mean what it meant (`priority.json`; a checkpoint of an older
-        version holds fewer keys, and only those are compared)."""
-        return {
-            "priority": None if self.priority is None else self.priority.name,
-            "priority_args": self.priority_args,
-            "negative_loss": self.args.negative_loss,
-            "priority_schedule": self.args.priority_schedule or {},
-            "priority_warmup_ratio": self.args.priority_warmup_ratio,
-            "priority_granularity": self.args.priority_granularity,
-            "priority_pooling": self.args.priority_pooling,
-            "reference": self._reference_identity(),
-        }
+        """`priority.json`: what a resume must keep for Φ to mean what it meant (`checkpoints.priority_record`)."""
+        return priority_record(self.priority, self.priority_args, self.args, self._reference_identity())
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         record = self._priority_record()  # on every process: the reference's identity may be a collective hash
         # Next to the optimizer state, before `trainer_state.json` marks the checkpoint complete
         if self.args.should_save:
-            with open(os.path.join(output_dir, PRIORITY_RECORD), "w") as file:
-                json.dump(record, file, indent=2, default=str)
-            if self.priority_state is not None:
-                self.priority_state.save(output_dir)
-            if self._epoch_cache is not None:
-                self._epoch_cache.save(output_dir, key=self._epoch_cache.key())
+            save_priority_files(output_dir, record, self.priority_state, self._epoch_cache)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        record_path = os.path.join(checkpoint, PRIORITY_RECORD)
-        current = json.loads(json.dumps(self._priority_record(), default=str))
-        if os.path.exists(record_path) and not self.args.allow_priority_change:
-            with open(record_path) as file:
-                saved = json.load(file)
-            # A checkpoint of an older version records fewer settings: those it has must match
-            changed = {
-                key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]
-            }
-            if changed:
-                now, then = ({key: pair[i] for key, pair in changed.items()} for i in (1, 0))
-                details = "; ".join(ref_cache._differences(now, then))  # "key.part checkpoint's → now"
-                raise ValueError(
-                    f"The checkpoint {checkpoint} was trained with other priority settings ({details}). Resume with "
-                    "the same settings, or set `allow_priority_change=True` if the change is intended."
-                )
-        if self.priority_state is not None:
-            self.priority_state.load(checkpoint)
-        if self._epoch_cache is not None:
-            self._epoch_cache.load(checkpoint, key=self._epoch_cache.key())
+        load_priority_files(
+            checkpoint, self._priority_record(), self.args.allow_priority_change, self.priority_state,
+            self._epoch_cache,
+        )  # fmt: skip
