@@ -56,16 +56,19 @@ from trl_priority.references import disk_cache as ref_cache
 from trl_priority.references import epoch_cache
 from trl_priority.references.sources import (
     AdapterReference,
-    ModelReference,
     Reference,
     add_frozen_adapter_copy,
     eval_mode,
 )
 from trl_priority.statistics import (
     causal_lm_of,
-    drop_virtual_positions,
 )
-from trl_priority.statistics.gather import distribution_terms, gather_statistics
+from trl_priority.statistics.gather import (
+    collate_for_scoring,
+    distribution_terms,
+    gather_statistics,
+    scored_statistics,
+)
 from trl_priority.statistics.state import TokenState
 
 
@@ -452,45 +455,10 @@ class PrioritySFTTrainer(SFTTrainer):
             `token_priorities` returns), `mask` (the supervised labels), every per-token statistic the method read
             (`ref_logps`, `entropy`, a data column, its `selected` tokens, ...), and `logps` / `ref_logps` as above.
         """
-        if isinstance(batch, Dataset):
-            batch = list(batch)
-        rows = [batch] if isinstance(batch, Mapping) else list(batch)
-        if rows and isinstance(rows[0], Mapping) and "input_ids" not in rows[0]:
-            raise ValueError(
-                f"`token_priorities` needs prepared rows or a collated batch (with `input_ids` and `labels`), got "
-                f"columns {sorted(rows[0])}: raw examples are not tokenized. Pass rows of `trainer.train_dataset` "
-                "(e.g. `trainer.train_dataset.select(range(4))`) or a batch from `trainer.get_train_dataloader()`."
-            )
-        if not isinstance(batch, Mapping):
-            batch = self.data_collator(rows)
-        if "labels" not in batch:
-            raise ValueError(
-                "`token_priorities` got a batch without `labels`: Φ weights the supervised labels. Collate the rows "
-                "with `trainer.data_collator`, which builds them, or add `labels` (-100 where ignored)."
-            )
+        batch = collate_for_scoring(batch, self.data_collator)  # `statistics.gather`
         inputs = self._prepare_inputs(dict(batch))
-        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
-        if self.priority is None:
-            result = {"phi": mask.float(), "mask": mask}
-            if label_logps:
-                with eval_mode(self.model):
-                    outputs = drop_virtual_positions(self.model(**inputs, fused_lm_head=True), mask.shape[1] + 1)
-                    result["logps"] = outputs.log_probs.float()  # (B, T-1)
-            return result
-        with eval_mode(self.model):
-            outputs, phi, statistics, _ = self._forward_with_priority(self.model, inputs)  # pops the data columns
-            result = {
-                name: value
-                for name, value in statistics.items()
-                if not name.startswith("_") and isinstance(value, torch.Tensor) and value.shape == phi.shape
-            }
-            result.update(phi=phi, mask=mask)
-            if label_logps:
-                result["logps"] = torch.where(mask, outputs.log_probs.detach().float(), 0.0)  # (B, T-1)
-                if "ref_logps" not in result and isinstance(self.reference, ModelReference | AdapterReference):
-                    reference, _ = self.reference.statistics(self.model, inputs, ("logps",), self._step_args)
-                    result["ref_logps"] = reference["ref_logps"]
-        return result
+        forward = None if self.priority is None else functools.partial(self._forward_with_priority, self.model)
+        return scored_statistics(self.model, inputs, forward, self.reference, self._step_args, label_logps)
 
     def prediction_step(self, *args, **kwargs):
         """`SFTTrainer.prediction_step`, marked as evaluation: a stateful method's Φ on an evaluation row neither reads

@@ -19,6 +19,7 @@ from trl_priority.objectives import UNLIKELIHOOD_TERM
 from trl_priority.statistics import (
     DistributionRequest,
     causal_lm_of,
+    drop_virtual_positions,
     forward_statistics,
     fused_statistics,
 )
@@ -151,3 +152,61 @@ def gather_statistics(
         )
     statistics.update(policy_statistics)
     return outputs, statistics, request
+
+
+def collate_for_scoring(batch, collator) -> Mapping[str, Any]:
+    """The collated batch `token_priorities` / `token_statistics` score: `batch` as given when collated already,
+    else prepared rows (a list of examples or a `Dataset` slice) collated by `collator`; raw (untokenized) rows and a
+    batch without `labels` are refused with the fix."""
+    from datasets import Dataset
+
+    if isinstance(batch, Dataset):
+        batch = list(batch)
+    rows = [batch] if isinstance(batch, Mapping) else list(batch)
+    if rows and isinstance(rows[0], Mapping) and "input_ids" not in rows[0]:
+        raise ValueError(
+            f"`token_priorities` needs prepared rows or a collated batch (with `input_ids` and `labels`), got "
+            f"columns {sorted(rows[0])}: raw examples are not tokenized. Pass rows of `trainer.train_dataset` "
+            "(e.g. `trainer.train_dataset.select(range(4))`) or a batch from `trainer.get_train_dataloader()`."
+        )
+    if not isinstance(batch, Mapping):
+        batch = collator(rows)
+    if "labels" not in batch:
+        raise ValueError(
+            "`token_priorities` got a batch without `labels`: Φ weights the supervised labels. Collate the rows "
+            "with `trainer.data_collator`, which builds them, or add `labels` (-100 where ignored)."
+        )
+    return batch
+
+
+def scored_statistics(
+    model, inputs: dict[str, Any], forward_with_priority: Callable | None, reference, step_args, label_logps: bool
+) -> dict[str, torch.Tensor]:
+    """The body of `PrioritySFTTrainer.token_statistics` on a prepared batch, the model in eval mode:
+    `forward_with_priority(inputs)` gives `(outputs, phi, statistics, request)` (None without a priority: Φ is the
+    mask). Returns `phi`, `mask`, every per-token statistic the method read and, with `label_logps`, `logps` and,
+    for a model or adapter `reference`, `ref_logps`."""
+    from trl_priority.references.sources import AdapterReference, ModelReference, eval_mode
+
+    mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+    if forward_with_priority is None:
+        result = {"phi": mask.float(), "mask": mask}
+        if label_logps:
+            with eval_mode(model):
+                outputs = drop_virtual_positions(model(**inputs, fused_lm_head=True), mask.shape[1] + 1)
+                result["logps"] = outputs.log_probs.float()  # (B, T-1)
+        return result
+    with eval_mode(model):
+        outputs, phi, statistics, _ = forward_with_priority(inputs)  # pops the data columns
+        result = {
+            name: value
+            for name, value in statistics.items()
+            if not name.startswith("_") and isinstance(value, torch.Tensor) and value.shape == phi.shape
+        }
+        result.update(phi=phi, mask=mask)
+        if label_logps:
+            result["logps"] = torch.where(mask, outputs.log_probs.detach().float(), 0.0)  # (B, T-1)
+            if "ref_logps" not in result and isinstance(reference, ModelReference | AdapterReference):
+                reference_statistics, _ = reference.statistics(model, inputs, ("logps",), step_args)
+                result["ref_logps"] = reference_statistics["ref_logps"]
+    return result
