@@ -9,6 +9,7 @@ computed with, compared on resume), the method's `TokenState` and the reference'
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -86,3 +87,16 @@ def load_priority_files(checkpoint: str, record: Mapping[str, Any], allow_change
         state.load(checkpoint)
     if cache is not None:
         cache.load(checkpoint, key=cache.key())
+
+
+@contextlib.contextmanager
+def only_trained_adapters(peft_model, frozen_adapter: str):
+    """While saving, `peft_model.save_pretrained` writes every adapter but the frozen reference copy: the frozen
+    "ref" adapter is set-up, not a result. A resumed run rebuilds the copy from the starting adapter it is given
+    again."""
+    trained = [name for name in peft_model.peft_config if name != frozen_adapter]
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, selected_adapters=trained)
+    try:
+        yield
+    finally:
+        del peft_model.save_pretrained  # back to the class method

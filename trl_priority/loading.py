@@ -142,3 +142,16 @@ __all__ = [
     "last_complete_checkpoint",
     "load_like_policy",
 ]
+
+
+def check_complete_checkpoint(checkpoint) -> None:
+    """A run killed while saving leaves a `checkpoint-N` folder without `trainer_state.json` (written last): resuming
+    from it names the last complete one instead of failing later."""
+    if isinstance(checkpoint, str) and os.path.isdir(checkpoint):
+        if not os.path.exists(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)), strict=False)
+            raise ValueError(
+                f"The checkpoint {checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
+                f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
+                "`resume_from_checkpoint=True` to pick it."
+            )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +24,6 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 from torch.profiler import record_function
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
 
 from trl_priority import checks
@@ -33,6 +31,7 @@ from trl_priority.beyond_tokens import privacy, structural
 from trl_priority.checkpoints import (  # noqa: F401  (PRIORITY_RECORD re-exported)
     PRIORITY_RECORD,
     load_priority_files,
+    only_trained_adapters,
     priority_record,
     save_priority_files,
     saveable_args,
@@ -40,6 +39,7 @@ from trl_priority.checkpoints import (  # noqa: F401  (PRIORITY_RECORD re-export
 from trl_priority.config import PrioritySFTConfig, as_priority_config
 from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
 from trl_priority.loading import (
+    check_complete_checkpoint,
     check_model_path,
     check_quantized_has_adapter,
     dequantize_head,
@@ -187,7 +187,7 @@ class PrioritySFTTrainer(SFTTrainer):
         privacy.apply_differential_privacy(self)  # DP-SGD (Opacus) around the optimizer, when configured
         if self.priority is None:
             return
-        self._check_parallelism()
+        checks.check_parallelism(self.priority.name, self.accelerator.parallelism_config)
         terms = bool(self.priority.token_terms or self.priority.distribution_terms)
         self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         if self._token_columns:
@@ -240,17 +240,6 @@ class PrioritySFTTrainer(SFTTrainer):
         sources.release_reference(source, self.accelerator, self.model)
         return cached.entries
 
-    def _check_parallelism(self) -> None:
-        # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
-        # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
-        config = self.accelerator.parallelism_config
-        if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)):
-            raise ValueError(
-                f"Priority '{self.priority.name}' does not support context or sequence parallelism (`cp_size` / "
-                "`sp_size` > 1): its per-token statistics are aligned on whole sequences. Disable it in the "
-                "accelerate config, or leave `priority` unset to train as SFTTrainer does."
-            )
-
     def _build_reference(self, given: sources.Given) -> torch.nn.Module:
         """The trainer's loader of a model source (`sources.reference_for`): its model loaded and placed frozen."""
         return sources.load_reference_model(
@@ -267,13 +256,8 @@ class PrioritySFTTrainer(SFTTrainer):
         # copy from the starting adapter it is given again.
         if not (isinstance(self.reference, AdapterReference) and self.reference.adapter_name is not None):
             return super()._save(output_dir, state_dict)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        trained = [name for name in peft_model.peft_config if name != self.reference.adapter_name]
-        peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, selected_adapters=trained)
-        try:
+        with only_trained_adapters(self.accelerator.unwrap_model(self.model), self.reference.adapter_name):
             return super()._save(output_dir, state_dict)
-        finally:
-            del peft_model.save_pretrained  # back to the class method
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """As `SFTTrainer`'s, and say how many examples train on the end token alone or were dropped."""
@@ -556,14 +540,8 @@ class PrioritySFTTrainer(SFTTrainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        elif isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
-            if not os.path.exists(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)):
-                last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)), strict=False)
-                raise ValueError(
-                    f"The checkpoint {resume_from_checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
-                    f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
-                    "`resume_from_checkpoint=True` to pick it."
-                )
+        else:
+            check_complete_checkpoint(resume_from_checkpoint)  # `trl_priority.loading`
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
