@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -155,3 +156,18 @@ def check_complete_checkpoint(checkpoint) -> None:
                 f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
                 "`resume_from_checkpoint=True` to pick it."
             )
+
+
+def check_before_load(model, args, train_dataset, evals, formatting_func, quantization_config, peft_config) -> None:
+    """What the trainer checks before anything is loaded: the datasets (non-empty, their rows and columns named),
+    an output directory holding a finished model, the model path, and a quantized model without an adapter."""
+    from trl_priority import checks
+
+    if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
+        raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
+    checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
+    if message := checks.finished_model_warning(args.output_dir):
+        warnings.warn(message, stacklevel=3)
+    if isinstance(model, str):
+        check_model_path(model, "model")
+    check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)

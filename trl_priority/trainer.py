@@ -12,7 +12,6 @@ is read from what it declares (its signature, its selection, its loss terms).
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from collections import deque
@@ -39,9 +38,8 @@ from trl_priority.checkpoints import (  # noqa: F401  (PRIORITY_RECORD re-export
 from trl_priority.config import PrioritySFTConfig, as_priority_config
 from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
 from trl_priority.loading import (
+    check_before_load,
     check_complete_checkpoint,
-    check_model_path,
-    check_quantized_has_adapter,
     dequantize_head,
     last_complete_checkpoint,
 )
@@ -57,7 +55,6 @@ from trl_priority.references import epoch_cache
 from trl_priority.references.sources import (
     AdapterReference,
     Reference,
-    add_frozen_adapter_copy,
     eval_mode,
 )
 from trl_priority.statistics import (
@@ -132,15 +129,8 @@ class PrioritySFTTrainer(SFTTrainer):
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
         starting_model = None
 
-        if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
-            raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-        checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
-        if message := checks.finished_model_warning(args.output_dir):
-            warnings.warn(message, stacklevel=2)
-        if isinstance(model, str):
-            check_model_path(model, "model")
-        check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
+        check_before_load(model, args, train_dataset, evals, formatting_func, quantization_config, peft_config)
         # What the run reads and from where, decided once (`trl_priority.plan`)
         self.plan = RunPlan.build(
             args, self.priority, self.priority_args, model=model, ref_model=ref_model, peft_config=peft_config,
@@ -152,12 +142,7 @@ class PrioritySFTTrainer(SFTTrainer):
             if self.plan.stateful:
                 self.priority_state = TokenState()
             checks.check_data_columns(self.priority.name, self.plan.column_specs, {"train": train_dataset, **evals})
-            if self.plan.reference_kind == "starting_adapter":
-                # Training an adapter that was already trained: the reference is where it starts, not the bare base.
-                add_frozen_adapter_copy(model)
-            elif self.plan.reference_kind == "starting_model" and isinstance(model, torch.nn.Module):
-                # Full fine-tuning: freeze a copy now, before the fused head is patched in and training starts.
-                starting_model = copy.deepcopy(model)
+            starting_model = sources.freeze_starting_reference(self.plan, model)
 
         super().__init__(
             model=model,
