@@ -85,3 +85,11 @@ def append_token_metrics(
         else:
             value = value / num_processes
         metrics[name].append(value)
+
+
+def local_token_count(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The tokens of this process's batch, padding excluded: padding-free batches have no attention mask, and every
+    position of the packed row is a token."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    return torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)

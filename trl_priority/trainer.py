@@ -43,9 +43,9 @@ from trl_priority.loading import (
     dequantize_head,
     last_complete_checkpoint,
 )
-from trl_priority.metrics import append_token_metrics, token_metric_sums
+from trl_priority.metrics import append_token_metrics, local_token_count, token_metric_sums
 from trl_priority.objectives import priority_objective
-from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
+from trl_priority.phi import PhiSettings, compute_phi, step_selections
 from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
 from trl_priority.priorities.selection import select_over_step
@@ -377,20 +377,16 @@ class PrioritySFTTrainer(SFTTrainer):
     @torch.no_grad()
     def _select_over_step(self, batch_samples) -> list[dict[str, Any]]:
         model = self.model_wrapped if self.model_wrapped is not None else self.model
-        scores, masks, references = [], [], []
-        with eval_mode(model):
+        over_processes = functools.partial(select_over_step, accelerator=self.accelerator)
+
+        def gathered():  # one micro-batch at a time, scored as it comes (`phi.step_selections`)
             for batch in batch_samples:
                 inputs = self._prepare_inputs(dict(batch))
                 inputs["use_cache"] = False
-                _, statistics, _ = self._gather_statistics(model, inputs, training=False, train_batch=True)
-                scores.append(selection_scores(self.priority, statistics, self._step_args))
-                masks.append(statistics["mask"])
-                references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
-        over_processes = functools.partial(select_over_step, accelerator=self.accelerator)
-        selected = select_over_step_batches(
-            self.priority, scores, masks, self._step_args, self.progress, over_processes
-        )
-        return [{"selected": s, "reference": r} for s, r in zip(selected, references)]
+                yield self._gather_statistics(model, inputs, training=False, train_batch=True)[1]
+
+        with eval_mode(model):
+            return step_selections(self.priority, gathered(), self._step_args, self.progress, over_processes)
 
     @torch.no_grad()
     def token_priorities(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Dataset) -> torch.Tensor:
@@ -507,11 +503,7 @@ class PrioritySFTTrainer(SFTTrainer):
         )  # fmt: skip
 
         if mode == "train":
-            # Padding-free batches have no attention mask: every position of the packed row is a token
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            else:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            local = local_token_count(inputs)  # padding excluded
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
