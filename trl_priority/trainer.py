@@ -1,13 +1,15 @@
 """`PrioritySFTTrainer`: TRL's `SFTTrainer` with the per-token loss weighted by a priority Φ.
 
-The trainer is deliberately thin. For each batch it gathers per-token statistics (the policy's, from TRL's fused LM
-head; the reference's, from a `trl_priority.references.sources.Reference`; the data's, from per-token columns; the trainer's
-own: training progress, the method's state, its selection), hands them to the priority function, and forms the loss
+The trainer is deliberately thin: Trainer hooks that delegate. For each batch it gathers per-token statistics (the
+policy's, from TRL's fused LM head; the reference's, from a `trl_priority.references.sources.Reference`; the data's,
+from per-token columns; its own: progress, the method's state, its selection), hands them to Φ, and forms the loss
 
     L = [Σ_{Φ≥0} Φ_t · (−log π_θ(y_t | y_<t)) + Σ_{Φ<0} |Φ_t| · U(π_θ(y_t))] / N  (+ the method's declared terms)
 
-with N TRL's own denominator (`trl_priority.objectives`). It knows the registry, never a method: what a method needs
-is read from what it declares (its signature, its selection, its loss terms).
+with N TRL's own denominator. It knows the registry, never a method: what a method needs is read from what it
+declares. Where the work is: `statistics.gather` (the statistics, `token_statistics`' body), `phi` (Φ, step-wide
+selection), `objectives.priority_objective` (the loss), `metrics` (logged values), `data.columns` (dataset
+preparation), `checkpoints` (`priority.json`, state, epoch cache), `checks` / `loading` (checks), `plan` (decisions).
 """
 
 from __future__ import annotations
@@ -162,11 +164,7 @@ class PrioritySFTTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
-        if isinstance(self.train_dataset, Dataset) and len(self.train_dataset) == 0:
-            raise ValueError(
-                f"No training example is left after preparation: every one was dropped as fully masked, usually "
-                f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
-            )
+        checks.check_prepared_train(self.train_dataset, self.args.max_length)
         dequantize_head(causal_lm_of(self.model), "model")
         structural.apply_structural_priority(self)  # Φ over parameters (S2FT): which ones train, before the optimizer
         privacy.apply_differential_privacy(self)  # DP-SGD (Opacus) around the optimizer, when configured
@@ -176,11 +174,7 @@ class PrioritySFTTrainer(SFTTrainer):
         terms = bool(self.priority.token_terms or self.priority.distribution_terms)
         self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         if self._token_columns:
-            if self._is_vision_dataset:
-                raise ValueError(
-                    f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not "
-                    "support yet."
-                )
+            checks.check_token_columns_supported(self.priority.name, self._is_vision_dataset)
             self.data_collator = TokenColumnCollator(
                 self.data_collator, self._token_columns, self.padding_free, self.plan.column_padding
             )
