@@ -22,7 +22,7 @@ from trl_priority.statistics import causal_lm_of, dequantize_lm_head
 logger = get_logger(__name__)
 
 
-def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None:
+def last_complete_checkpoint(output_dir: str, strict: bool = True, stacklevel: int = 3) -> str | None:
     """The newest `checkpoint-N` of `output_dir` that has its `trainer_state.json`; incomplete newer ones are skipped
     with a warning. With `strict`, no complete checkpoint is an error, as in `Trainer`."""
     found = []
@@ -34,7 +34,7 @@ def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None
     for _, path in sorted(found, reverse=True):
         if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
             return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=3)
+        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=stacklevel)
     if strict:
         raise ValueError(f"No complete checkpoint found in {output_dir} to resume from.")
     return None
@@ -150,7 +150,7 @@ def check_complete_checkpoint(checkpoint) -> None:
     from it names the last complete one instead of failing later."""
     if isinstance(checkpoint, str) and os.path.isdir(checkpoint):
         if not os.path.exists(os.path.join(checkpoint, TRAINER_STATE_NAME)):
-            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)), strict=False)
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)), strict=False, stacklevel=4)
             raise ValueError(
                 f"The checkpoint {checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
                 f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
