@@ -470,3 +470,33 @@ def finished_model_warning(output_dir: str | None) -> str | None:
         f"{', training_args.bin' if 'training_args.bin' in names else ''}){also if checkpoints else ''}: this "
         "run's checkpoints and final model will overwrite them. Choose another `output_dir` to keep that run."
     )
+
+
+def check_parallelism(priority_name: str, parallelism_config) -> None:
+    """Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence: the
+    per-token statistics, data columns and selections of a priority are aligned on whole sequences and would be
+    wrong."""
+    config = parallelism_config
+    if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)):
+        raise ValueError(
+            f"Priority '{priority_name}' does not support context or sequence parallelism (`cp_size` / "
+            "`sp_size` > 1): its per-token statistics are aligned on whole sequences. Disable it in the "
+            "accelerate config, or leave `priority` unset to train as SFTTrainer does."
+        )
+
+
+def check_prepared_train(train_dataset, max_length) -> None:
+    """After `SFTTrainer` prepared the training dataset: some example must be left."""
+    if isinstance(train_dataset, Dataset) and len(train_dataset) == 0:
+        raise ValueError(
+            f"No training example is left after preparation: every one was dropped as fully masked, usually "
+            f"because its prompt alone fills `max_length` ({max_length}). Raise `max_length`."
+        )
+
+
+def check_token_columns_supported(priority_name: str, is_vision_dataset: bool) -> None:
+    """Per-token data columns are not carried through vision datasets' collation yet."""
+    if is_vision_dataset:
+        raise ValueError(
+            f"Priority '{priority_name}' reads per-token data columns, which vision datasets do not support yet."
+        )

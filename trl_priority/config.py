@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,3 +357,20 @@ class PrioritySFTConfig(SFTConfig):
         if callable(d.get("priority")):
             d["priority"] = self.priority_name
         return d
+
+
+def as_priority_config(args, model) -> PrioritySFTConfig:
+    """The trainer's own `PrioritySFTConfig` from what it was given: a default one named after the model, a copy of
+    the user's (which must stay as they wrote it), or one built from plain `TrainingArguments`' fields."""
+    if args is None:
+        from trl.trainer.utils import get_config_model_id
+
+        name = model if isinstance(model, str) else get_config_model_id(model.config)
+        return PrioritySFTConfig(f"{name.split('/')[-1] or 'model'}-PrioritySFT")
+    if isinstance(args, PrioritySFTConfig):
+        # A copy: the trainer adjusts a few settings for the method (completion_only_loss for WIT), and the
+        # user's config must stay as they wrote it
+        return copy.copy(args)
+    # The fields themselves, not `to_dict()`, which masks every `*_token` value (hub_token, eos_token, ...)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})

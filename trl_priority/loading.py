@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import PreTrainedModel
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -21,7 +22,7 @@ from trl_priority.statistics import causal_lm_of, dequantize_lm_head
 logger = get_logger(__name__)
 
 
-def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None:
+def last_complete_checkpoint(output_dir: str, strict: bool = True, stacklevel: int = 3) -> str | None:
     """The newest `checkpoint-N` of `output_dir` that has its `trainer_state.json`; incomplete newer ones are skipped
     with a warning. With `strict`, no complete checkpoint is an error, as in `Trainer`."""
     found = []
@@ -33,7 +34,7 @@ def last_complete_checkpoint(output_dir: str, strict: bool = True) -> str | None
     for _, path in sorted(found, reverse=True):
         if os.path.exists(os.path.join(path, TRAINER_STATE_NAME)):
             return path
-        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=3)
+        warnings.warn(f"Skipping the incomplete checkpoint {path} (no {TRAINER_STATE_NAME}).", stacklevel=stacklevel)
     if strict:
         raise ValueError(f"No complete checkpoint found in {output_dir} to resume from.")
     return None
@@ -142,3 +143,31 @@ __all__ = [
     "last_complete_checkpoint",
     "load_like_policy",
 ]
+
+
+def check_complete_checkpoint(checkpoint) -> None:
+    """A run killed while saving leaves a `checkpoint-N` folder without `trainer_state.json` (written last): resuming
+    from it names the last complete one instead of failing later."""
+    if isinstance(checkpoint, str) and os.path.isdir(checkpoint):
+        if not os.path.exists(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+            last = last_complete_checkpoint(os.path.dirname(os.path.abspath(checkpoint)), strict=False, stacklevel=4)
+            raise ValueError(
+                f"The checkpoint {checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
+                f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
+                "`resume_from_checkpoint=True` to pick it."
+            )
+
+
+def check_before_load(model, args, train_dataset, evals, formatting_func, quantization_config, peft_config) -> None:
+    """What the trainer checks before anything is loaded: the datasets (non-empty, their rows and columns named),
+    an output directory holding a finished model, the model path, and a quantized model without an adapter."""
+    from trl_priority import checks
+
+    if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
+        raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
+    checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
+    if message := checks.finished_model_warning(args.output_dir):
+        warnings.warn(message, stacklevel=3)
+    if isinstance(model, str):
+        check_model_path(model, "model")
+    check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)

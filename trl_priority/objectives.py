@@ -238,3 +238,54 @@ class DistributionTerm:
 # The term through which the trainer applies the default `negative_loss` to a signed method, computed in the LM-head
 # pass at the positions with Φ < 0 (logged as `loss/unlikelihood`)
 UNLIKELIHOOD_TERM = DistributionTerm("unlikelihood", unlikelihood_term)
+
+
+def priority_objective(
+    priority,
+    outputs,
+    phi: torch.Tensor,
+    statistics: Mapping[str, Any],
+    request,
+    num_items_in_batch,
+    step_args: Mapping[str, Any],
+    negative_loss: NegativeLoss,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The method's loss for one micro-batch, before the trainer's process and MoE adjustments: the Φ-weighted NLL
+    (`priority_loss`, or the LM-head pass's `request.objective` when it served the forward), plus the declared
+    per-token terms, each Σ_t term_t / N, with N `num_items_in_batch` (TRL's step-wide count) or this batch's
+    supervised tokens.
+
+    Returns `(loss, term_values)`: `term_values` maps `loss/<term>` to each term's detached value, the distribution
+    terms' (computed in the LM-head pass, in `request.objective` already) included, for the log.
+    """
+    num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    denominator = torch.as_tensor(num_items).clamp(min=1)
+    # The negatives' unlikelihood, when the method is signed, is a term computed from the logits (below)
+    if request.objective is not None:
+        # The package's LM-head pass computed the Φ-weighted NLL (and the distribution terms) with its gradient
+        if any(name in ("logps", "entropy") for term in priority.token_terms for name in term.statistics):
+            raise NotImplementedError(
+                f"Priority '{priority.name}' has a per-token loss term reading `logps` or `entropy` with "
+                "gradient, and reads the whole next-token distribution, whose LM-head pass gives them without "
+                "gradient: such a term is not supported yet."
+            )
+        loss = request.objective / denominator
+    else:
+        loss = priority_loss(outputs.log_probs, phi, num_items, negative_loss)
+
+    # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
+    term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
+    term_values = {}
+    for term in priority.token_terms:
+        per_token = term.fn(
+            *(term_inputs[name] for name in term.statistics),
+            **{name: step_args[name] for name in term.hyperparameters},
+        )  # (B, T-1)
+        weight = 1.0 if term.weight is None else step_args[term.weight]
+        term_loss = weight * per_token.sum() / denominator
+        term_values[f"loss/{term.name}"] = term_loss.detach()
+        loss = loss + term_loss
+    # Distribution terms, computed in the LM-head pass (in `request.objective` already): their logged values
+    for term, weight in zip(request.terms, request.term_weights):  # the same terms on every process
+        term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
+    return loss, term_values

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,3 +222,23 @@ def compute_phi(
         groups = unit_groups(statistics["_example"], statistics["_unit"], settings.granularity)  # (B, T-1)
         phi = pool_over_groups(phi, groups, mask, settings.pooling)
     return blend_with_uniform(phi, mask, warmup_weight(progress, settings.warmup_ratio))
+
+
+def step_selections(
+    priority: Priority,
+    statistics_of_batches: Iterable[Mapping[str, Any]],
+    step_args: Mapping[str, Any],
+    progress: float,
+    over_processes: Callable,
+) -> list[dict[str, Any]]:
+    """A step-wide selection made ahead: the statistics of every micro-batch of the optimizer step (gathered without
+    gradient, one at a time as the iterable is consumed) are scored, the top fraction of every process's supervised
+    tokens is kept over all of them (`select_over_step_batches`), and each micro-batch gets its `selected` mask and
+    the reference statistics already computed (None when there are none)."""
+    scores, masks, references = [], [], []
+    for statistics in statistics_of_batches:
+        scores.append(selection_scores(priority, statistics, step_args))
+        masks.append(statistics["mask"])
+        references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
+    selected = select_over_step_batches(priority, scores, masks, step_args, progress, over_processes)
+    return [{"selected": s, "reference": r} for s, r in zip(selected, references)]

@@ -1,25 +1,20 @@
 """`PrioritySFTTrainer`: TRL's `SFTTrainer` with the per-token loss weighted by a priority Φ.
 
-The trainer is deliberately thin. For each batch it gathers per-token statistics (the policy's, from TRL's fused LM
-head; the reference's, from a `trl_priority.references.sources.Reference`; the data's, from per-token columns; the trainer's
-own: training progress, the method's state, its selection), hands them to the priority function, and forms the loss
+The trainer is deliberately thin: Trainer hooks that delegate. For each batch it gathers per-token statistics (the
+policy's, from TRL's fused LM head; the reference's, from a `trl_priority.references.sources.Reference`; the data's,
+from per-token columns; its own: progress, the method's state, its selection), hands them to Φ, and forms the loss
 
     L = [Σ_{Φ≥0} Φ_t · (−log π_θ(y_t | y_<t)) + Σ_{Φ<0} |Φ_t| · U(π_θ(y_t))] / N  (+ the method's declared terms)
 
-with N TRL's own denominator (`trl_priority.objectives`). It knows the registry, never a method: what a method needs
-is read from what it declares (its signature, its selection, its loss terms).
+with N TRL's own denominator. It knows the registry, never a method: what a method needs is read from what it
+declares. Where the work is: `statistics.gather` (the statistics, `token_statistics`' body), `phi` (Φ, step-wide
+selection), `objectives.priority_objective` (the loss), `metrics` (logged values), `data.columns` (dataset
+preparation), `checkpoints` (`priority.json`, state, epoch cache), `checks` / `loading` (checks), `plan` (decisions).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import dataclasses
 import functools
-import json
-import math
-import os
-import pickle
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -30,66 +25,53 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 from torch.profiler import record_function
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
 from trl import SFTTrainer
-from trl.data_utils import get_dataset_column_names
-from trl.trainer.utils import (
-    get_config_model_id,
-    global_then_local_main_first,
-)
 
 from trl_priority import checks
-from trl_priority import statistics as stats_vocab
 from trl_priority.beyond_tokens import privacy, structural
-from trl_priority.config import PrioritySFTConfig
-from trl_priority.data.columns import TokenColumnCollator, prepare_token_columns
+from trl_priority.checkpoints import (  # noqa: F401  (PRIORITY_RECORD re-exported)
+    PRIORITY_RECORD,
+    load_priority_files,
+    only_trained_adapters,
+    priority_record,
+    save_priority_files,
+    saveable_args,
+)
+from trl_priority.config import PrioritySFTConfig, as_priority_config
+from trl_priority.data.columns import TokenColumnCollator, prepare_dataset_with_columns
 from trl_priority.loading import (
-    check_model_path,
-    check_quantized_has_adapter,
+    check_before_load,
+    check_complete_checkpoint,
     dequantize_head,
     last_complete_checkpoint,
 )
-from trl_priority.objectives import UNLIKELIHOOD_TERM, priority_loss
-from trl_priority.phi import PhiSettings, compute_phi, select_over_step_batches, selection_scores
+from trl_priority.metrics import append_token_metrics, local_token_count, token_metric_sums
+from trl_priority.objectives import priority_objective
+from trl_priority.phi import PhiSettings, compute_phi, step_selections
 from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
-from trl_priority.priorities.schedules import warmup_weight
 from trl_priority.priorities.selection import select_over_step
 from trl_priority.references import choice as sources
 from trl_priority.references import disk_cache as ref_cache
 from trl_priority.references import epoch_cache
 from trl_priority.references.sources import (
     AdapterReference,
-    ModelReference,
     Reference,
-    add_frozen_adapter_copy,
     eval_mode,
 )
 from trl_priority.statistics import (
-    DistributionRequest,
     causal_lm_of,
-    drop_virtual_positions,
-    forward_statistics,
-    fused_statistics,
+)
+from trl_priority.statistics.gather import (
+    collate_for_scoring,
+    distribution_terms,
+    gather_statistics,
+    scored_statistics,
 )
 from trl_priority.statistics.state import TokenState
 
 
 logger = get_logger(__name__)
-
-
-PRIORITY_RECORD = "priority.json"  # in every checkpoint: the method and settings it was trained with
-
-
-class _ArgsOverride:
-    """A read-only view of the training arguments with a few attributes replaced."""
-
-    def __init__(self, args, **overrides):
-        self._args = args
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._args, name)
 
 
 class PrioritySFTTrainer(SFTTrainer):
@@ -139,7 +121,7 @@ class PrioritySFTTrainer(SFTTrainer):
         formatting_func=None,
         ref_model: str | PreTrainedModel | Callable | None = None,
     ):
-        args = self._as_priority_config(args, model)
+        args = as_priority_config(args, model)
         self.priority = None if args.priority is None else get_priority(args.priority)
         self.priority_args = {} if self.priority is None else self.priority.resolve_args(args.priority_args)
         self.reference: Reference | None = None
@@ -149,15 +131,8 @@ class PrioritySFTTrainer(SFTTrainer):
         self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
         starting_model = None
 
-        if isinstance(train_dataset, Dataset | list) and len(train_dataset) == 0:
-            raise ValueError("The training dataset is empty: pass a dataset with at least one example.")
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
-        checks.check_datasets({"train": train_dataset, **evals}, args, formatting_func)  # named before any load
-        if message := checks.finished_model_warning(args.output_dir):
-            warnings.warn(message, stacklevel=2)
-        if isinstance(model, str):
-            check_model_path(model, "model")
-        check_quantized_has_adapter(model, quantization_config, args.model_init_kwargs, peft_config)
+        check_before_load(model, args, train_dataset, evals, formatting_func, quantization_config, peft_config)
         # What the run reads and from where, decided once (`trl_priority.plan`)
         self.plan = RunPlan.build(
             args, self.priority, self.priority_args, model=model, ref_model=ref_model, peft_config=peft_config,
@@ -169,12 +144,7 @@ class PrioritySFTTrainer(SFTTrainer):
             if self.plan.stateful:
                 self.priority_state = TokenState()
             checks.check_data_columns(self.priority.name, self.plan.column_specs, {"train": train_dataset, **evals})
-            if self.plan.reference_kind == "starting_adapter":
-                # Training an adapter that was already trained: the reference is where it starts, not the bare base.
-                add_frozen_adapter_copy(model)
-            elif self.plan.reference_kind == "starting_model" and isinstance(model, torch.nn.Module):
-                # Full fine-tuning: freeze a copy now, before the fused head is patched in and training starts.
-                starting_model = copy.deepcopy(model)
+            starting_model = sources.freeze_starting_reference(self.plan, model)
 
         super().__init__(
             model=model,
@@ -194,25 +164,17 @@ class PrioritySFTTrainer(SFTTrainer):
             formatting_func=formatting_func,
         )
 
-        if isinstance(self.train_dataset, Dataset) and len(self.train_dataset) == 0:
-            raise ValueError(
-                f"No training example is left after preparation: every one was dropped as fully masked, usually "
-                f"because its prompt alone fills `max_length` ({self.args.max_length}). Raise `max_length`."
-            )
+        checks.check_prepared_train(self.train_dataset, self.args.max_length)
         dequantize_head(causal_lm_of(self.model), "model")
         structural.apply_structural_priority(self)  # Φ over parameters (S2FT): which ones train, before the optimizer
         privacy.apply_differential_privacy(self)  # DP-SGD (Opacus) around the optimizer, when configured
         if self.priority is None:
             return
-        self._check_parallelism()
+        checks.check_parallelism(self.priority.name, self.accelerator.parallelism_config)
         terms = bool(self.priority.token_terms or self.priority.distribution_terms)
         self.run_guard = checks.RunGuard(self.priority.name, has_terms=terms)
         if self._token_columns:
-            if self._is_vision_dataset:
-                raise ValueError(
-                    f"Priority '{self.priority.name}' reads per-token data columns, which vision datasets do not "
-                    "support yet."
-                )
+            checks.check_token_columns_supported(self.priority.name, self._is_vision_dataset)
             self.data_collator = TokenColumnCollator(
                 self.data_collator, self._token_columns, self.padding_free, self.plan.column_padding
             )
@@ -257,30 +219,6 @@ class PrioritySFTTrainer(SFTTrainer):
         sources.release_reference(source, self.accelerator, self.model)
         return cached.entries
 
-    @staticmethod
-    def _as_priority_config(args, model) -> PrioritySFTConfig:
-        if args is None:
-            name = model if isinstance(model, str) else get_config_model_id(model.config)
-            return PrioritySFTConfig(f"{name.split('/')[-1] or 'model'}-PrioritySFT")
-        if isinstance(args, PrioritySFTConfig):
-            # A copy: the trainer adjusts a few settings for the method (completion_only_loss for WIT), and the
-            # user's config must stay as they wrote it
-            return copy.copy(args)
-        # The fields themselves, not `to_dict()`, which masks every `*_token` value (hub_token, eos_token, ...)
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return PrioritySFTConfig(**{k: v for k, v in values.items() if k in PrioritySFTConfig.__dataclass_fields__})
-
-    def _check_parallelism(self) -> None:
-        # Context and sequence parallelism hand the model pre-shifted `shift_labels` over a shard of each sequence:
-        # the per-token statistics, data columns and selections here are aligned on whole sequences and would be wrong.
-        config = self.accelerator.parallelism_config
-        if config is not None and (getattr(config, "cp_enabled", False) or getattr(config, "sp_enabled", False)):
-            raise ValueError(
-                f"Priority '{self.priority.name}' does not support context or sequence parallelism (`cp_size` / "
-                "`sp_size` > 1): its per-token statistics are aligned on whole sequences. Disable it in the "
-                "accelerate config, or leave `priority` unset to train as SFTTrainer does."
-            )
-
     def _build_reference(self, given: sources.Given) -> torch.nn.Module:
         """The trainer's loader of a model source (`sources.reference_for`): its model loaded and placed frozen."""
         return sources.load_reference_model(
@@ -288,25 +226,8 @@ class PrioritySFTTrainer(SFTTrainer):
             self.is_deepspeed_enabled, self.is_fsdp_enabled,
         )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _saveable_args(self):
-        """`training_args.bin` is a pickle: a priority given as a lambda or a local function cannot be pickled, which
-        would break every checkpoint. While saving, such a priority is written as its qualified name."""
-        priority = self.args.priority
-        if callable(priority):
-            try:
-                pickle.dumps(priority)
-            except (pickle.PicklingError, AttributeError, TypeError):
-                module = getattr(priority, "__module__", None) or "?"
-                qualname = getattr(priority, "__qualname__", type(priority).__name__)
-                self.args.priority = f"callable {module}.{qualname} (not picklable; pass it again to resume)"
-        try:
-            yield
-        finally:
-            self.args.priority = priority
-
     def _save(self, output_dir: str | None = None, state_dict=None):
-        with self._saveable_args():
+        with saveable_args(self.args):
             return self._save_model_files(output_dir, state_dict)
 
     def _save_model_files(self, output_dir: str | None = None, state_dict=None):
@@ -314,80 +235,31 @@ class PrioritySFTTrainer(SFTTrainer):
         # copy from the starting adapter it is given again.
         if not (isinstance(self.reference, AdapterReference) and self.reference.adapter_name is not None):
             return super()._save(output_dir, state_dict)
-        peft_model = self.accelerator.unwrap_model(self.model)
-        trained = [name for name in peft_model.peft_config if name != self.reference.adapter_name]
-        peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, selected_adapters=trained)
-        try:
+        with only_trained_adapters(self.accelerator.unwrap_model(self.model), self.reference.adapter_name):
             return super()._save(output_dir, state_dict)
-        finally:
-            del peft_model.save_pretrained  # back to the class method
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """As `SFTTrainer`'s, and say how many examples train on the end token alone or were dropped."""
         message = checks.empty_completions_warning(*checks.empty_completions(dataset), dataset_name)
         if message:
             warnings.warn(message, stacklevel=3)
-        prepared = self._prepare_dataset_with_columns(
-            dataset, processing_class, args, packing, formatting_func, dataset_name
-        )
+        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
+        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
+        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
+        if not specs:
+            prepared = super()._prepare_dataset(
+                dataset, processing_class, args, packing, formatting_func, dataset_name
+            )
+        else:  # the per-token columns cut and packed with the tokens (`trl_priority.data.columns`)
+            prepared = prepare_dataset_with_columns(
+                super()._prepare_dataset, dataset, processing_class, args, packing, formatting_func, dataset_name,
+                plan=self.plan, specs=specs, priority=self.priority, priority_args=self.priority_args,
+            )  # fmt: skip
         if isinstance(dataset, Dataset) and isinstance(prepared, Dataset) and not packing:
             message = checks.dropped_examples_warning(len(dataset), len(prepared), dataset_name, args.max_length)
             if message:
                 warnings.warn(message, stacklevel=3)
         return prepared
-
-    def _prepare_dataset_with_columns(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
-        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
-        specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
-        if not specs:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if "example_index" in self.plan.column_specs:
-            # The per-token identity of stateful methods: the example's index in the dataset as given
-            with global_then_local_main_first():
-                dataset = dataset.map(lambda _, index: {"example_index": index}, with_indices=True)
-        # TRL truncates and packs only `input_ids` and `labels`: let it tokenize and build the labels, then cut and
-        # pack the per-token columns together with them.
-        untruncated = _ArgsOverride(args, max_length=None, shuffle_dataset=False)
-        dataset = super()._prepare_dataset(
-            dataset, processing_class, untruncated, False, formatting_func, dataset_name
-        )
-        if self.plan.mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
-            with global_then_local_main_first():
-                dataset = dataset.map(
-                    lambda example: {
-                        "labels": [
-                            label if bit else -100 for label, bit in zip(example["labels"], example["completion_mask"])
-                        ]
-                    }
-                )
-        columns = get_dataset_column_names(dataset)
-        for column, spec in specs.items():
-            if column not in columns and not spec.generated:
-                raise ValueError(
-                    f"Priority '{self.priority.name}' reads the column '{column}', which the prepared {dataset_name} "
-                    f"dataset lacks (it has {columns}): {spec.hint}."
-                )
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        with global_then_local_main_first():
-            dataset = prepare_token_columns(dataset, specs, args, packing, dataset_name, tokenizer, self.priority_args)
-        if self.priority.trains_prompt(self.priority_args) and "completion_mask" in self.plan.column_specs:
-            self._warn_truncated_completions(dataset, dataset_name, args.max_length)
-        return dataset
-
-    def _warn_truncated_completions(self, dataset, dataset_name, max_length) -> None:
-        """A method that trains prompt tokens keeps an example whose completion was truncated away: it would train on
-        the prompt alone. Say so, with the fix."""
-        if not isinstance(dataset, Dataset) or "completion_mask" not in dataset.column_names:
-            return
-        empty = sum(1 for mask in dataset["completion_mask"] if not any(mask))
-        if empty:
-            warnings.warn(
-                f"{empty} of {len(dataset)} {dataset_name} examples have no completion token left after truncation "
-                f"to max_length={max_length}: priority '{self.priority.name}' trains their prompt alone. Raise "
-                "`max_length`, or shorten the prompts.",
-                stacklevel=4,
-            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -425,100 +297,22 @@ class PrioritySFTTrainer(SFTTrainer):
 
     @functools.cached_property
     def _distribution_terms(self) -> tuple[Any, ...]:
-        """The method's distribution terms, plus the bounded unlikelihood on Φ < 0 when the regime is signed and
-        `negative_loss="unlikelihood"`: computed from the logits in the LM-head pass (`objectives.unlikelihood_term`).
-        """
-        unlearn = (UNLIKELIHOOD_TERM,) if self.priority.signed and self.args.negative_loss == "unlikelihood" else ()
-        return (*self.priority.distribution_terms, *unlearn)
-
-    def _phi_before_terms(self, statistics: dict[str, Any], priority_of: Callable) -> Callable:
-        """The request's `before_terms`, called by the package's LM-head pass (`statistics.serve_request`) once the
-        policy's statistics are known: Φ from all statistics, then the NLL's weights and the terms' inputs.
-
-        The NLL is weighted by Φ, or by its non-negative part when the negatives are unlearned by the unlikelihood
-        term (signed methods, `negative_loss="unlikelihood"`); with "ascent" a negative Φ weights −log p as is:
-        |Φ|·log p = Φ·(−log p), as in `objectives.priority_loss`."""
-
-        def before_terms(outputs, request: DistributionRequest) -> None:
-            statistics.update(fused_statistics(outputs, self.plan.policy_statistics, causal_lm_of(self.model)))
-            statistics.update(request.values)
-            phi = priority_of(statistics)  # (B, T-1)
-            available = {**statistics, "priority": phi}
-            request.term_inputs = {
-                name: available[name] for term in request.terms for name in term.statistics if name in available
-            }
-            request.nll_weight = phi.clamp(min=0) if UNLIKELIHOOD_TERM in request.terms else phi
-
-        return before_terms
+        """The method's distribution terms, with the signed regime's unlikelihood (`statistics.gather.distribution_terms`)."""
+        return distribution_terms(self.priority, self.args.negative_loss)
 
     def _gather_statistics(
         self, model, inputs: dict[str, Any], training: bool, ahead=None, train_batch=None, priority_of=None
     ):
-        """Run the reference (unless `ahead` carries its statistics) and the policy; return everything Φ reads.
-
-        Returns `(outputs, statistics, request)`: `outputs` is TRL's `FusedCausalLMOutput` (with gradient), the
-        statistics are `(B, T-1)` tensors without gradient (plus `progress` and `state`), `request` holds the
-        distribution terms (with gradient) the forward computed. `priority_of(statistics)` computes Φ: it is called
-        inside the forward when a term reads Φ or a policy statistic; without it such terms are not computed (a
-        scoring pass needs no loss).
-        """
-        # Not model inputs. A batch collated elsewhere may lack the identity columns, which only training reads
-        columns = {column: inputs.pop(column) for column in self._token_columns if column in inputs}
-        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
-        # The reference runs first, so that its transient memory never adds to the policy's saved activations
-        reference_statistics, reference_distribution = {}, None
-        if ahead is not None and ahead.get("reference") is not None and not self.priority.needs_reference_distribution:
-            reference_statistics = ahead["reference"]
-        elif self.reference is not None:
-            # A training batch (also in the step-wide scoring pass) reads the reference's values kept from earlier epochs
-            train_batch = training if train_batch is None else train_batch
-            reference = self._epoch_cache if train_batch and self._epoch_cache is not None else self.reference
-            with record_function("trl_priority.reference"):
-                reference_statistics, reference_distribution = reference.statistics(
-                    model,
-                    inputs,
-                    self.plan.reference_statistics,
-                    self._step_args,
-                    columns=columns,
-                    distribution=self.priority.needs_reference_distribution,
-                )
-        elif self.priority.needs_reference:  # this configuration reads no reference: its `ref_*` are None
-            reference_statistics = {f"ref_{name}": None for name in self.priority.reference_statistics}
-        statistics = dict(reference_statistics, mask=mask)
-        for name in self.plan.data_statistics:
-            column = columns[stats_vocab.DATA_STATISTICS[name].column]
-            statistics[name] = column[:, 1:].to(mask.device).float()  # (B, T-1): scores labels[:, t + 1]
-        statistics["progress"] = torch.tensor(self.progress, device=mask.device)
-        if self.args.priority_granularity != "token":
-            unit_column = "word_index" if self.args.priority_granularity == "word" else "spans"
-            statistics["_unit"] = columns[unit_column][:, 1:].to(mask.device).long()
-        if "example_index" in columns:
-            statistics["_example"] = columns["example_index"][:, 1:].to(mask.device).long()
-        if self.priority_state is not None:
-            identity = (
-                columns["example_index"][:, 1:].to(mask.device),
-                columns["token_position"][:, 1:].to(mask.device),
-            )
-            # Evaluation rows are other examples under the same example indices: they see no training history
-            state = TokenState() if getattr(self, "_evaluating", False) else self.priority_state
-            statistics["state"] = state.bind(*identity, writable=training)
-
-        # Without `priority_of` (a scoring pass) no loss is computed, so no term either
-        terms = self._distribution_terms if priority_of is not None else ()
-        request = DistributionRequest(
-            args=self._step_args,
-            terms=terms,
-            term_weights=tuple(1.0 if t.weight is None else float(self._step_args[t.weight]) for t in terms),
-            reference=reference_distribution,
-            # Used only when the package's LM-head pass serves the forward (`statistics.serve_request`)
-            before_terms=self._phi_before_terms(statistics, priority_of) if priority_of is not None else None,
-        )
-        with record_function("trl_priority.policy_forward"):
-            outputs, policy_statistics = forward_statistics(
-                model, inputs, self.plan.policy_statistics, self._step_args, request=request
-            )
-        statistics.update(policy_statistics)
-        return outputs, statistics, request
+        """Everything Φ reads for this batch, and the policy's outputs: `statistics.gather.gather_statistics` with
+        the trainer's reference, epoch cache, state, hyperparameters now and progress. Returns `(outputs,
+        statistics, request)`."""
+        return gather_statistics(
+            model, inputs, plan=self.plan, priority=self.priority, reference=self.reference,
+            epoch_cache=self._epoch_cache, state=self.priority_state, step_args=self._step_args,
+            progress=self.progress, granularity=self.args.priority_granularity, terms=self._distribution_terms,
+            head_model=self.model, training=training, evaluating=getattr(self, "_evaluating", False), ahead=ahead,
+            train_batch=train_batch, priority_of=priority_of,
+        )  # fmt: skip
 
     def _priority_of(
         self, statistics: dict[str, Any], selected: torch.Tensor | None = None, whole_step: bool = False
@@ -577,20 +371,16 @@ class PrioritySFTTrainer(SFTTrainer):
     @torch.no_grad()
     def _select_over_step(self, batch_samples) -> list[dict[str, Any]]:
         model = self.model_wrapped if self.model_wrapped is not None else self.model
-        scores, masks, references = [], [], []
-        with eval_mode(model):
+        over_processes = functools.partial(select_over_step, accelerator=self.accelerator)
+
+        def gathered():  # one micro-batch at a time, scored as it comes (`phi.step_selections`)
             for batch in batch_samples:
                 inputs = self._prepare_inputs(dict(batch))
                 inputs["use_cache"] = False
-                _, statistics, _ = self._gather_statistics(model, inputs, training=False, train_batch=True)
-                scores.append(selection_scores(self.priority, statistics, self._step_args))
-                masks.append(statistics["mask"])
-                references.append({k: v for k, v in statistics.items() if k.startswith("ref_")} or None)
-        over_processes = functools.partial(select_over_step, accelerator=self.accelerator)
-        selected = select_over_step_batches(
-            self.priority, scores, masks, self._step_args, self.progress, over_processes
-        )
-        return [{"selected": s, "reference": r} for s, r in zip(selected, references)]
+                yield self._gather_statistics(model, inputs, training=False, train_batch=True)[1]
+
+        with eval_mode(model):
+            return step_selections(self.priority, gathered(), self._step_args, self.progress, over_processes)
 
     @torch.no_grad()
     def token_priorities(self, batch: Mapping[str, Any] | Sequence[Mapping[str, Any]] | Dataset) -> torch.Tensor:
@@ -624,45 +414,10 @@ class PrioritySFTTrainer(SFTTrainer):
             `token_priorities` returns), `mask` (the supervised labels), every per-token statistic the method read
             (`ref_logps`, `entropy`, a data column, its `selected` tokens, ...), and `logps` / `ref_logps` as above.
         """
-        if isinstance(batch, Dataset):
-            batch = list(batch)
-        rows = [batch] if isinstance(batch, Mapping) else list(batch)
-        if rows and isinstance(rows[0], Mapping) and "input_ids" not in rows[0]:
-            raise ValueError(
-                f"`token_priorities` needs prepared rows or a collated batch (with `input_ids` and `labels`), got "
-                f"columns {sorted(rows[0])}: raw examples are not tokenized. Pass rows of `trainer.train_dataset` "
-                "(e.g. `trainer.train_dataset.select(range(4))`) or a batch from `trainer.get_train_dataloader()`."
-            )
-        if not isinstance(batch, Mapping):
-            batch = self.data_collator(rows)
-        if "labels" not in batch:
-            raise ValueError(
-                "`token_priorities` got a batch without `labels`: Φ weights the supervised labels. Collate the rows "
-                "with `trainer.data_collator`, which builds them, or add `labels` (-100 where ignored)."
-            )
+        batch = collate_for_scoring(batch, self.data_collator)  # `statistics.gather`
         inputs = self._prepare_inputs(dict(batch))
-        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
-        if self.priority is None:
-            result = {"phi": mask.float(), "mask": mask}
-            if label_logps:
-                with eval_mode(self.model):
-                    outputs = drop_virtual_positions(self.model(**inputs, fused_lm_head=True), mask.shape[1] + 1)
-                    result["logps"] = outputs.log_probs.float()  # (B, T-1)
-            return result
-        with eval_mode(self.model):
-            outputs, phi, statistics, _ = self._forward_with_priority(self.model, inputs)  # pops the data columns
-            result = {
-                name: value
-                for name, value in statistics.items()
-                if not name.startswith("_") and isinstance(value, torch.Tensor) and value.shape == phi.shape
-            }
-            result.update(phi=phi, mask=mask)
-            if label_logps:
-                result["logps"] = torch.where(mask, outputs.log_probs.detach().float(), 0.0)  # (B, T-1)
-                if "ref_logps" not in result and isinstance(self.reference, ModelReference | AdapterReference):
-                    reference, _ = self.reference.statistics(self.model, inputs, ("logps",), self._step_args)
-                    result["ref_logps"] = reference["ref_logps"]
-        return result
+        forward = None if self.priority is None else functools.partial(self._forward_with_priority, self.model)
+        return scored_statistics(self.model, inputs, forward, self.reference, self._step_args, label_logps)
 
     def prediction_step(self, *args, **kwargs):
         """`SFTTrainer.prediction_step`, marked as evaluation: a stateful method's Φ on an evaluation row neither reads
@@ -695,36 +450,11 @@ class PrioritySFTTrainer(SFTTrainer):
         outputs, phi, statistics, request = self._forward_with_priority(model, inputs, training, ahead)
         if ahead is not None and ahead["selected"].shape != phi.shape:
             raise RuntimeError("A step-wide selection does not match its micro-batch; please report this.")
-        num_items = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        denominator = torch.as_tensor(num_items).clamp(min=1)
-        # The negatives' unlikelihood, when the method is signed, is a term computed from the logits (below)
-        if request.objective is not None:
-            # The package's LM-head pass computed the Φ-weighted NLL (and the distribution terms) with its gradient
-            if any(name in ("logps", "entropy") for term in self.priority.token_terms for name in term.statistics):
-                raise NotImplementedError(
-                    f"Priority '{self.priority.name}' has a per-token loss term reading `logps` or `entropy` with "
-                    "gradient, and reads the whole next-token distribution, whose LM-head pass gives them without "
-                    "gradient: such a term is not supported yet."
-                )
-            loss = request.objective / denominator
-        else:
-            loss = priority_loss(outputs.log_probs, phi, num_items, self.args.negative_loss)
-
-        # Declared extra terms, generically. Per-token terms: statistics (logps and entropy with gradient) and Φ
-        term_inputs = {**statistics, "logps": outputs.log_probs, "entropy": outputs.entropy, "priority": phi}
-        term_values = {}
-        for term in self.priority.token_terms:
-            per_token = term.fn(
-                *(term_inputs[name] for name in term.statistics),
-                **{name: self._step_args[name] for name in term.hyperparameters},
-            )  # (B, T-1)
-            weight = 1.0 if term.weight is None else self._step_args[term.weight]
-            term_loss = weight * per_token.sum() / denominator
-            term_values[f"loss/{term.name}"] = term_loss.detach()
-            loss = loss + term_loss
-        # Distribution terms, computed in the LM-head pass (in `request.objective` already): their logged values
-        for term, weight in zip(request.terms, request.term_weights):  # the same terms on every process
-            term_values[f"loss/{term.name}"] = weight * request.term_values[term.name].sum() / denominator
+        # The Φ-weighted NLL (or the LM-head pass's objective) and the declared terms (`objectives.priority_objective`)
+        loss, term_values = priority_objective(
+            self.priority, outputs, phi, statistics, request, num_items_in_batch, self._step_args,
+            self.args.negative_loss,
+        )  # fmt: skip
 
         # From here as in `SFTTrainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP
         # averages the gradients, and the MoE aux loss is averaged over the accumulation steps
@@ -751,62 +481,23 @@ class PrioritySFTTrainer(SFTTrainer):
     def _log_token_metrics(
         self, mode: str, inputs, outputs, phi: torch.Tensor, term_values: dict, step_normalised: bool
     ) -> None:
-        """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own."""
-        mask = outputs.label_mask
+        """TRL's SFT metrics (entropy, token accuracy, tokens seen, aux loss), plus the priority's own
+        (`trl_priority.metrics`)."""
         # One gather for every per-batch sum, averaged over the log window by `SFTTrainer.log` like TRL's own
-        sums = torch.stack(
-            [
-                mask.sum().float(),
-                outputs.entropy.detach().sum(),
-                outputs.is_top1.sum().float(),
-                -outputs.log_probs.detach().sum(),
-                phi.sum(),
-                (phi > 0).sum().float(),
-                (phi < 0).sum().float(),
-                phi.abs().sum(),
-                *(value.float() for value in term_values.values()),
-            ]
-        )
+        sums = token_metric_sums(outputs, phi, term_values)
         gathered = self.accelerator.gather_for_metrics(sums[None]).sum(0)  # summed over processes
-        num_valid, entropy, correct, nll, phi_sum, kept, negative, effective = gathered[:8].tolist()
-        bad = int((~outputs.log_probs.detach()[mask].isfinite()).sum()) if not math.isfinite(nll) else 0
-        self.run_guard.check_nll(nll, bad, int(mask.sum()))  # a diverged model: Trainer would log loss 0
-        self.run_guard.check_phi(num_valid, effective, self.state.global_step)
         metrics = self._metrics[mode]
-
-        def per_token(value: float) -> float:
-            return value / num_valid if num_valid > 0 else 0.0
-
-        metrics["entropy"].append(per_token(entropy))
-        metrics["mean_token_accuracy"].append(per_token(correct))
-        metrics["nll"].append(per_token(nll))
-        metrics["priority/mean"].append(per_token(phi_sum))
-        metrics["priority/kept_fraction"].append(per_token(kept))
-        metrics["priority/negative_fraction"].append(per_token(negative))
-        metrics["priority/effective_tokens"].append(effective)
-        if self.args.priority_warmup_ratio > 0:
-            metrics["priority/warmup_weight"].append(warmup_weight(self.progress, self.args.priority_warmup_ratio))
-        if self.args.priority_schedule:
-            step_args = self._step_args
-            for name in self.args.priority_schedule:
-                metrics[f"priority/{name}"].append(float(step_args[name]))
-        # A term's value for the step: each micro-batch's part (divided by the step's N) summed over processes and
-        # accumulation steps. The log averages the appended values over the micro-steps of its window, so each
-        # micro-step appends its part times the accumulation steps. Without a step-wide N (evaluation), each
-        # process's value is already a mean: average them.
-        for name, value in zip(term_values, gathered[8:].tolist()):
-            if step_normalised:
-                value = value * self.current_gradient_accumulation_steps
-            else:
-                value = value / self.accelerator.num_processes
-            metrics[name].append(value)
+        append_token_metrics(
+            metrics, gathered, outputs, list(term_values), run_guard=self.run_guard,
+            global_step=self.state.global_step, progress=self.progress,
+            warmup_ratio=self.args.priority_warmup_ratio, schedule=self.args.priority_schedule,
+            step_args=self._step_args, step_normalised=step_normalised,
+            accumulation_steps=getattr(self, "current_gradient_accumulation_steps", None),
+            num_processes=self.accelerator.num_processes,
+        )  # fmt: skip
 
         if mode == "train":
-            # Padding-free batches have no attention mask: every position of the packed row is a token
-            if "attention_mask" in inputs:
-                local = inputs["attention_mask"].sum()
-            else:
-                local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            local = local_token_count(inputs)  # padding excluded
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
@@ -820,14 +511,8 @@ class PrioritySFTTrainer(SFTTrainer):
         """
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-        elif isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
-            if not os.path.exists(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)):
-                last = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint)), strict=False)
-                raise ValueError(
-                    f"The checkpoint {resume_from_checkpoint} is incomplete (no {TRAINER_STATE_NAME}: the run stopped "
-                    f"while saving it). Resume from the last complete one{f', {last}' if last else ''}, or pass "
-                    "`resume_from_checkpoint=True` to pick it."
-                )
+        else:
+            check_complete_checkpoint(resume_from_checkpoint)  # `trl_priority.loading`
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -840,52 +525,21 @@ class PrioritySFTTrainer(SFTTrainer):
         return None if self.reference is None else self.reference.identity()
 
     def _priority_record(self) -> dict[str, Any]:
-        """Everything a resume must keep for Φ to mean what it meant (`priority.json`; a checkpoint of an older
-        version holds fewer keys, and only those are compared)."""
-        return {
-            "priority": None if self.priority is None else self.priority.name,
-            "priority_args": self.priority_args,
-            "negative_loss": self.args.negative_loss,
-            "priority_schedule": self.args.priority_schedule or {},
-            "priority_warmup_ratio": self.args.priority_warmup_ratio,
-            "priority_granularity": self.args.priority_granularity,
-            "priority_pooling": self.args.priority_pooling,
-            "reference": self._reference_identity(),
-        }
+        """`priority.json`: what a resume must keep for Φ to mean what it meant (`checkpoints.priority_record`)."""
+        return priority_record(self.priority, self.priority_args, self.args, self._reference_identity())
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         record = self._priority_record()  # on every process: the reference's identity may be a collective hash
         # Next to the optimizer state, before `trainer_state.json` marks the checkpoint complete
         if self.args.should_save:
-            with open(os.path.join(output_dir, PRIORITY_RECORD), "w") as file:
-                json.dump(record, file, indent=2, default=str)
-            if self.priority_state is not None:
-                self.priority_state.save(output_dir)
-            if self._epoch_cache is not None:
-                self._epoch_cache.save(output_dir, key=self._epoch_cache.key())
+            save_priority_files(output_dir, record, self.priority_state, self._epoch_cache)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        record_path = os.path.join(checkpoint, PRIORITY_RECORD)
-        current = json.loads(json.dumps(self._priority_record(), default=str))
-        if os.path.exists(record_path) and not self.args.allow_priority_change:
-            with open(record_path) as file:
-                saved = json.load(file)
-            # A checkpoint of an older version records fewer settings: those it has must match
-            changed = {
-                key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]
-            }
-            if changed:
-                now, then = ({key: pair[i] for key, pair in changed.items()} for i in (1, 0))
-                details = "; ".join(ref_cache._differences(now, then))  # "key.part checkpoint's → now"
-                raise ValueError(
-                    f"The checkpoint {checkpoint} was trained with other priority settings ({details}). Resume with "
-                    "the same settings, or set `allow_priority_change=True` if the change is intended."
-                )
-        if self.priority_state is not None:
-            self.priority_state.load(checkpoint)
-        if self._epoch_cache is not None:
-            self._epoch_cache.load(checkpoint, key=self._epoch_cache.key())
+        load_priority_files(
+            checkpoint, self._priority_record(), self.args.allow_priority_change, self.priority_state,
+            self._epoch_cache,
+        )  # fmt: skip

@@ -20,6 +20,7 @@ A bad column is an error that names the example: missing, a list of the wrong le
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset
 from trl import pack_dataset
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.utils import global_then_local_main_first
 
 from trl_priority.statistics import DataStatistic
 
@@ -255,3 +258,78 @@ class TokenColumnCollator:
                 out[i, : row.shape[0]] = row
             batch[column] = out
         return batch
+
+
+class _ArgsOverride:
+    """A read-only view of the training arguments with a few attributes replaced."""
+
+    def __init__(self, args, **overrides):
+        self._args = args
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._args, name)
+
+
+def prepare_dataset_with_columns(
+    prepare: Callable,
+    dataset,
+    processing_class,
+    args,
+    packing,
+    formatting_func,
+    dataset_name: str,
+    *,
+    plan,
+    specs: Mapping[str, Any],
+    priority,
+    priority_args: Mapping[str, Any],
+):
+    """`SFTTrainer._prepare_dataset` (`prepare`, same arguments) for a method that reads per-token columns (`specs`,
+    non-empty): TRL tokenizes and builds the labels untruncated and unpacked, then the per-token columns are cut and
+    packed together with `input_ids` and `labels` (`prepare_token_columns`)."""
+    if "example_index" in plan.column_specs:
+        # The per-token identity of stateful methods: the example's index in the dataset as given
+        with global_then_local_main_first():
+            dataset = dataset.map(lambda _, index: {"example_index": index}, with_indices=True)
+    # TRL truncates and packs only `input_ids` and `labels`: let it tokenize and build the labels, then cut and
+    # pack the per-token columns together with them.
+    untruncated = _ArgsOverride(args, max_length=None, shuffle_dataset=False)
+    dataset = prepare(dataset, processing_class, untruncated, False, formatting_func, dataset_name)
+    if plan.mask_prompt_labels and "completion_mask" in get_dataset_column_names(dataset):
+        with global_then_local_main_first():
+            dataset = dataset.map(
+                lambda example: {
+                    "labels": [
+                        label if bit else -100 for label, bit in zip(example["labels"], example["completion_mask"])
+                    ]
+                }
+            )
+    columns = get_dataset_column_names(dataset)
+    for column, spec in specs.items():
+        if column not in columns and not spec.generated:
+            raise ValueError(
+                f"Priority '{priority.name}' reads the column '{column}', which the prepared {dataset_name} "
+                f"dataset lacks (it has {columns}): {spec.hint}."
+            )
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    with global_then_local_main_first():
+        dataset = prepare_token_columns(dataset, specs, args, packing, dataset_name, tokenizer, priority_args)
+    if priority.trains_prompt(priority_args) and "completion_mask" in plan.column_specs:
+        warn_truncated_completions(dataset, dataset_name, args.max_length, priority.name)
+    return dataset
+
+
+def warn_truncated_completions(dataset, dataset_name: str, max_length, priority_name: str) -> None:
+    """A method that trains prompt tokens keeps an example whose completion was truncated away: it would train on
+    the prompt alone. Say so, with the fix."""
+    if not isinstance(dataset, Dataset) or "completion_mask" not in dataset.column_names:
+        return
+    empty = sum(1 for mask in dataset["completion_mask"] if not any(mask))
+    if empty:
+        warnings.warn(
+            f"{empty} of {len(dataset)} {dataset_name} examples have no completion token left after truncation "
+            f"to max_length={max_length}: priority '{priority_name}' trains their prompt alone. Raise "
+            "`max_length`, or shorten the prompts.",
+            stacklevel=4,
+        )

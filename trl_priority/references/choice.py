@@ -22,6 +22,7 @@ wrap a source and keep its identity.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from trl_priority.references.sources import (
     ColumnReference,
     ModelReference,
     Reference,
+    add_frozen_adapter_copy,
     check_same_vocabulary,
     freeze_and_place,
 )
@@ -147,3 +149,15 @@ def release_reference(reference: Reference | None, accelerator=None, policy=None
 
 
 __all__ = ["Given", "load_reference_model", "reference_for", "release_reference"]
+
+
+def freeze_starting_reference(plan, model) -> torch.nn.Module | None:
+    """Before `SFTTrainer` loads and patches the model: for a starting-adapter reference, add the frozen copy of the
+    adapter; for a starting-model reference under full fine-tuning, return a frozen copy of the model (else None)."""
+    if plan.reference_kind == "starting_adapter":
+        # Training an adapter that was already trained: the reference is where it starts, not the bare base.
+        add_frozen_adapter_copy(model)
+    elif plan.reference_kind == "starting_model" and isinstance(model, torch.nn.Module):
+        # Full fine-tuning: freeze a copy now, before the fused head is patched in and training starts.
+        return copy.deepcopy(model)
+    return None
