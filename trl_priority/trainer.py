@@ -52,8 +52,7 @@ from trl_priority.plan import RunPlan, check_compatible
 from trl_priority.priorities import get_priority
 from trl_priority.priorities.selection import select_over_step
 from trl_priority.references import choice as sources
-from trl_priority.references import disk_cache as ref_cache
-from trl_priority.references import epoch_cache
+from trl_priority.references import epoch_cache, precompute
 from trl_priority.references.sources import (
     AdapterReference,
     Reference,
@@ -128,7 +127,7 @@ class PrioritySFTTrainer(SFTTrainer):
         self.priority_state: TokenState | None = None
         self._pending_selections: deque = deque()  # step-wide selections computed ahead, one per micro-batch
         self._epoch_cache: epoch_cache.EpochCache | None = None  # the reference's values kept per token across epochs
-        self.ref_cache_entries: list[ref_cache.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
+        self.ref_cache_entries: list[precompute.CacheEntry] = []  # with `ref_cache_dir`: the entries read or written
         starting_model = None
 
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
@@ -202,12 +201,12 @@ class PrioritySFTTrainer(SFTTrainer):
 
     def precompute_reference(self, cache_dir: str | None = None, source: Reference | None = None):
         """Compute the reference statistics the method reads once over the prepared datasets (or reuse a matching
-        entry of `cache_dir`), and read them as columns from then on: `trl_priority.references.disk_cache`. `source` is the
+        entry of `cache_dir`), and read them as columns from then on: `trl_priority.references.precompute`. `source` is the
         reference they are computed with (default: the trainer's); it is loaded only on a miss, and freed after.
 
-        Returns one `ref_cache.CacheEntry` per dataset (train, then each evaluation dataset)."""
+        Returns one `precompute.CacheEntry` per dataset (train, then each evaluation dataset)."""
         source = self.reference if source is None else source
-        cached = ref_cache.cache_reference_statistics(self, source, cache_dir)
+        cached = precompute.cache_reference_statistics(self, source, cache_dir)
         base = self.data_collator.base if isinstance(self.data_collator, TokenColumnCollator) else self.data_collator
         self.plan = self.plan.with_disk_cache(cached.root)
         self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
@@ -244,7 +243,7 @@ class PrioritySFTTrainer(SFTTrainer):
         if message:
             warnings.warn(message, stacklevel=3)
         # A dataset prepared once the reference cache is installed (a new evaluation dataset) must carry its columns
-        installed = isinstance(getattr(self, "reference", None), ref_cache.CachedColumns)
+        installed = isinstance(getattr(self, "reference", None), precompute.CachedColumns)
         specs = {**self.plan.column_specs, **(self.plan.cache_columns if installed else {})}
         if not specs:
             prepared = super()._prepare_dataset(

@@ -432,24 +432,6 @@ def _publish(root: str, key: str, temporary: str, columns: Sequence[str], length
     return final
 
 
-# The names that moved to `trl_priority.references.precompute`, read through this module by code not yet updated
-_MOVED = (
-    "CacheEntry",
-    "CachedColumns",
-    "CachedReference",
-    "cache_reference_statistics",
-    "precompute_reference_statistics",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:  # imported on use: precompute imports this module
-        from trl_priority.references import precompute
-
-        return getattr(precompute, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "CACHE_ENV",
     "FORMAT_VERSION",
