@@ -79,7 +79,7 @@ def test_context_parallelism_is_refused(monkeypatch, make_model, tokenizer, data
 
     from accelerate import Accelerator
 
-    from trl_priority import PrioritySFTTrainer
+    from trl_priority import PrioritySFTTrainer, checks
 
     trainer = PrioritySFTTrainer(
         model=make_model(), args=make_args(priority="dft"), train_dataset=datasets_.prompt_completion(2),
@@ -92,7 +92,8 @@ def test_context_parallelism_is_refused(monkeypatch, make_model, tokenizer, data
     config = SimpleNamespace(cp_enabled=True, sp_enabled=False, tp_size=1)
     monkeypatch.setattr(Accelerator, "parallelism_config", property(lambda self: config), raising=False)
     with pytest.raises(ValueError, match="does not support context or sequence parallelism"):
-        trainer._check_parallelism()  # what __init__ runs right after SFTTrainer's set-up
+        # what __init__ runs right after SFTTrainer's set-up
+        checks.check_parallelism(trainer.priority.name, trainer.accelerator.parallelism_config)
 
 
 def test_priority_args_that_are_not_json_or_not_a_mapping(tmp_path):

@@ -10,6 +10,9 @@ with N TRL's own denominator. It knows the registry, never a method: what a meth
 declares. Where the work is: `statistics.gather` (the statistics, `token_statistics`' body), `phi` (Φ, step-wide
 selection), `objectives.priority_objective` (the loss), `metrics` (logged values), `data.columns` (dataset
 preparation), `checkpoints` (`priority.json`, state, epoch cache), `checks` / `loading` (checks), `plan` (decisions).
+
+Over 400 lines because it is every `SFTTrainer` hook a priority changes (construction, dataset preparation, batch
+fetching, the loss, evaluation, saving and resuming), each with its docstring and each a short call.
 """
 
 from __future__ import annotations
