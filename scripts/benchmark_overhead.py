@@ -1002,7 +1002,7 @@ def markdown_table(results: list[Result]) -> str:
                 verdict(r.memory_ratios, r.memory_target),
             ]
         if counted:
-            absolute = "-"
+            absolute = ("-", "-", "-")  # GFLOP, LM-head GFLOP, peak MiB, each with TRL's in brackets
             if r.flops is not None:
                 head = "-"
                 if r.lm_head_flops is not None and r.base_lm_head_flops is not None:
@@ -1017,7 +1017,7 @@ def markdown_table(results: list[Result]) -> str:
                 verdict(r.flop_ratios, r.flop_target),
                 fmt_exact(r.peak_ratios),
                 verdict(r.peak_ratios, r.peak_target),
-                *(absolute if r.flops is not None else ("-", "-", "-")),
+                *absolute,
             ]
         if trainable:
             cells += [fmt_count(r.trainable), fmt_count(r.base_trainable)]

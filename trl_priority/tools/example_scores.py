@@ -55,8 +55,10 @@ from trl_priority.tools.scoring_io import (
     load_dataset,
     load_model,
     pad_token_id,
+    right_padded_logits,
     tokenize_like_trainer,
     with_column,
+    write_scored,
 )
 
 
@@ -176,13 +178,7 @@ def _last_token_probabilities(
 ) -> torch.Tensor:
     """`(B, R)` next-token probabilities of `token_ids` after the last token of each right-padded sequence."""
     device = device_of(model)
-    length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)  # (B, L)
-    attention_mask = torch.zeros_like(input_ids)  # (B, L)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        attention_mask[row, : len(ids)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
+    logits = right_padded_logits(model, list(sequences), pad_id)  # (B, L, V)
     last = torch.tensor([len(ids) - 1 for ids in sequences], device=device)  # (B,)
     probs = logits[torch.arange(len(sequences), device=device), last].float().softmax(-1)  # (B, V)
     return probs[:, token_ids].cpu()  # (B, R)
@@ -484,10 +480,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             validation = validation.select(range(min(options.validation_limit, len(validation))))
         scorer = influence_scores if options.command == "influence" else diq_scores
         dataset = scorer(model, tokenizer, dataset, validation, proj_dim=options.proj_dim, seed=options.seed)
-    output = Path(options.output)
-    output.mkdir(parents=True, exist_ok=True)
-    dataset.to_json(output / "train.jsonl")
-    return output / "train.jsonl"
+    return write_scored(dataset, options.output)
 
 
 __all__ = [

@@ -1,9 +1,10 @@
 """What the offline scorers share (`trl_priority.tools.token_scores`, `trl_priority.tools.example_scores`): rows
 tokenized as the trainer tokenizes them, a scored column added to a dataset, a model's device and a tokenizer's pad id,
-and the command lines' loading of a model or dataset (a path, a hub id, or `builtin:<name>`)."""
+a right-padded batch's logits, the command lines' loading of a model or dataset (a path, a hub id, or `builtin:<name>`) and writing of the scored rows."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -58,6 +59,28 @@ def with_column(dataset: Dataset, column: str, values: list[list[float]]) -> Dat
 def pad_token_id(tokenizer) -> int:
     """The id right-padded batches are filled with: the pad token, else EOS, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+@torch.no_grad()
+def right_padded_logits(model: torch.nn.Module, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """`(B, L, V)` next-token logits of `sequences`, right-padded with `pad_id` into one batch (position j predicts
+    token j + 1; padded positions are masked out of attention)."""
+    length = max(len(ids) for ids in sequences)
+    device = device_of(model)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)  # (B, L)
+    attention_mask = torch.zeros_like(input_ids)  # (B, L)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
+        attention_mask[row, : len(ids)] = 1
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
+
+
+def write_scored(dataset: Dataset, output: str) -> Path:
+    """Write a scored dataset to `<output>/train.jsonl` (the folder made if missing); returns that path."""
+    path = Path(output) / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset.to_json(path)
+    return path
 
 
 def load_model(path: str, device: str):

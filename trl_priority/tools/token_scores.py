@@ -42,12 +42,13 @@ from datasets import Dataset
 
 from trl_priority.references.sources import eval_mode
 from trl_priority.tools.scoring_io import (
-    device_of,
     load_dataset,
     load_model,
     pad_token_id,
+    right_padded_logits,
     tokenize_like_trainer,
     with_column,
+    write_scored,
 )
 
 
@@ -68,19 +69,10 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
-@torch.no_grad()
 def _next_token_logprobs(model: torch.nn.Module, sequences: Sequence[list[int]], pad_id: int) -> torch.Tensor:
     """`(B, L, V)` float32 log-softmax of the next-token logits of right-padded `sequences` (position j predicts
     token j + 1)."""
-    length = max(len(ids) for ids in sequences)
-    device = device_of(model)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)  # (B, L)
-    attention_mask = torch.zeros_like(input_ids)  # (B, L)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
-        attention_mask[row, : len(ids)] = 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, L, V)
-    return logits.float().log_softmax(-1)
+    return right_padded_logits(model, list(sequences), pad_id).float().log_softmax(-1)
 
 
 def contrastive_token_scores(
@@ -325,10 +317,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             )
         else:
             dataset = information_gain(model, dataset, tokenizer, batch_size=options.batch_size)
-    output = Path(options.output)
-    output.mkdir(parents=True, exist_ok=True)
-    dataset.to_json(output / "train.jsonl")
-    return output / "train.jsonl"
+    return write_scored(dataset, options.output)
 
 
 __all__ = [
