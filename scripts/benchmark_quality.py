@@ -854,7 +854,7 @@ def append_row(path: Path, row: dict) -> None:
 
 def plan_runs(cli) -> list[tuple[str, str, int | None]]:
     """Every (task, method, seed) the command asks for, in run order: the base model once, then seed by seed."""
-    plan: list[tuple[str, str, int | None]] = [("base", "base", None)]
+    plan: list[tuple[str, str, int | None]] = [] if cli.no_base else [("base", "base", None)]
     for seed in cli.seeds:
         plan += [("noisy", method, seed) for method in cli.methods]
         plan += [("unlearn", method, seed) for method in cli.unlearn_methods]
@@ -1198,6 +1198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per difference")
+    parser.add_argument(
+        "--no-base",
+        action="store_true",
+        help="leave the base model out: for all but one of several processes filling one table in parallel, each "
+        "with its own --output-dir (then concatenate their quality_runs.jsonl into one and run once more)",
+    )
     cli = parser.parse_args(argv)
     for key, value in PRESETS["full" if cli.full else "default"].items():
         if getattr(cli, key) is None:

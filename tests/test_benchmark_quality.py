@@ -406,6 +406,36 @@ def test_resume_keeps_finished_rows_and_skips_them(bq, gsm8k_dir, tmp_path, mode
     assert plan["todo"] == [("base", "base", None), ("unlearn", "trl_sft", 0)]
 
 
+def test_parallel_processes_fill_one_table(bq, gsm8k_dir, tmp_path, model_dir, monkeypatch):
+    """Two processes with their own --output-dir, one of them --no-base, then their rows concatenated: the last run
+    trains nothing and writes one table, with the second process's method measured against the first's trl_sft."""
+    model = model_dir()
+    trained = []
+    real_train = bq.train
+
+    def counted_train(method, *args, **kwargs):
+        trained.append(method)
+        return real_train(method, *args, **kwargs)
+
+    monkeypatch.setattr(bq, "train", counted_train)
+    first, second, merged = tmp_path / "a", tmp_path / "b", tmp_path / "merged"
+    run_main(bq, model, gsm8k_dir, first, "--methods", "trl_sft")
+    run_main(bq, model, gsm8k_dir, second, "--methods", "robustft", "--no-base")
+    assert trained == ["trl_sft", "robustft"]
+    assert [json.loads(line)["method"] for line in (second / "quality_runs.jsonl").read_text().splitlines()] == [
+        "robustft"
+    ]  # no base row in the --no-base process
+    merged.mkdir()
+    (merged / "quality_runs.jsonl").write_text(
+        (first / "quality_runs.jsonl").read_text() + (second / "quality_runs.jsonl").read_text()
+    )
+    result = run_main(bq, model, gsm8k_dir, merged, "--methods", "trl_sft,robustft")
+    assert trained == ["trl_sft", "robustft"]  # nothing left to train
+    assert [r["method"] for r in result["runs"]] == ["base", "trl_sft", "robustft"]
+    robustft = next(row for row in result["summary"] if row["method"] == "robustft")
+    assert "margin" in robustft["differences"]  # measured against the other process's trl_sft
+
+
 def test_the_estimate_is_printed_and_counts_the_tokens_the_run_uses(
     bq, gsm8k_dir, tmp_path, model_dir, tokenizer, capsys
 ):
