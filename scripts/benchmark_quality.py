@@ -1032,6 +1032,8 @@ def summarize(runs: list[dict], resamples: int) -> list[dict]:
 def markdown_table(summary: list[dict]) -> str:
     """The values (mean over seeds ± half the min-max range), then the differences to `trl_sft` with intervals."""
     header = "| method | reads | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    # a table filled a few runs at a time can have more seeds on some rows than on others: each row then says how many
+    mixed = len({len(row["seeds"]) for row in summary if row["method"] != "base"}) > 1
     lines = [header, "|" + "---|" * (len(METRICS) + 2)]
     for row in summary:
         cells = []
@@ -1042,7 +1044,9 @@ def markdown_table(summary: list[dict]) -> str:
                 cells.append(f"{row[key]['mean']:.3f}")
             else:
                 cells.append(f"{row[key]['mean']:.3f} ± {(row[key]['max'] - row[key]['min']) / 2:.3f}")
-        lines.append(f"| {row['label']} | {', '.join(row['reads']) or '—'} | " + " | ".join(cells) + " |")
+        n = len(row["seeds"])
+        seeds = f" ({n} seed{'s' if n > 1 else ''})" if mixed and row["method"] != "base" else ""
+        lines.append(f"| {row['label']}{seeds} | {', '.join(row['reads']) or '—'} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Difference to `{REFERENCE}` of the same task, [paired bootstrap 95% interval over held-out problems]; "

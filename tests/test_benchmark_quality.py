@@ -434,6 +434,10 @@ def test_parallel_processes_fill_one_table(bq, gsm8k_dir, tmp_path, model_dir, m
     assert [r["method"] for r in result["runs"]] == ["base", "trl_sft", "robustft"]
     robustft = next(row for row in result["summary"] if row["method"] == "robustft")
     assert "margin" in robustft["differences"]  # measured against the other process's trl_sft
+    # a second seed of the reference alone, added later: each trained row says how many seeds it has
+    run_main(bq, model, gsm8k_dir, merged, "--methods", "trl_sft", "--seeds", "1", "--no-base")
+    values = (merged / "quality.md").read_text().split("Difference to")[0]
+    assert "| trl_sft (2 seeds) |" in values and "| robustft (1 seed) |" in values and "| base (untrained) |" in values
 
 
 def test_the_estimate_is_printed_and_counts_the_tokens_the_run_uses(
