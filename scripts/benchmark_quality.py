@@ -867,7 +867,8 @@ def still_to_run(plan: list[tuple], finished: dict[tuple, dict], cli, unlearn_sc
 
     def done(run: tuple) -> bool:
         row = finished.get(run)
-        if row is None or row.get("priority_args") != cli.priority_args.get(run[1]):
+        # a composition's row holds its recipe's priority_args, which the command line does not repeat
+        if row is None or row.get("priority_args") != args_of(run[1], cli.priority_args):
             return False
         return not (unlearn_scored and run[0] == "base" and "unlearn_nll_correct" not in row["per_problem"])
 

@@ -406,6 +406,20 @@ def test_resume_keeps_finished_rows_and_skips_them(bq, gsm8k_dir, tmp_path, mode
     assert plan["todo"] == [("base", "base", None), ("unlearn", "trl_sft", 0)]
 
 
+def test_resume_skips_a_finished_composition(bq, gsm8k_dir, tmp_path):
+    """A composition's row holds its recipe's priority_args, which the command does not repeat: the rerun skips it,
+    and runs it again only when the command gives other priority_args."""
+    cli = small_args(bq, gsm8k_dir, tmp_path, "--methods", "verified_prift", "--unlearn-methods", "")
+    recipe_args = bq.COMPOSED["verified_prift"][1]
+    assert recipe_args  # the recipe's own settings: what the finished row records
+    finished = {("noisy", "verified_prift", 0): {"priority_args": recipe_args, "per_problem": {}}}
+    assert bq.still_to_run(bq.plan_runs(cli), finished, cli, False) == [("base", "base", None)]
+    other = small_args(
+        bq, gsm8k_dir, tmp_path, "--methods", "verified_prift", "--priority-args", '{"verified_prift": {}}'
+    )
+    assert ("noisy", "verified_prift", 0) in bq.still_to_run(bq.plan_runs(other), finished, other, False)
+
+
 def test_parallel_processes_fill_one_table(bq, gsm8k_dir, tmp_path, model_dir, monkeypatch):
     """Two processes with their own --output-dir, one of them --no-base, then their rows concatenated: the last run
     trains nothing and writes one table, with the second process's method measured against the first's trl_sft."""
