@@ -223,12 +223,12 @@ PRESETS = {
         generate_size=250,
     ),
 }
-# Per-token rates for the time estimate when the output has no finished rows yet. Measured from the committed run
-# of 2026-12 (docs/benchmarks/quality.json before issue 22: 12 LoRA runs of 2,807 tokens, 13 evaluations) on a
-# 2-core x86_64 CPU VM shared with other jobs (load 1-7), torch 2.13.0+cpu, OMP_NUM_THREADS=1, SmolLM2-135M:
-# training 22,456 tokens in 534 s (the 8 noisy runs, model loading included), scoring 9 x 3,422 tokens in 236 s,
-# greedy generation of a batch of 6 questions, 256 new tokens, in 44 s on average.
-CPU_RATES = {"train_tokens_per_s": 42.0, "score_tokens_per_s": 130.0, "generate_s_per_step": 0.17}
+# Per-token rates for the time estimate when the output has no finished rows yet. Training and scoring: the default
+# table of 2026-12-04 (docs/benchmarks/quality_runs.jsonl, its one-thread rows), two processes of one thread each on
+# the 2-core AMD EPYC VM, torch 2.13.0+cpu, SmolLM2-135M: 448,133 training tokens in 8,495 s (15 LoRA runs, model
+# loading included), 1,262,400 scored tokens in 5,510 s. Generation (not in that run): the earlier run of 2026-12, a
+# batch of 6 questions, 256 new tokens, in 44 s on average.
+CPU_RATES = {"train_tokens_per_s": 53.0, "score_tokens_per_s": 229.0, "generate_s_per_step": 0.17}
 
 
 # ------------------------------------------------------------------------------------------------------------------

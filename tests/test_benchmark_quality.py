@@ -466,7 +466,7 @@ def test_the_estimate_is_printed_and_counts_the_tokens_the_run_uses(
     assert not (out / "quality_runs.jsonl").exists()
     line = next(line for line in printed.splitlines() if line.startswith("[estimate]"))
     assert "3 runs to make (3 trainings" in line  # trl_sft, rho1 and rho1's reference, trained first
-    assert "at 42 training tokens/s" in line and "constants measured on a shared 2-core CPU" in line
+    assert "at 53 training tokens/s" in line and "constants measured on a shared 2-core CPU" in line
     counted = {kind: int(n.replace(",", "")) for n, kind in re.findall(r"([\d,]+) (training|scored) tokens;", line)}
 
     runs = run_main(bq, model, gsm8k_dir, out, "--methods", "trl_sft,rho1")["runs"]
