@@ -323,10 +323,11 @@ def main(argv=None):
             check_fsdp2_reference(args.output_dir)
         else:
             run_case(name, args.output_dir, args.engine, args.bf16)
-    import torch.distributed
+    from trl_priority.scripts.sft import close_process_group
 
-    if torch.distributed.is_initialized():  # else DeepSpeed's CPU processes abort at exit ("terminate called ...")
-        torch.distributed.destroy_process_group()
+    # every rank done, then the group torn down: else DeepSpeed's CPU processes can abort at exit ("terminate called
+    # without an active exception"), as a full CI run showed once on zero3 even with the group destroyed unbarriered
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -315,9 +315,14 @@ def engine_run(request, tmp_path_factory) -> tuple[str, Path]:
     command += ["--cases", *ENGINE_EQUAL, *ENGINE_CONTROLS, *(FSDP2_BF16 if engine == "fsdp2" else ())]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
-    done = subprocess.run(
-        command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=ENGINE_LAUNCH_SECONDS
-    )
+    for _attempt in range(2):
+        done = subprocess.run(
+            command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=ENGINE_LAUNCH_SECONDS
+        )
+        # A full CI run (2026-12-05) lost a zero3 rank to gloo's C++ teardown ("terminate called without an active
+        # exception", SIGABRT) after the cases had trained: that abort, and only it, is retried once (as test_scale's)
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, f"the 2-process {engine} run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return engine, output
 
